@@ -1,0 +1,98 @@
+"""Distributed helpers that also work in a single plain-python process (DeiT/MAE style)."""
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def save_on_master(obj: Any, path: str | Path) -> None:
+    """Only rank 0 writes; see checkpoint.save_atomic for the crash-safe variant."""
+    if is_main_process():
+        torch.save(obj, path)
+
+
+def init_distributed(device: str = "auto") -> torch.device:
+    """Join the process group if launched by torchrun/srun/submitit, pick this rank's device.
+
+    Reads the standard env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). Under plain python
+    nothing is initialised and the helpers above report rank 0 of 1.
+    """
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    if use_cuda:
+        torch.cuda.set_device(get_local_rank())
+        dev = torch.device("cuda", get_local_rank())
+    else:
+        dev = torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_dist():
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=30),
+            device_id=dev if use_cuda else None,
+        )
+    return dev
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (no-op single-process); returns t for chaining."""
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any] | None:
+    """Every rank passes its object; rank 0 gets the list by rank, others None.
+
+    Uses gather_object, so memory on rank 0 is the sum of what ranks send: send compact objects
+    (numpy arrays of scores, not full embeddings).
+    """
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size() if is_main_process() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
