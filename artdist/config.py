@@ -113,6 +113,7 @@ class OutlierConfig:
     threshold: float = 0.6  # the seeds' max-softmax rule
     top_k: int = 50  # outliers per task shown in HTML/TensorBoard
     flag_fraction: float = 0.05  # share of samples flagged by the combined score
+    planted: str = ""  # planted_noise.csv from `artdist synth --noise`: measure AUROC/precision@k against it
 
 
 @dataclass
