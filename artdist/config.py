@@ -187,6 +187,12 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads 3e-4 (no dot) as a string; accept what float() accepts.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -197,7 +203,7 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
 
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {prefix or 'the top level'} must be a mapping, got {data!r}")
+        raise ConfigError(f"{source}: {prefix[:-1] or 'the top level'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
