@@ -1,0 +1,433 @@
+"""Images + ArtGAN label files -> deterministic, resumable WebDataset tar shards and a manifest."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import sys
+import tarfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+
+from artdist.catalog import SPLITS, Catalog, assign_splits, load_catalog
+from artdist.cli import UserError, add_config_arguments
+from artdist.config import TASKS, ConfigError, ShardConfig, load_config, to_dict, validate
+
+FORMAT = "artdist-shards/1"
+EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png"}
+KEY_HEX_DIGITS = 16
+DONE_DIR = ".done"
+MANIFEST = "manifest.json"
+# Options that change what a shard holds; a done record made under other values is redone.
+CONTENT_OPTIONS = ("images", "max_short_side", "format", "quality", "max_pixels")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+WEBP_METHOD = 4
+PNG_COMPRESS_LEVEL = 6
+BAR_WIDTH = 30
+
+
+def sample_key(path: str) -> str:
+    """WebDataset key of an image: never contains a dot (WikiArt file names do)."""
+    return hashlib.sha1(path.encode("utf-8")).hexdigest()[:KEY_HEX_DIGITS]
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def shard_ranges(n: int, samples_per_shard: int, min_shards: int) -> list[tuple[int, int]]:
+    """[start, end) of each shard of an n-sample split, sizes differing by at most one.
+
+    At least min(min_shards, n) shards, so every DDP rank x loader worker gets one.
+    """
+    k = max(math.ceil(n / samples_per_shard), min(min_shards, n))
+    return [(j * n // k, (j + 1) * n // k) for j in range(k)]
+
+
+# --------------------------------------------------------------------------- one image
+
+
+@contextlib.contextmanager
+def _pixel_limit(max_pixels: int) -> Iterator[None]:
+    """PIL's decompression-bomb check at max_pixels, raising instead of warning above it."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB of any mode: 16-bit scaled to 8 (PIL's own conversion clips), alpha composited on white."""
+    if im.mode in SIXTEEN_BIT_MODES or (im.mode == "I" and np.asarray(im).max() > 255):
+        im = Image.fromarray((np.asarray(im, dtype=np.float32) / 257 + 0.5).clip(0, 255).astype(np.uint8))
+    elif im.mode in ("I", "F"):
+        im = Image.fromarray(np.asarray(im, dtype=np.float32).clip(0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _decode(path: Path, max_short_side: int, max_pixels: int) -> Image.Image | tuple[str, str]:
+    """The RGB picture, upright, at least max_short_side on its shorter side where the file allows,
+    or (reason, detail) when it cannot be used."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty", ""
+        with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                return "too large", f"{im.width}x{im.height} px > max_pixels {max_pixels}"
+            scale = max_short_side / min(im.size)
+            if isinstance(im, JpegImagePlugin.JpegImageFile) and scale < 1:
+                # DCT-domain downscaling: a 17 MP painting is never decoded at full size.
+                im.draft(None, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
+            im.load()
+            return _to_rgb(ImageOps.exif_transpose(im))
+    except FileNotFoundError:
+        return "missing", ""
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return "too large", str(exc)
+    except UnidentifiedImageError:
+        return "not an image", ""
+    except OSError as exc:
+        # strerror, not str(exc): the latter names the absolute path, which the manifest must not hold.
+        return ("truncated" if "truncated" in str(exc) else "unreadable"), exc.strerror or str(exc)
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types on corrupt files; one must not stop 80k
+        return "undecodable", f"{type(exc).__name__}: {exc}"
+
+
+def _resize(im: Image.Image, max_short_side: int) -> Image.Image:
+    """Shorter side exactly max_short_side when larger; never upscales."""
+    w, h = im.size
+    if min(w, h) <= max_short_side:
+        return im
+    size = (max_short_side, max(1, round(h * max_short_side / w))) if w <= h else \
+        (max(1, round(w * max_short_side / h)), max_short_side)
+    return im.resize(size, Image.Resampling.LANCZOS)
+
+
+def _encode(im: Image.Image, fmt: str, quality: int) -> bytes:
+    """Fixed encoder settings and no metadata, so the bytes depend on the pixels only."""
+    im.info = {}  # PIL's encoders copy some source metadata (a JPEG comment, a PNG's ICC profile)
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        im.save(buf, "JPEG", quality=quality)
+    elif fmt == "webp":
+        im.save(buf, "WEBP", quality=quality, method=WEBP_METHOD)
+    else:
+        im.save(buf, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- one shard
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardJob:
+    name: str
+    out: str
+    samples: tuple[dict, ...]  # the json member of each sample
+    options: dict  # CONTENT_OPTIONS values
+    fingerprint: str
+
+
+def _fingerprint(options: dict, samples: list[dict]) -> str:
+    text = json.dumps([options, samples], sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """A tar member with fixed metadata (mtime 0, root, 0644), so tars are byte-identical."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_shard(job: _ShardJob) -> dict:
+    """Write one shard (tmp file, then rename) and its done record; returns the record."""
+    out, opts = Path(job.out), job.options
+    ext = EXTENSIONS[opts["format"]]
+    tmp = out / f"{job.name}.tmp"
+    skipped, written = [], 0
+    with _pixel_limit(opts["max_pixels"]), tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in job.samples:
+            im = _decode(Path(opts["images"]) / sample["path"], opts["max_short_side"], opts["max_pixels"])
+            if isinstance(im, tuple):
+                reason, detail = im
+                skipped.append({"path": sample["path"], "reason": reason, **({"detail": detail} if detail else {})})
+                continue
+            key = sample_key(sample["path"])
+            data = _encode(_resize(im, opts["max_short_side"]), opts["format"], opts["quality"])
+            _add_member(tar, f"{key}.{ext}", data)
+            _add_member(tar, f"{key}.json", json.dumps(sample).encode("utf-8"))
+            written += 1
+    os.replace(tmp, out / job.name)
+    record = {
+        "name": job.name,
+        "num_samples": written,
+        "sha256": _sha256(out / job.name),
+        "bytes": (out / job.name).stat().st_size,
+        "images": len(job.samples),
+        "skipped": skipped,
+        "fingerprint": job.fingerprint,
+    }
+    _write_atomic(out / DONE_DIR / f"{job.name}.json", json.dumps(record, indent=1))
+    return record
+
+
+def _finished(out: Path, job: _ShardJob) -> dict | None:
+    """The done record of a shard an earlier run completed with the same content, else None."""
+    try:
+        record = json.loads((out / DONE_DIR / f"{job.name}.json").read_text(encoding="utf-8"))
+        size = (out / job.name).stat().st_size
+    except (OSError, ValueError):
+        return None
+    return record if record.get("fingerprint") == job.fingerprint and record.get("bytes") == size else None
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _Progress:
+    """A one-line text bar on stderr: shards done/total and images per second."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.done = self.images = 0
+        self.start = time.perf_counter()
+        self.elapsed = 0.0  # until the last finished shard, so the closing rate excludes the wrap-up
+
+    def rate(self) -> float:
+        return self.images / max(self.elapsed, 1e-9)
+
+    def update(self, images: int) -> None:
+        self.done += 1
+        self.images += images
+        self.elapsed = time.perf_counter() - self.start
+        if self.enabled:
+            filled = BAR_WIDTH * self.done // max(self.total, 1)
+            bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+            end = "\n" if self.done == self.total else ""
+            print(f"\r[{bar}] {self.done}/{self.total} shards  {self.rate():7.1f} images/s",
+                  end=end, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+def _present(images: Path, paths: list[str]) -> list[bool]:
+    """Whether each path exists, listing each folder once (cheap for 80k mostly missing files)."""
+    listings: dict[str, set[str]] = {}
+    found = []
+    for path in paths:
+        folder, _, name = path.rpartition("/")
+        if folder not in listings:
+            try:
+                listings[folder] = set(os.listdir(images / folder))
+            except OSError:
+                listings[folder] = set()
+        found.append(name in listings[folder])
+    return found
+
+
+def _check(cfg: ShardConfig) -> None:
+    if cfg.format not in EXTENSIONS:
+        raise ConfigError(f"shard.format = {cfg.format!r} is not one of {list(EXTENSIONS)}")
+    if not 1 <= cfg.quality <= 100:
+        raise ConfigError(f"shard.quality must be 1..100, got {cfg.quality}")
+    if cfg.workers < 0:
+        raise ConfigError(f"shard.workers must be >= 0 (0: all CPU cores), got {cfg.workers}")
+    if cfg.min_shards < 1:
+        raise ConfigError(f"shard.min_shards must be >= 1, got {cfg.min_shards}")
+    if cfg.max_pixels < 1:
+        raise ConfigError(f"shard.max_pixels must be >= 1, got {cfg.max_pixels}")
+    if not Path(cfg.images).is_dir():
+        raise UserError(f"--images {cfg.images} is not a folder; point it at the folder holding the "
+                        "style folders (Impressionism/, Baroque/, ...)")
+
+
+def _plan(cfg: ShardConfig, catalog: Catalog, splits: list[str], present: list[bool]) -> dict[str, list[_ShardJob]]:
+    options = {k: getattr(cfg, k) for k in CONTENT_OPTIONS}
+    plan = {}
+    for split in SPLITS:
+        samples = [
+            {"path": r.path, "id": r.id, **dict(zip(TASKS, r.labels)), "split": split}
+            for r, s, ok in zip(catalog.records, splits, present) if s == split and ok
+        ]  # records are sorted by id already
+        plan[split] = [
+            _ShardJob(shard_name(split, j), str(cfg.out), tuple(samples[a:b]), options,
+                      _fingerprint(options, samples[a:b]))
+            for j, (a, b) in enumerate(shard_ranges(len(samples), cfg.samples_per_shard, cfg.min_shards))
+        ]
+    return plan
+
+
+def _remove_stale(out: Path, names: set[str]) -> None:
+    """Drop leftovers of interrupted or differently-sized earlier runs: they must not be read."""
+    for path in out.glob("*.tmp"):
+        path.unlink()
+    for split in SPLITS:
+        for path in out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+            if path.name not in names:
+                path.unlink()
+    for path in (out / DONE_DIR).glob("*.json"):
+        if path.stem not in names:
+            path.unlink()
+
+
+def _run_jobs(jobs: list[_ShardJob], workers: int, progress: _Progress) -> list[dict]:
+    """Write the shards, in this process or in a pool of `workers` processes, whole shards each."""
+    records = []
+    # The cores this process may use (a SLURM allocation), not every core of the node.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = min(workers or cores, len(jobs))
+    if processes <= 1:
+        for job in jobs:
+            records.append(_write_shard(job))
+            progress.update(records[-1]["images"])
+        return records
+    # spawn: the parent may hold threads (torch) that fork would copy mid-state.
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        for record in pool.imap_unordered(_write_shard, jobs):
+            records.append(record)
+            progress.update(record["images"])
+    return records
+
+
+def shard_dataset(cfg: ShardConfig, progress: bool = True) -> dict:
+    """Write cfg.out: shards per split, class_names_<task>.txt, manifest.json (last, atomically).
+
+    Same inputs and options give byte-identical files; a rerun redoes only shards without a
+    matching done record. Returns the manifest.
+    """
+    _check(cfg)
+    log = (lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None)
+    catalog = load_catalog(cfg.labels)
+    log(catalog.summary())
+    splits = assign_splits(catalog, cfg.split, cfg.test_fraction, cfg.seed)
+    images, out = Path(cfg.images), Path(cfg.out)
+    present = _present(images, [r.path for r in catalog.records])
+    if catalog.records and not any(present):
+        raise UserError(f"none of the {len(catalog.records):,} images named in {cfg.labels} is under --images "
+                        f"{cfg.images} (first expected: {images / catalog.records[0].path}); the --images "
+                        "folder looks wrong: it should hold the style folders (Impressionism/, ...)")
+    skipped = [{"path": r.path, "reason": "missing"} for r, ok in zip(catalog.records, present) if not ok]
+
+    plan = _plan(cfg, catalog, splits, present)
+    jobs = [job for split in SPLITS for job in plan[split]]
+    (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
+    _remove_stale(out, {job.name for job in jobs})
+    records = {job.name: _finished(out, job) for job in jobs}
+    todo = [job for job in jobs if records[job.name] is None]
+    if len(todo) < len(jobs):
+        log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} shards already done")
+    bar = _Progress(len(todo), progress)
+    records.update({r["name"]: r for r in _run_jobs(todo, cfg.workers, bar)})
+
+    for task in TASKS:
+        _write_atomic(out / f"class_names_{task}.txt", "".join(f"{name}\n" for name in catalog.classes[task]))
+    skipped += [s for job in jobs for s in records[job.name]["skipped"]]
+    skipped.sort(key=lambda s: s["path"])
+    manifest = {
+        "format": FORMAT,
+        "splits": {
+            split: {
+                "num_samples": sum(records[j.name]["num_samples"] for j in plan[split]),
+                "shards": [{k: records[j.name][k] for k in ("name", "num_samples", "sha256")} for j in plan[split]],
+            }
+            for split in SPLITS
+        },
+        "classes": catalog.classes,
+        "image_ext": EXTENSIONS[cfg.format],
+        # The output folder is where the manifest lives; leaving it out keeps copies identical.
+        "options": {k: v for k, v in to_dict(cfg).items() if k != "out"},
+        "anomalies": catalog.anomalies,
+        "skipped": skipped,
+    }
+    # No indent: json's C encoder only runs without one, and 80k skipped entries take seconds else.
+    _write_atomic(out / MANIFEST, json.dumps(manifest) + "\n")
+
+    reasons = Counter(s["reason"] for s in skipped)
+    written = sum(r["num_samples"] for r in records.values())
+    size = sum(r["bytes"] for r in records.values())
+    log(f"{written:,} images in {len(jobs)} shards ({len(jobs) - len(todo)} reused), {size / 2**20:.1f} MiB, "
+        f"{bar.rate():.1f} images/s; skipped {len(skipped):,}"
+        + (": " + ", ".join(f"{reason} {n:,}" for reason, n in sorted(reasons.items())) if skipped else ""))
+    return manifest
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Pack the images named by the ArtGAN label files into WebDataset tar shards (train/val/test) "
+        "with a manifest.json. Each split gets ceil(n / samples-per-shard) shards but at least "
+        "shard.min_shards (default 8; --set shard.min_shards=N): DDP training needs at least "
+        "ranks x loader workers shards per split, so raise it to that product for many GPUs. "
+        "Unreadable, missing and oversized images are skipped and listed in the manifest; an "
+        "interrupted run resumes, redoing only unfinished shards."
+    )
+    add_config_arguments(p)
+    p.add_argument("--images", metavar="DIR", help="folder holding the style folders of images (shard.images)")
+    p.add_argument("--labels", metavar="DIR", help="folder holding the nine ArtGAN label files (shard.labels)")
+    p.add_argument("--out", metavar="DIR", help="output folder for shards and manifest.json (shard.out)")
+    p.add_argument("--split", choices=["artgan", "random"],
+                   help="artgan: official train/val with test carved from train; random: stratified "
+                        "60/20/20 (shard.split)")
+    p.add_argument("--max-short-side", type=int, metavar="PX", help="shorter side at most this many px, never upscaled "
+                                                      "(shard.max_short_side)")
+    p.add_argument("--format", choices=list(EXTENSIONS), help="image encoding in the shards (shard.format)")
+    p.add_argument("--quality", type=int, metavar="Q", help="jpeg/webp quality 1..100 (shard.quality)")
+    p.add_argument("--samples-per-shard", type=int, metavar="N",
+                   help="target images per shard; small splits still get shard.min_shards shards "
+                        "(shard.samples_per_shard)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="processes writing shards; 0: every CPU core this process may use (shard.workers)")
+
+
+def run(args: argparse.Namespace) -> int:
+    job = load_config(args.config, args.overrides)
+    names = ("images", "labels", "out", "split", "max_short_side", "format", "quality", "samples_per_shard", "workers")
+    flags = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    job.shard = dataclasses.replace(job.shard, **flags)
+    validate(job, "command line")
+    try:
+        shard_dataset(job.shard)
+    except KeyboardInterrupt:
+        print(f"\nartdist shard: interrupted; run the same command again to resume: finished shards in "
+              f"{job.shard.out} are kept", file=sys.stderr)
+        return 130
+    return 0

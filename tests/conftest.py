@@ -1,0 +1,27 @@
+"""Shared session fixtures: a small synthetic corpus and its shards, built once per test run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from artdist.config import ShardConfig, SynthConfig
+from artdist.shard import shard_dataset
+from artdist.synth import make_corpus
+
+
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory) -> Path:
+    """400 pictures of 64 px, seed 0, 10% planted label noise: DIR with images/, labels/, planted_noise.csv."""
+    out = tmp_path_factory.mktemp("synth")
+    make_corpus(SynthConfig(out=str(out), images=400, seed=0, noise=0.1, size=64))
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_shards(synth_corpus, tmp_path_factory) -> Path:
+    """synth_corpus packed into shards (64 px, 40 samples per shard, at least 8 per split)."""
+    out = tmp_path_factory.mktemp("shards")
+    shard_dataset(ShardConfig(images=str(synth_corpus / "images"), labels=str(synth_corpus / "labels"),
+                              out=str(out), max_short_side=64, samples_per_shard=40, workers=1), progress=False)
+    return out

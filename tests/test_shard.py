@@ -1,0 +1,362 @@
+"""artdist shard: broken and odd files, shard format, determinism, resume, real label files."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from artdist.catalog import assign_splits, load_catalog
+from artdist.cli import UserError, main
+from artdist.config import TASKS, ShardConfig, SynthConfig
+from artdist.shard import _decode, sample_key, shard_dataset, shard_ranges
+from artdist.synth import make_corpus
+
+REAL_LABELS = Path(__file__).resolve().parents[2] / "shared" / "wikiart_csv"
+MAX_PIXELS = 25_000_000
+SHORT_SIDE = 48
+HUGE = (6000, 4000)  # 24 MP: below MAX_PIXELS, must be decoded in JPEG draft mode
+OVER = (5200, 5000)  # 26 MP: above MAX_PIXELS
+
+
+def _jpeg(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _odd_files() -> dict[str, bytes | None]:
+    """What replaces a corpus image: None deletes it. Names are the cases."""
+    rgba = Image.new("RGBA", (64, 64), (0, 0, 255, 255))
+    rgba.paste((0, 0, 255, 0), (32, 0, 64, 64))  # right half transparent
+    palette = Image.new("P", (64, 64), 1)
+    palette.putpalette([0, 0, 0, 250, 20, 20] + [0] * 762)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    return {
+        "missing": None,
+        "empty": b"",
+        "text": b"this is not a picture\n",
+        "grey": _jpeg(Image.new("L", (64, 64), 100)),
+        "cmyk": _jpeg(Image.new("CMYK", (64, 64), (0, 255, 255, 0))),
+        "palette": _png(palette),
+        "rgba": _png(rgba),
+        "sixteen_bit": _png(Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16))),
+        "rotated": _jpeg(Image.new("RGB", (64, 32), (200, 30, 30)), exif=exif.tobytes(), comment=b"by me"),
+        "huge": _jpeg(Image.new("RGB", HUGE, (10, 200, 30)), quality=80),
+        "over": _jpeg(Image.new("RGB", OVER, (10, 10, 200)), quality=80),
+        "truncated": None,  # filled in from a real corpus picture
+    }
+
+
+@pytest.fixture(scope="module")
+def odd_corpus(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A 60-image synthetic corpus in which some pictures are replaced by broken or odd files."""
+    root = tmp_path_factory.mktemp("odd")
+    make_corpus(SynthConfig(out=str(root), images=60, seed=1, noise=0.0, size=64))
+    records = load_catalog(root / "labels").records
+    cases = {}
+    for record, (case, data) in zip(records[::5], _odd_files().items()):
+        path = root / "images" / record.path
+        if case == "truncated":
+            data = path.read_bytes()[: path.stat().st_size // 2]
+        if data is None:
+            path.unlink()
+        else:
+            path.write_bytes(data)
+        cases[case] = record.path
+    return root, cases
+
+
+def _config(root: Path, out: Path, **kw) -> ShardConfig:
+    opts = dict(images=str(root / "images"), labels=str(root / "labels"), out=str(out),
+                max_short_side=SHORT_SIDE, samples_per_shard=10, workers=1, max_pixels=MAX_PIXELS)
+    return ShardConfig(**{**opts, **kw})
+
+
+@pytest.fixture(scope="module")
+def odd_shards(odd_corpus, tmp_path_factory) -> tuple[Path, dict]:
+    root, _ = odd_corpus
+    out = tmp_path_factory.mktemp("odd_shards")
+    return out, shard_dataset(_config(root, out), progress=False)
+
+
+def _read_back(out: Path, manifest: dict) -> dict[str, dict]:
+    """path -> {"meta", "image", "key", "shard"} of every sample, read with WebDataset."""
+    samples = {}
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            for s in wds.WebDataset(str(out / shard["name"]), shardshuffle=False, empty_check=False):
+                meta = json.loads(s["json"])
+                assert meta["path"] not in samples, f"{meta['path']} in two shards"
+                image = Image.open(io.BytesIO(s[manifest["image_ext"]]))
+                samples[meta["path"]] = {"meta": meta, "image": image, "key": s["__key__"], "shard": shard["name"]}
+    return samples
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_every_good_image_lands_once_with_its_labels(odd_corpus, odd_shards):
+    root, cases = odd_corpus
+    out, manifest = odd_shards
+    catalog = load_catalog(root / "labels")
+    splits = assign_splits(catalog, "artgan")
+    bad = {cases[c] for c in ("missing", "empty", "text", "truncated", "over")}
+    samples = _read_back(out, manifest)
+    assert sorted(samples) == sorted(r.path for r in catalog.records if r.path not in bad)
+    for record, split in zip(catalog.records, splits):
+        if record.path in bad:
+            continue
+        s = samples[record.path]
+        assert s["meta"] == {"path": record.path, "id": record.id, **dict(zip(TASKS, record.labels)), "split": split}
+        assert s["shard"].startswith(f"{split}-")
+        assert s["key"] == sample_key(record.path) and "." not in s["key"]
+        assert s["image"].format == "JPEG" and s["image"].mode == "RGB"
+        assert min(s["image"].size) <= SHORT_SIDE
+
+
+def test_bad_files_are_reported_with_their_reason(odd_corpus, odd_shards):
+    _, cases = odd_corpus
+    _, manifest = odd_shards
+    reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    assert reasons == {
+        cases["missing"]: "missing",
+        cases["empty"]: "empty",
+        cases["text"]: "not an image",
+        cases["truncated"]: "truncated",
+        cases["over"]: "too large",
+    }
+    assert [s["path"] for s in manifest["skipped"]] == sorted(reasons)
+
+
+def test_odd_modes_become_rgb(odd_corpus, odd_shards):
+    _, cases = odd_corpus
+    out, manifest = odd_shards
+    samples = _read_back(out, manifest)
+
+    def pixels(case: str) -> np.ndarray:
+        return np.asarray(samples[cases[case]]["image"], dtype=np.int16)
+
+    assert np.abs(pixels("grey") - 100).max() <= 3
+    assert np.abs(pixels("cmyk")[SHORT_SIDE // 2, SHORT_SIDE // 2] - (255, 0, 0)).max() <= 10
+    assert np.abs(pixels("palette")[10, 10] - (250, 20, 20)).max() <= 10
+    rgba = pixels("rgba")  # left half opaque blue, right half transparent -> white
+    assert np.abs(rgba[24, 4] - (0, 0, 255)).max() <= 10 and np.abs(rgba[24, -4] - 255).max() <= 3
+    assert np.abs(pixels("sixteen_bit") - round(40000 / 257)).max() <= 3  # scaled, not clipped to 255
+    rotated = samples[cases["rotated"]]["image"]
+    assert rotated.size == (32, 64)  # EXIF orientation applied
+    assert not {"exif", "comment"} & set(rotated.info)  # and no source metadata carried over
+    assert samples[cases["huge"]]["image"].size == (72, SHORT_SIDE)
+
+
+def test_huge_jpeg_is_decoded_in_draft_mode(odd_corpus):
+    root, cases = odd_corpus
+    path = root / "images" / cases["huge"]
+    start = time.perf_counter()
+    im = _decode(path, SHORT_SIDE, MAX_PIXELS)
+    draft_s = time.perf_counter() - start
+    assert im.size == (HUGE[0] // 8, HUGE[1] // 8)  # DCT scaling at 1/8, never the full 24 MP
+    start = time.perf_counter()
+    with Image.open(path) as full:
+        full.load()
+    assert draft_s < (time.perf_counter() - start) / 2
+
+
+def test_manifest_matches_the_files(odd_corpus, odd_shards):
+    root, _ = odd_corpus
+    out, manifest = odd_shards
+    catalog = load_catalog(root / "labels")
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["format"] == "artdist-shards/1" and manifest["image_ext"] == "jpg"
+    assert manifest["classes"] == catalog.classes
+    assert manifest["anomalies"] == catalog.anomalies
+    assert manifest["options"]["max_short_side"] == SHORT_SIDE and "out" not in manifest["options"]
+    for task in TASKS:
+        assert (out / f"class_names_{task}.txt").read_text().splitlines() == catalog.classes[task]
+    tars = sorted(p.name for p in out.glob("*.tar"))
+    assert tars == sorted(s["name"] for info in manifest["splits"].values() for s in info["shards"])
+    for split, info in manifest["splits"].items():
+        assert info["num_samples"] == sum(s["num_samples"] for s in info["shards"])
+        assert len(info["shards"]) >= min(8, info["num_samples"])
+        for shard in info["shards"]:
+            assert hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
+            with tarfile.open(out / shard["name"]) as tar:
+                members = tar.getmembers()
+            assert len(members) == 2 * shard["num_samples"]
+            assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "", 0o644)}
+            assert all(m.name.count(".") == 1 for m in members)
+            ids = [json.loads(member)["id"] for member in _json_members(out / shard["name"])]
+            assert ids == sorted(ids)
+
+
+def _json_members(path: Path) -> list[bytes]:
+    with tarfile.open(path) as tar:
+        return [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".json")]
+
+
+def test_shard_sizes_are_even():
+    assert shard_ranges(10, 4, 8) == [(0, 1), (1, 2), (2, 3), (3, 5), (5, 6), (6, 7), (7, 8), (8, 10)]
+    assert shard_ranges(100, 30, 2) == [(0, 25), (25, 50), (50, 75), (75, 100)]
+    assert shard_ranges(3, 100, 8) == [(0, 1), (1, 2), (2, 3)]
+    assert shard_ranges(0, 100, 8) == []
+
+
+def test_rerun_into_a_new_folder_is_byte_identical(odd_corpus, odd_shards, tmp_path):
+    root, _ = odd_corpus
+    out, _ = odd_shards
+    shard_dataset(_config(root, tmp_path / "again"), progress=False)
+    assert _files(tmp_path / "again") == _files(out)
+
+
+def test_worker_pool_writes_the_same_shards(odd_corpus, odd_shards, tmp_path):
+    root, _ = odd_corpus
+    out, manifest = odd_shards
+    pooled = shard_dataset(_config(root, tmp_path / "pool", workers=2), progress=False)
+    assert pooled["splits"] == manifest["splits"] and pooled["skipped"] == manifest["skipped"]
+    tars = {k: v for k, v in _files(out).items() if k.endswith(".tar")}
+    assert {k: v for k, v in _files(tmp_path / "pool").items() if k.endswith(".tar")} == tars
+
+
+def test_interrupted_run_redoes_only_the_lost_shard(odd_corpus, odd_shards, tmp_path):
+    root, _ = odd_corpus
+    src, manifest = odd_shards
+    out = tmp_path / "resume"
+    shutil.copytree(src, out)
+    lost = manifest["splits"]["train"]["shards"][1]["name"]
+    (out / lost).unlink()
+    (out / ".done" / f"{lost}.json").unlink()
+    (out / "manifest.json").unlink()  # the manifest is written last: an interrupted run has none
+    (out / "val-000000.tar.tmp").write_bytes(b"half a shard")
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    shard_dataset(_config(root, out), progress=False)
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert {name for name in after if after[name] != before.get(name)} == {lost}
+    assert _files(out) == _files(src)
+
+
+def test_changed_options_redo_every_shard(odd_corpus, odd_shards, tmp_path):
+    root, _ = odd_corpus
+    src, manifest = odd_shards
+    out = tmp_path / "requality"
+    shutil.copytree(src, out)
+    changed = shard_dataset(_config(root, out, quality=50), progress=False)
+    old = {s["name"]: s["sha256"] for info in manifest["splits"].values() for s in info["shards"]}
+    new = {s["name"]: s["sha256"] for info in changed["splits"].values() for s in info["shards"]}
+    assert old.keys() == new.keys() and all(old[k] != new[k] for k in old)
+
+
+def test_fewer_shards_remove_the_stale_ones(odd_corpus, odd_shards, tmp_path):
+    root, _ = odd_corpus
+    src, _ = odd_shards
+    out = tmp_path / "fewer"
+    shutil.copytree(src, out)
+    manifest = shard_dataset(_config(root, out, samples_per_shard=1000, min_shards=1), progress=False)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["test-000000.tar", "train-000000.tar", "val-000000.tar"]
+    assert sorted(p.name for p in (out / ".done").iterdir()) == [f"{n}.json" for n in
+                                                                  sorted(p.name for p in out.glob("*.tar"))]
+    assert manifest["splits"]["train"]["shards"][0]["name"] == "train-000000.tar"
+
+
+@pytest.mark.parametrize("fmt, ext", [("webp", "webp"), ("png", "png")])
+def test_other_formats(tmp_path, fmt, ext):
+    make_corpus(SynthConfig(out=str(tmp_path / "c"), images=30, seed=2, size=48))
+    cfg = ShardConfig(images=str(tmp_path / "c" / "images"), labels=str(tmp_path / "c" / "labels"),
+                      out=str(tmp_path / "a"), max_short_side=32, format=fmt, min_shards=2, workers=1)
+    manifest = shard_dataset(cfg, progress=False)
+    again = shard_dataset(dataclasses.replace(cfg, out=str(tmp_path / "b")), progress=False)
+    assert manifest == again and _files(tmp_path / "a") == _files(tmp_path / "b")
+    samples = _read_back(tmp_path / "a", manifest)
+    assert manifest["image_ext"] == ext and len(samples) == 30
+    assert {s["image"].format for s in samples.values()} == {fmt.upper()}
+    assert {s["image"].size for s in samples.values()} == {(32, 32)}
+
+
+def test_demo_shards_fixture(demo_shards, synth_corpus):
+    manifest = json.loads((demo_shards / "manifest.json").read_text())
+    assert sum(info["num_samples"] for info in manifest["splits"].values()) == 400
+    assert all(len(info["shards"]) == 8 for info in manifest["splits"].values())
+    assert manifest["skipped"] == []
+
+
+def test_no_image_found_is_a_user_error(synth_corpus, tmp_path):
+    (tmp_path / "empty").mkdir()
+    cfg = ShardConfig(images=str(tmp_path / "empty"), labels=str(synth_corpus / "labels"), out=str(tmp_path / "o"))
+    first = load_catalog(synth_corpus / "labels").records[0].path
+    with pytest.raises(UserError, match="looks wrong") as err:
+        shard_dataset(cfg, progress=False)
+    assert str(tmp_path / "empty" / first) in str(err.value)
+    with pytest.raises(UserError, match="is not a folder"):
+        shard_dataset(ShardConfig(images=str(tmp_path / "nope"), labels=str(synth_corpus / "labels")), progress=False)
+
+
+def _raw_rows(labels: Path) -> dict[str, dict[str, list[int]]]:
+    """task -> path -> labels of its rows, read naively from the six real train/val files."""
+    files = {"style": ("style_train.csv", "style_val.csv"), "artist": ("artist_train", "artist_val"),
+             "genre": ("genre_train.csv", "genre_val.csv")}
+    rows: dict[str, dict[str, list[int]]] = {}
+    for task, names in files.items():
+        rows[task] = {}
+        for name in names:
+            for line in (labels / name).read_text(encoding="utf-8").splitlines():
+                head, _, index = line.strip().rpartition(",")
+                if head and index.isdigit():
+                    rows[task].setdefault(head.rstrip(","), []).append(int(index))
+    return rows
+
+
+@pytest.mark.skipif(not REAL_LABELS.is_dir(), reason=f"real label files not at {REAL_LABELS}")
+def test_real_labels_over_a_few_images(tmp_path):
+    rows = _raw_rows(REAL_LABELS)
+    every = sorted(set().union(*rows.values()))
+    unique = [p for p in every if all(len(rows[t].get(p, [])) <= 1 for t in TASKS)]
+    chosen = unique[:: len(unique) // 5][:5] + [next(p for p in unique if not p.isascii())]
+    for i, path in enumerate(chosen):
+        (tmp_path / "images" / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (80, 60), (40 * i, 100, 200)).save(tmp_path / "images" / path, "JPEG")
+    start = time.process_time()
+    manifest = shard_dataset(ShardConfig(images=str(tmp_path / "images"), labels=str(REAL_LABELS),
+                                         out=str(tmp_path / "out"), max_short_side=SHORT_SIDE, workers=1),
+                             progress=False)
+    assert time.process_time() - start < 30  # no per-file work for the 81k missing ones
+    samples = _read_back(tmp_path / "out", manifest)
+    assert sorted(samples) == sorted(chosen)
+    for path in chosen:
+        assert [samples[path]["meta"][t] for t in TASKS] == [rows[t].get(path, [-1])[0] for t in TASKS]
+    assert sorted(s["path"] for s in manifest["skipped"]) == sorted(set(every) - set(chosen))
+    assert {s["reason"] for s in manifest["skipped"]} == {"missing"}
+    assert manifest["anomalies"]["cross_task_split"]["count"] > 0
+
+
+def test_cli_flags_and_help(odd_corpus, tmp_path, capsys):
+    root, _ = odd_corpus
+    assert main(["shard", "--images", str(root / "images"), "--labels", str(root / "labels"),
+                 "--out", str(tmp_path), "--max-short-side", "32", "--samples-per-shard", "100",
+                 "--workers", "1", "--set", "shard.min_shards=2", "--set", f"shard.max_pixels={MAX_PIXELS}"]) == 0
+    err = capsys.readouterr().err
+    assert "anomalies:" in err and "shards" in err and "skipped 5: empty 1, missing 1" in err
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [len(manifest["splits"][s]["shards"]) for s in ("train", "val")] == [2, 2]
+    assert manifest["options"]["max_short_side"] == 32
+    with pytest.raises(SystemExit):
+        main(["shard", "--help"])
+    assert "ranks x loader workers shards per split" in " ".join(capsys.readouterr().out.split())
+    assert main(["shard", "--images", str(root / "images"), "--labels", str(root / "labels"),
+                 "--out", str(tmp_path), "--quality", "0"]) == 2
+    assert "shard.quality must be 1..100" in capsys.readouterr().err
