@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Stop the single-node SLURM that .ci/slurm-up.sh started: cancel every job, wait for the jobs'
+# steps to end, then stop slurmd, slurmctld, slurmdbd, MariaDB and munged by their own PIDs.
+# State, logs and the accounting database stay in $ARTDIST_SLURM_DIR, so job ids keep counting up.
+set -euo pipefail
+
+SCRATCH=${ARTDIST_SLURM_DIR:-/tmp/artdist-slurm}
+RUN=$SCRATCH/run
+
+say() { echo "slurm-down: $*"; }
+
+stop() {  # stop NAME PIDFILE: SIGTERM the process in PIDFILE and wait for it to exit
+    local name=$1 pidfile=$2 pid
+    if [[ ! -s $pidfile ]] || ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+        say "$name not running"
+        return
+    fi
+    pid=$(cat "$pidfile")
+    kill -TERM "$pid"
+    for ((i = 0; i < 60; i++)); do
+        kill -0 "$pid" 2>/dev/null || { say "stopped $name (pid $pid)"; return; }
+        sleep 0.5
+    done
+    echo "slurm-down: error: $name (pid $pid) is still running 30s after SIGTERM" >&2
+    exit 1
+}
+
+# Jobs first: a slurmstepd orphaned by an early slurmctld stop ignores SIGTERM.
+if scontrol ping >/dev/null 2>&1; then
+    mapfile -t jobs < <(squeue -h -o %A)
+    if ((${#jobs[@]})); then
+        say "cancelling jobs: ${jobs[*]}"
+        scancel "${jobs[@]}"
+    fi
+    for ((i = 0; i < 120; i++)); do
+        [[ -z $(squeue -h -o %A) ]] && ! pgrep -x slurmstepd >/dev/null && break
+        sleep 0.5
+    done
+    if [[ -n $(squeue -h -o %A) ]] || pgrep -x slurmstepd >/dev/null; then
+        echo "slurm-down: error: jobs or slurmstepd still there 60s after scancel: $(squeue -h -o '%A %T')" >&2
+        exit 1
+    fi
+fi
+
+stop slurmd "$RUN/slurmd.pid"
+stop slurmctld "$RUN/slurmctld.pid"
+stop slurmdbd "$RUN/slurmdbd.pid"
+stop mariadb "$SCRATCH/mariadb.pid"
+stop munged /run/munge/munged.pid

@@ -1,0 +1,516 @@
+"""`artdist bench`: shard-loader, ImageFolder, model-step, end-to-end and GPU throughput in one run.
+
+What each part times (images/s over the batches after the warm-up ones):
+  loader       shards -> the real TrainLoader (decode + augment) -> uint8 batches, per worker count;
+               normalizing is DeviceTransform's job on the training device, so it is not CPU work here
+  imagefolder  the seeds' way: loose full-size JPEGs -> torchvision ImageFolder + Resize/RandomCrop(padding)/
+               flip/ToTensor/Normalize -> DataLoader, per worker count; (loader / imagefolder) at equal
+               workers is the per-core ratio, and for workers=0 also per CPU second (robust to other load)
+  model        engine.train_one_epoch on one synthetic batch held on the device (no loading)
+  e2e          engine.train_one_epoch on the TrainLoader: images/s and the share of time blocked on it
+  gpu          CUDA only: the model step under fp32 / bf16 / fp16, NCHW vs channels_last, torch.compile of
+               the backbone, and e2e with data.decode=gpu (nvJPEG)
+
+The corpus (cached under --workdir): synth pictures of side 3/4 * --full-size, stretched to
+--full-size x 3/4 --full-size (bicubic, JPEG quality 90), i.e. 800x600 = 0.48 MP by default like
+the WikiArt median (~0.47 MP); the style folders are the ImageFolder view; `shard_dataset` packs
+them at shard.max_short_side. Loaders read a manifest whose shard list is repeated as often as
+the timed batches need, so one DataLoader epoch covers the whole measurement (no worker restarts).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import itertools
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, RandomSampler
+from torchvision import transforms
+
+from artdist.cli import UserError, add_config_arguments
+from artdist.config import TASKS, JobConfig, SynthConfig, load_config
+from artdist.data import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, TrainLoader, num_classes
+from artdist.dist import init_distributed
+from artdist.engine import MultiTaskLoss, class_weights, label_counts, resolve_amp, train_one_epoch, use_channels_last
+from artdist.model import build_model
+from artdist.shard import shard_dataset
+from artdist.synth import JPEG_QUALITY, MIN_IMAGES, make_corpus
+
+PARTS = ("loader", "imagefolder", "model", "e2e", "gpu")
+# Without --config on a CPU-only machine: a run that ends in ~2-3 minutes on 2 cores (applied
+# before the user's --set, which wins). One loader worker leaves the other core to the model.
+CPU_DEFAULTS = ("model.backbone=resnet18", "data.batch_size=16", "data.num_workers=1")
+DEFAULT_STEPS = {"cpu": 3, "cuda": 50}
+WARMUP_STEPS = {"cpu": 1, "cuda": 10}  # cuda: cudnn.benchmark autotuning and torch.compile happen here
+# Loader warm-up, in rounds of one batch per worker: workers start together and deliver their
+# first batches in a burst, so timing from the first batch would count that burst as free.
+WARMUP_ROUNDS = 2
+ASPECT = 3 / 4  # height / width of the bench pictures: WikiArt's median is about 800x600
+# (amp, channels_last, compile) rows of the GPU model-step table; auto = the trainer's choice.
+GPU_VARIANTS = (("off", True, False), ("bf16", True, False), ("fp16", True, False),
+                ("auto", False, False), ("auto", True, True))
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class Clock:
+    """Passes batches through, noting when each was asked for and when it arrived (wall clock), and
+    this process's CPU time at each ask: CPU seconds per image do not grow when other jobs load the
+    machine, wall seconds do."""
+
+    def __init__(self, batches: Iterable):
+        self.batches = batches
+        self.start = self.end = self.end_cpu = 0.0
+        self.asked: list[float] = []
+        self.asked_cpu: list[float] = []
+        self.got: list[float] = []
+        self.sizes: list[int] = []
+
+    def __iter__(self) -> Iterator:
+        self.start = time.perf_counter()
+        it = iter(self.batches)
+        while True:
+            self.asked.append(time.perf_counter())
+            self.asked_cpu.append(time.process_time())
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.got.append(time.perf_counter())
+            self.sizes.append(int(batch[1].shape[0]))
+            yield batch
+
+    def stop(self) -> None:
+        """The work on the last batch is done."""
+        self.end, self.end_cpu = time.perf_counter(), time.process_time()
+
+    def rate(self, warmup: int) -> dict:
+        """Throughput from batch `warmup` being asked for until stop()."""
+        if len(self.got) <= warmup:
+            raise ValueError(f"{len(self.got)} batches arrived, none after the {warmup} warm-up ones")
+        span = self.end - self.asked[warmup]
+        images = sum(self.sizes[warmup:])
+        wait = sum(got - asked for asked, got in zip(self.asked[warmup:], self.got[warmup:]))
+        return {"images": images, "seconds": span, "images_per_s": images / span,
+                "cpu_seconds": self.end_cpu - self.asked_cpu[warmup],
+                "data_wait_fraction": wait / span, "first_batch_s": self.got[0] - self.start}
+
+
+def drain(batches: Iterable, count: int, warmup: int) -> dict:
+    """Time the first `count` batches of a loader (the consumer does nothing with them)."""
+    clock = Clock(batches)
+    for _ in itertools.islice(clock, count):
+        pass
+    clock.stop()
+    return clock.rate(warmup)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    # DataLoader workers run torch single-threaded; the in-process (workers=0) case must too, or
+    # its "one core" figure would use every core for the tensor ops.
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def build_corpus(out: Path, images: int, full_size: int) -> dict:
+    """Full-size WikiArt-like JPEGs in the ArtGAN layout under `out` (reused when complete)."""
+    marker = out / "corpus.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    shutil.rmtree(out, ignore_errors=True)  # an interrupted build: start over
+    height = round(full_size * ASPECT)
+    make_corpus(SynthConfig(out=str(out), images=images, seed=0, size=height))
+    files = sorted((out / "images").rglob("*.jpg"))
+    for path in files:
+        with Image.open(path) as im:
+            stretched = im.convert("RGB").resize((full_size, height), Image.Resampling.BICUBIC)
+        stretched.save(path, "JPEG", quality=JPEG_QUALITY)
+    sizes = [path.stat().st_size for path in files]
+    info = {"dir": str(out), "images": len(files), "width": full_size, "height": height,
+            "megapixels": full_size * height / 1e6, "median_kb": statistics.median(sizes) / 1024,
+            "how": f"synth pictures {height}x{height} stretched to {full_size}x{height} (bicubic, JPEG q{JPEG_QUALITY})"}
+    marker.write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def build_shards(cfg: JobConfig, corpus: Path) -> tuple[Path, dict]:
+    """The corpus packed by the real sharder with the config's shard options (resumes/reuses)."""
+    sc = cfg.shard
+    out = corpus / f"shards-{sc.max_short_side}-{sc.format}{sc.quality}"
+    manifest = shard_dataset(replace(sc, images=str(corpus / "images"), labels=str(corpus / "labels"),
+                                     out=str(out)), progress=False)
+    return out, manifest
+
+
+def tiled(manifest: dict, split: str, samples: int) -> dict:
+    """A manifest whose `split` lists its shards again and again until it holds >= `samples`."""
+    tiles = copy.deepcopy(manifest)
+    entry = tiles["splits"][split]
+    copies = max(1, math.ceil(samples / entry["num_samples"]))
+    entry["shards"] = entry["shards"] * copies
+    entry["num_samples"] *= copies
+    return tiles
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def seeds_transform(data_cfg: Any) -> transforms.Compose:
+    """The seeds' CPU pipeline: shorter side to image_size, padded random crop, flip, to float, normalize."""
+    size = data_cfg.image_size
+    return transforms.Compose([
+        transforms.Resize(size),
+        transforms.RandomCrop(size, padding=data_cfg.crop_padding, pad_if_needed=True),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def per_core(row: dict, cpus: int) -> dict:
+    """Adds cores used and images/s per core; in-process loading (workers=0) also gets images per
+    CPU second, the per-core rate that a loaded machine does not distort."""
+    cores = min(max(row["workers"], 1), cpus)
+    extra = {"images_per_cpu_s": row["images"] / row["cpu_seconds"]} if row["workers"] == 0 else {}
+    return {**row, "cores": cores, "images_per_s_per_core": row["images_per_s"] / cores, **extra}
+
+
+def bench_loader(cfg: JobConfig, shards: Path, manifest: dict, workers: list[int], images: int,
+                 cpus: int) -> list[dict]:
+    """(a) the TrainLoader from shards (decode + augment to uint8; normalizing is the device's job):
+    images/s per worker count."""
+    rows = []
+    for w in workers:
+        data_cfg = replace(cfg.data, shards=str(shards), num_workers=w, decode="cpu")
+        warmup = WARMUP_ROUNDS * max(w, 1)
+        count = warmup + math.ceil(images / data_cfg.batch_size)
+        loader = TrainLoader(data_cfg, tiled(manifest, data_cfg.train_split, count * data_cfg.batch_size),
+                             rank=0, world_size=1, seed=cfg.train.seed)
+        with torch_threads(1):
+            rows.append(per_core({"workers": w, **drain(loader, count, warmup)}, cpus))
+    return rows
+
+
+def bench_imagefolder(cfg: JobConfig, root: Path, workers: list[int], images: int, cpus: int) -> list[dict]:
+    """(b) the seeds' way: ImageFolder over the loose full-size JPEGs, per worker count."""
+    dataset = torchvision.datasets.ImageFolder(str(root), transform=seeds_transform(cfg.data))
+    batch = cfg.data.batch_size
+    rows = []
+    for w in workers:
+        warmup = WARMUP_ROUNDS * max(w, 1)
+        count = warmup + math.ceil(images / batch)
+        # num_samples > len(dataset) chains reshuffled passes: one DataLoader epoch, no worker restart.
+        loader = DataLoader(dataset, batch_size=batch, num_workers=w,
+                            sampler=RandomSampler(dataset, num_samples=count * batch))
+        with torch_threads(1):
+            rows.append(per_core({"workers": w, **drain(loader, count, warmup)}, cpus))
+    return rows
+
+
+def ratios(loader_rows: list[dict], folder_rows: list[dict]) -> list[dict]:
+    """Shards vs ImageFolder at equal worker counts (equal cores, so also the per-core ratio); for
+    workers=0 also the ratio of images per CPU second."""
+    folder = {row["workers"]: row for row in folder_rows}
+    out = []
+    for row in loader_rows:
+        other = folder.get(row["workers"])
+        if other is None:
+            continue
+        out.append({"workers": row["workers"], "ratio": row["images_per_s"] / other["images_per_s"]})
+        if "images_per_cpu_s" in row:
+            out[-1]["ratio_cpu"] = row["images_per_cpu_s"] / other["images_per_cpu_s"]
+    return out
+
+
+# --------------------------------------------------------------------------- training steps
+
+
+def train_rate(cfg: JobConfig, classes: dict[str, int], counts: dict[str, list[int]] | None, device: torch.device,
+               batches: Iterable, transform: Any, steps: int, warmup: int, amp: str, channels_last: bool,
+               compile_backbone: bool) -> dict:
+    """Time engine.train_one_epoch for warmup + steps optimizer steps, set up as train.py does
+    (model, AdamW over param groups, GradScaler, MultiTaskLoss) but with a constant LR."""
+    tcfg = cfg.train
+    amp_dtype = resolve_amp(amp, device)
+    model = build_model(cfg.model, classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile_backbone:
+        model.backbone.compile()
+    optimizer = torch.optim.AdamW(model.param_groups(tcfg.lr, tcfg.backbone_lr, tcfg.weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    weights = {t: class_weights(counts[t], tcfg.class_weighting) if counts else None for t in cfg.model.tasks}
+    loss_fn = MultiTaskLoss(cfg.model.tasks, weights, tcfg.label_smoothing).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    clock = Clock(batches)
+    train_one_epoch(model, clock, transform, optimizer, scheduler, scaler, loss_fn, device=device,
+                    amp_dtype=amp_dtype, steps=warmup + steps, start_step=0, global_step=0,
+                    accum_steps=tcfg.accum_steps, grad_clip=tcfg.grad_clip, should_stop=lambda: False)
+    clock.stop()
+    row = clock.rate(warmup * tcfg.accum_steps)
+    row.update(step_ms=row["seconds"] / steps * 1000, amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
+               channels_last=channels_last, compile=compile_backbone)
+    if device.type == "cuda":
+        row["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return row
+
+
+def bench_model(cfg: JobConfig, classes: dict[str, int], counts: dict[str, list[int]] | None, device: torch.device,
+                steps: int, warmup: int, amp: str, channels_last: bool, compile_backbone: bool) -> dict:
+    """(c) a train step on one synthetic uint8 batch already on the device: no loading at all."""
+    size, batch = cfg.data.image_size, cfg.data.batch_size
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen).to(device)
+    labels = torch.stack([torch.randint(0, classes[t], (batch,), generator=gen) for t in TASKS], dim=1).to(device)
+    data_cfg = replace(cfg.data, decode="cpu")  # the batch is pixels: only the normalize runs
+    transform = DeviceTransform(data_cfg, device, train=True, channels_last=channels_last)
+    return train_rate(cfg, classes, counts, device, itertools.repeat((images, labels, torch.arange(batch))),
+                      transform, steps, warmup, amp, channels_last, compile_backbone)
+
+
+def bench_e2e(cfg: JobConfig, shards: Path, manifest: dict, counts: dict[str, list[int]] | None,
+              device: torch.device, steps: int, warmup: int, decode: str) -> dict:
+    """(d) train steps fed by the real TrainLoader: images/s and the fraction of time waiting for it."""
+    data_cfg = replace(cfg.data, shards=str(shards), decode=decode)
+    channels_last = use_channels_last(cfg, device)
+    batches = (warmup + steps) * cfg.train.accum_steps
+    loader = TrainLoader(data_cfg, tiled(manifest, data_cfg.train_split, batches * data_cfg.batch_size),
+                         rank=0, world_size=1, seed=cfg.train.seed)
+    transform = DeviceTransform(data_cfg, device, train=True, channels_last=channels_last)
+    row = train_rate(cfg, num_classes(manifest), counts, device, loader, transform, steps, warmup,
+                     cfg.train.amp, channels_last, cfg.train.compile)
+    return {"workers": data_cfg.num_workers, "decode": decode, **row}
+
+
+def bench_gpu(cfg: JobConfig, shards: Path, manifest: dict, counts: dict[str, list[int]] | None,
+              device: torch.device, steps: int, warmup: int) -> dict:
+    """(e) CUDA only: model-step variants side by side, and e2e with the GPU (nvJPEG) decode path."""
+    if device.type != "cuda":
+        return {"skipped": "no CUDA device"}
+    classes = num_classes(manifest)
+    rows = []
+    for amp, channels_last, compile_backbone in GPU_VARIANTS:
+        if amp == "bf16" and not torch.cuda.is_bf16_supported():
+            rows.append({"amp": "bf16", "channels_last": channels_last, "compile": compile_backbone,
+                         "skipped": f"{torch.cuda.get_device_name(device)} has no bf16"})
+            continue
+        rows.append(bench_model(cfg, classes, counts, device, steps, warmup, amp, channels_last, compile_backbone))
+        torch.cuda.empty_cache()
+    try:
+        e2e = bench_e2e(cfg, shards, manifest, counts, device, steps, warmup, decode="gpu")
+    except UserError as exc:  # e.g. shards that are not JPEG
+        e2e = {"skipped": str(exc)}
+    return {"model": rows, "e2e_gpu_decode": e2e}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine_info(device: torch.device) -> dict:
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "unknown"
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "load_avg_1m": os.getloadavg()[0],
+            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def _fmt(row: dict, key: str, spec: str = ".0f") -> str:
+    return format(row[key], spec) if key in row else "-"
+
+
+def format_table(result: dict) -> str:
+    """The human-readable report of a bench result."""
+    m, s, c = result["machine"], result["settings"], result["corpus"]
+    lines = [f"artdist bench: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}"
+             + (f" ({m['gpu']})" if m["gpu"] else "") + f", load {m['load_avg_1m']:.1f} -> {result['load_avg_1m_end']:.1f}",
+             f"settings: {s['backbone']} {s['image_size']} px, batch {s['batch_size']}, amp {s['amp']}, "
+             f"e2e workers {s['num_workers']}, shards max_short_side {s['max_short_side']}"
+             + (f"; cpu defaults {', '.join(s['cpu_defaults'])}" if s["cpu_defaults"] else "")]
+    if c:
+        lines.append(f"corpus: {c['images']} JPEGs {c['width']}x{c['height']} ({c['megapixels']:.2f} MP, median "
+                     f"{c['median_kb']:.0f} KB) in {c['dir']}")
+    loader, folder = result["loader"], result["imagefolder"]
+    if isinstance(loader, list) or isinstance(folder, list):
+        ratio = {r["workers"]: r["ratio"] for r in result.get("ratio", [])}
+        by_w = {r["workers"]: r for r in loader} if isinstance(loader, list) else {}
+        fby_w = {r["workers"]: r for r in folder} if isinstance(folder, list) else {}
+        lines += ["", "(a) shards -> TrainLoader (uint8 batches) vs (b) seeds' ImageFolder (normalized float batches)",
+                  f"{'workers':>7} {'cores':>5} {'(a) img/s':>10} {'per core':>9} {'1st batch':>9} "
+                  f"{'(b) img/s':>10} {'per core':>9} {'1st batch':>9} {'(a)/(b)':>8}"]
+        for w in sorted(set(by_w) | set(fby_w)):
+            a, b = by_w.get(w, {}), fby_w.get(w, {})
+            lines.append(f"{w:>7} {a.get('cores', b.get('cores', 0)):>5} {_fmt(a, 'images_per_s'):>10} "
+                         f"{_fmt(a, 'images_per_s_per_core'):>9} {_fmt(a, 'first_batch_s', '.2f'):>9} "
+                         f"{_fmt(b, 'images_per_s'):>10} {_fmt(b, 'images_per_s_per_core'):>9} "
+                         f"{_fmt(b, 'first_batch_s', '.2f'):>9} "
+                         f"{format(ratio[w], '.2f') + 'x' if w in ratio else '-':>8}")
+        cpu = [r for r in result.get("ratio", []) if "ratio_cpu" in r]
+        if cpu:
+            lines.append(f"workers 0, images per CPU second (unaffected by other load): (a) "
+                         f"{by_w[0]['images_per_cpu_s']:.0f}, (b) {fby_w[0]['images_per_cpu_s']:.0f}, "
+                         f"(a)/(b) {cpu[0]['ratio_cpu']:.2f}x")
+    for key, title in (("loader", "(a) loader"), ("imagefolder", "(b) imagefolder")):
+        if "skipped" in result[key]:
+            lines.append(f"{title}: skipped: {result[key]['skipped']}")
+    lines.append("")
+    model = result["model"]
+    lines.append("(c) model train step, synthetic batch: " + (f"skipped: {model['skipped']}" if "skipped" in model else
+                 f"{model['images_per_s']:.1f} img/s, {model['step_ms']:.0f} ms/step ({model['amp']}, "
+                 f"channels_last {model['channels_last']}, compile {model['compile']})"))
+    e2e = result["e2e"]
+    lines.append("(d) end to end from shards: " + (f"skipped: {e2e['skipped']}" if "skipped" in e2e else
+                 f"{e2e['images_per_s']:.1f} img/s, {e2e['step_ms']:.0f} ms/step, data-wait "
+                 f"{e2e['data_wait_fraction']:.1%} ({e2e['workers']} workers, decode {e2e['decode']})"))
+    gpu = result["gpu"]
+    if "skipped" in gpu:
+        lines.append(f"(e) GPU: skipped: {gpu['skipped']}")
+    else:
+        lines.append("(e) GPU model step variants:")
+        for row in gpu["model"]:
+            name = f"{row['amp']:>5} {'channels_last' if row['channels_last'] else 'NCHW':>13} " \
+                   f"{'compile' if row['compile'] else '':>7}"
+            lines.append(f"    {name}  " + (f"skipped: {row['skipped']}" if "skipped" in row else
+                         f"{row['images_per_s']:8.0f} img/s {row['step_ms']:7.1f} ms/step {row['max_mem_gb']:5.1f} GB"))
+        g = gpu["e2e_gpu_decode"]
+        lines.append("    e2e data.decode=gpu: " + (f"skipped: {g['skipped']}" if "skipped" in g else
+                     f"{g['images_per_s']:.0f} img/s, data-wait {g['data_wait_fraction']:.1%}"))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command
+
+
+def run_bench(cfg: JobConfig, *, workdir: Path, images: int, full_size: int, workers: list[int], steps: int | None,
+              only: list[str], cpu_defaults: list[str], device: torch.device) -> dict:
+    """Every selected part; unselected parts are reported as skipped. Returns the JSON-able result."""
+    kind = device.type if device.type in DEFAULT_STEPS else "cpu"
+    steps = steps or DEFAULT_STEPS[kind]
+    warmup = WARMUP_STEPS[kind]
+    if device.type == "cuda" and not cfg.train.deterministic:
+        torch.backends.cudnn.benchmark = True  # as train.py does
+    info = machine_info(device)
+    result: dict = {
+        "machine": info,
+        "settings": {"backbone": cfg.model.backbone, "image_size": cfg.data.image_size,
+                     "batch_size": cfg.data.batch_size, "num_workers": cfg.data.num_workers,
+                     "amp": str(resolve_amp(cfg.train.amp, device) or "off").removeprefix("torch."),
+                     "max_short_side": cfg.shard.max_short_side, "steps": steps, "warmup_steps": warmup,
+                     "loader_images": images, "loader_warmup_rounds": WARMUP_ROUNDS, "cpu_defaults": cpu_defaults},
+        "corpus": {},
+        **{part: {"skipped": "not selected (--only)"} for part in PARTS},
+    }
+    corpus = build_corpus(workdir / f"corpus-{images}-{full_size}", images, full_size)
+    result["corpus"] = corpus
+    shards, manifest = build_shards(cfg, Path(corpus["dir"]))
+    result["corpus"]["shards"] = str(shards)
+    result["corpus"]["train_samples"] = manifest["splits"][cfg.data.train_split]["num_samples"]
+    counts = None
+    if cfg.train.class_weighting != "none":
+        counts = label_counts(shards, manifest, cfg.data.train_split, num_classes(manifest))
+
+    if "loader" in only:
+        result["loader"] = bench_loader(cfg, shards, manifest, workers, images, info["cores"])
+    if "imagefolder" in only:
+        result["imagefolder"] = bench_imagefolder(cfg, Path(corpus["dir"]) / "images", workers, images, info["cores"])
+    if "loader" in only and "imagefolder" in only:
+        result["ratio"] = ratios(result["loader"], result["imagefolder"])
+    if "model" in only:
+        result["model"] = bench_model(cfg, num_classes(manifest), counts, device, steps, warmup, cfg.train.amp,
+                                      use_channels_last(cfg, device), cfg.train.compile)
+    if "e2e" in only:
+        result["e2e"] = bench_e2e(cfg, shards, manifest, counts, device, steps, warmup, cfg.data.decode)
+    if "gpu" in only:
+        result["gpu"] = bench_gpu(cfg, shards, manifest, counts, device, steps, warmup)
+    result["load_avg_1m_end"] = os.getloadavg()[0]
+    return result
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated integers, e.g. {flag} 0,1,2") from None
+    if not values or min(values) < 0:
+        raise UserError(f"{flag} {text!r}: expected one or more worker counts >= 0, e.g. {flag} 0,1,2")
+    return values
+
+
+def _parts(text: str) -> list[str]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise UserError(f"--only {text!r}: unknown part(s) {unknown}; choose from {','.join(PARTS)}")
+    return parts
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Measure, in one run: (a) shard loading (the real TrainLoader) and (b) the seeds' ImageFolder "
+        "loading of full-size JPEGs, images/s per worker count and their ratio; (c) the model's train step "
+        "on synthetic tensors; (d) end-to-end training from shards with the data-wait fraction; (e) on CUDA, "
+        "AMP dtype / channels_last / torch.compile variants and GPU JPEG decode. Prints a table, then the "
+        "result as one JSON line. Without --config on a CPU-only machine it applies "
+        f"{', '.join(CPU_DEFAULTS)} (your --set wins) so that it ends in ~2-3 minutes on 2 cores."
+    )
+    add_config_arguments(p)
+    p.add_argument("--workdir", default="build/bench",
+                   help="cache for the bench corpus and its shards (default build/bench)")
+    p.add_argument("--images", type=int, default=400,
+                   help="full-size JPEGs in the bench corpus; also the images timed per loader setting (default 400)")
+    p.add_argument("--full-size", type=int, default=800, metavar="PX",
+                   help="width of the corpus pictures; height is 3/4 of it (default 800: 800x600, WikiArt's median)")
+    p.add_argument("--workers", default="0,1,2", help="loader worker counts to time for (a) and (b) (default 0,1,2)")
+    p.add_argument("--steps", type=int, help=f"timed train steps for model/e2e/gpu after the warm-up ones "
+                                             f"(default {DEFAULT_STEPS['cpu']} on CPU, {DEFAULT_STEPS['cuda']} on CUDA)")
+    p.add_argument("--json", metavar="FILE", help="also write the result to FILE")
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run (default {','.join(PARTS)})")
+
+
+def run(args: argparse.Namespace) -> int:
+    workers = _int_list(args.workers, "--workers")
+    only = _parts(args.only)
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps {args.steps}: must be >= 1")
+    if args.images < MIN_IMAGES:
+        raise UserError(f"--images {args.images}: the corpus needs at least {MIN_IMAGES} pictures")
+    if args.full_size < 32:
+        raise UserError(f"--full-size {args.full_size}: must be >= 32 px")
+    cpu_defaults = list(CPU_DEFAULTS) if args.config is None and not torch.cuda.is_available() else []
+    cfg = load_config(args.config, cpu_defaults + args.overrides)
+    device = init_distributed(cfg.train.device)
+    result = run_bench(cfg, workdir=Path(args.workdir), images=args.images, full_size=args.full_size,
+                       workers=workers, steps=args.steps, only=only, cpu_defaults=cpu_defaults, device=device)
+    print(format_table(result), flush=True)
+    text = json.dumps(result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0

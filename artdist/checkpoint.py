@@ -1,0 +1,155 @@
+"""Checkpoints: atomic save (tmp + fsync + os.replace), safe load, the training state and RNG streams to resume."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from artdist.cli import UserError
+from artdist.config import JobConfig, to_dict
+from artdist.dist import gather_objects, get_rank, get_world_size, is_main_process
+
+FORMAT = "artdist-checkpoint/1"
+LAST = "model_last.pt"
+BEST = "model_best.pt"
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save that never leaves a half-written `path`: a kill mid-save keeps the old file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    # The rename itself is only durable once the directory entry is on disk.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by save_atomic with weights_only=True (no code runs on load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; train first (artdist train) or pass an existing .pt file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, wrong format, foreign pickle: all mean "unusable file"
+        raise UserError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); the file is corrupt or not an "
+            f"artdist checkpoint: delete it (training then restarts from the previous state) or pick another file"
+        ) from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"checkpoint {path} is not an artdist checkpoint (no 'model' entry); pick a model_*.pt from a run dir")
+    return ckpt
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint a restarted run resumes from, or None for a fresh run."""
+    path = Path(run_dir) / LAST
+    return path if path.is_file() else None
+
+
+def rng_state() -> dict:
+    """This process's RNG states as tensors/lists/numbers, so weights_only loading accepts them."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [py_version, list(py_state), py_gauss],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of rng_state()."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and python's random."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def save_training_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                             scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                             cfg: JobConfig, class_names: dict[str, list[str]], position: dict,
+                             best: bool) -> None:
+    """Call on every rank (each rank's RNG state is gathered); rank 0 writes model_last.pt and, when
+    `best`, the same state to model_best.pt.
+
+    `position` = {"epoch", "step_in_epoch", "global_step", "best_metric", "metrics"}: the next step
+    to run (step_in_epoch 0 of epoch+1 after a whole epoch), the best validation value so far, and
+    the latest validation metrics. `model` is the plain model, so its keys carry no DDP prefix.
+    """
+    rng = gather_objects(rng_state())
+    if not is_main_process():
+        return
+    ckpt = {
+        "format": FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        **position,
+        "rng": rng,
+        "config": to_dict(cfg),
+        "class_names": class_names,
+    }
+    save_atomic(ckpt, run_dir / LAST)
+    if best:
+        save_atomic(ckpt, run_dir / BEST)
+
+
+def resume_training(ckpt: dict, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                    seed: int) -> dict:
+    """Load a save_training_checkpoint state into fresh objects on this rank; returns its position.
+
+    RNG states continue exactly when the world size is unchanged; otherwise each rank is reseeded
+    from (seed, rank, global step): training continues, but not bit-identically.
+    """
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(
+            f"{path} does not fit this job's model/optimizer ({str(exc).splitlines()[0]}); it was written by a "
+            f"different config: pick another `name`/`out_dir` for this job, or delete {path.parent} to start over"
+        ) from None
+    scheduler.load_state_dict(ckpt["scheduler"])
+    # An fp16 run's scaler state is meaningless (and rejected) once amp changed, and vice versa.
+    if scaler.is_enabled() and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    rank, world = get_rank(), get_world_size()
+    if len(ckpt["rng"]) == world:
+        set_rng_state(ckpt["rng"][rank])
+    else:
+        if is_main_process():
+            print(f"note: {path} was written by {len(ckpt['rng'])} processes, this run has {world}: "
+                  "RNG streams are reseeded, so the continuation is not bit-identical", flush=True)
+        seed_all(seed + rank + 1_000_003 * ckpt["global_step"])
+    return {key: ckpt[key] for key in ("epoch", "step_in_epoch", "global_step", "best_metric", "metrics")}

@@ -1,0 +1,89 @@
+"""`artdist evaluate`: a trained checkpoint on one split: accuracy, top-5, macro-F1, per-class P/R/F1, confusion."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from artdist import engine
+from artdist.checkpoint import BEST, load_checkpoint
+from artdist.cli import UserError
+from artdist.config import JobConfig, apply_overrides, from_dict
+from artdist.data import DeviceTransform, make_eval_loader, num_classes, read_manifest
+from artdist.dist import cleanup, get_rank, get_world_size, init_distributed, is_main_process
+from artdist.metrics import format_table, report_from_confusion
+from artdist.model import CNNLSTM, build_model
+
+HEADLINE = ("accuracy", "top5", "macro_f1")
+
+
+def evaluate_split(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: str, device: torch.device,
+                   amp_dtype: torch.dtype | None) -> dict:
+    """Every rank: evaluate `model` (unwrapped) on `split`; every rank gets the same report.
+
+    -> {"split", "num_samples", "tasks": {task: metrics.report_from_confusion(...) + "top5"}}
+    """
+    loader = make_eval_loader(cfg.data, manifest, split, get_rank(), get_world_size())
+    transform = DeviceTransform(cfg.data, device, train=False, channels_last=engine.use_channels_last(cfg, device))
+    result = engine.evaluate(model, loader, transform, device, amp_dtype, cfg.model.tasks, num_classes(manifest))
+    tasks = {task: report_from_confusion(result["confusion"][task], manifest["classes"][task],
+                                         result["top5_correct"][task])
+             for task in cfg.model.tasks}
+    return {"split": split, "num_samples": result["num_samples"], "tasks": tasks}
+
+
+def headline(report: dict) -> dict[str, float]:
+    """{"style/accuracy": ..., "style/top5": ..., "style/macro_f1": ..., ...} of an evaluate_split report."""
+    return {f"{task}/{key}": r[key] for task, r in report["tasks"].items() for key in HEADLINE}
+
+
+def write_report(report: dict, path: Path, checkpoint: str) -> None:
+    """Rank 0: print the per-task tables and write the report as JSON."""
+    for task, r in report["tasks"].items():
+        print(format_table(r, title=f"{report['split']} {task}"), flush=True)
+    path.write_text(json.dumps({"checkpoint": checkpoint, **report}, indent=1))
+    print(f"wrote {path}", flush=True)
+
+
+def load_trained_model(ckpt: dict, cfg: JobConfig, device: torch.device) -> CNNLSTM:
+    """The checkpoint's model on `device` in eval mode (heads sized by the class names it was trained with)."""
+    model = build_model(cfg.model, {task: len(names) for task, names in ckpt["class_names"].items()})
+    model.load_state_dict(ckpt["model"])
+    if engine.use_channels_last(cfg, device):
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device).eval()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, metavar="DIR", help="run directory written by `artdist train`")
+    p.add_argument("--split", default="test", help="split of the shards to evaluate (default: test)")
+    p.add_argument("--checkpoint", default=BEST, metavar="FILE",
+                   help=f"checkpoint file name inside DIR, or a path (default: {BEST})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the checkpoint's config, e.g. --set data.shards=shards/other "
+                        "--set data.batch_size=128 (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    if not run_dir.is_dir():
+        raise UserError(f"--run {run_dir}: no such directory; pass a run dir written by `artdist train` (runs/<name>)")
+    path = run_dir / args.checkpoint if not Path(args.checkpoint).is_file() else Path(args.checkpoint)
+    ckpt = load_checkpoint(path)
+    cfg = from_dict(apply_overrides(ckpt["config"], args.overrides), f"{path} config")
+    device = init_distributed(cfg.train.device)
+    try:
+        manifest = read_manifest(cfg.data.shards)
+        changed = [t for t in cfg.model.tasks if manifest["classes"][t] != ckpt["class_names"][t]]
+        if changed:
+            raise UserError(f"{cfg.data.shards} defines other {'/'.join(changed)} classes than {path} was trained "
+                            "with; evaluate on shards made from the same label files")
+        model = load_trained_model(ckpt, cfg, device)
+        report = evaluate_split(model, cfg, manifest, args.split, device, engine.resolve_amp(cfg.train.amp, device))
+        if is_main_process():
+            write_report(report, run_dir / f"eval_{args.split}.json", str(path))
+    finally:
+        cleanup()
+    return 0

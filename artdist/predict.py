@@ -1,0 +1,56 @@
+"""`artdist predict`: the top-k styles, artists and genres, with probabilities, of image files."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from artdist.checkpoint import load_checkpoint
+from artdist.cli import UserError
+from artdist.config import from_dict
+from artdist.data import DeviceTransform, decode_image
+from artdist.engine import autocast, resolve_amp, use_channels_last
+from artdist.evaluate import load_trained_model
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="a run's model_best.pt (or model_last.pt); its config gives the preprocessing")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, ...)")
+    p.add_argument("--top-k", type=int, default=5, help="classes shown per task (default 5)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.top_k < 1:
+        raise UserError(f"--top-k {args.top_k}: must be at least 1")
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = from_dict(ckpt["config"], f"{args.checkpoint} config")
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    model = load_trained_model(ckpt, cfg, device)
+    # Files are decoded here, on the CPU, exactly as the eval loader does (data.decode_image, no augmentation).
+    data_cfg = dataclasses.replace(cfg.data, decode="cpu")
+    transform = DeviceTransform(data_cfg, device, train=False, channels_last=use_channels_last(cfg, device))
+    amp_dtype = resolve_amp(cfg.train.amp, device)
+    failed = 0
+    for path in args.images:
+        try:
+            pixels = decode_image(Path(path).read_bytes(), "none", data_cfg, None)
+        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+            print(f"{path}: error: cannot read this image ({type(exc).__name__}: {exc}); skipped", file=sys.stderr)
+            failed += 1
+            continue
+        with torch.no_grad(), autocast(device, amp_dtype):
+            logits = model(transform(torch.tensor(pixels).permute(2, 0, 1)[None]))
+        print(path)
+        for task in cfg.model.tasks:
+            probs = logits[task][0].float().softmax(dim=0)
+            top = probs.topk(min(args.top_k, probs.numel()))
+            names = ckpt["class_names"][task]
+            shown = ", ".join(f"{names[i]} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+            print(f"  {task:<6} {shown}")
+    if failed:
+        print(f"{failed} of {len(args.images)} images could not be read", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,65 @@
+"""Preemption notice (signal or stop file) that all ranks agree on, and SLURM requeue."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from types import FrameType
+
+import torch
+
+from artdist.cli import UserError
+from artdist.dist import all_reduce_sum
+
+STOP_FILE = "PREEMPT"  # in the run dir: its existence asks a running job to save and stop
+
+
+class PreemptionWatch:
+    """Asks training to stop cleanly after the current step.
+
+    Fires when one of `signals` reached this process (SLURM/submitit send SIGUSR2 before the time
+    limit) or when `stop_file` exists (`touch RUN_DIR/PREEMPT` by hand or from a job script).
+    `device` is where the agreement all-reduce runs: the rank's CUDA device under NCCL.
+    """
+
+    def __init__(self, stop_file: Path, signals: Iterable[signal.Signals] = (signal.SIGUSR2,),
+                 device: torch.device | str = "cpu"):
+        self.stop_file = Path(stop_file)
+        self.signals = tuple(signals)
+        self.device = torch.device(device)
+        self.notified = False
+
+    def install(self) -> PreemptionWatch:
+        """Replace any earlier handler (e.g. submitit's) with one that only sets a flag.
+
+        Whatever the signal interrupts keeps running; the trainer checks the flag between steps.
+        """
+        for sig in self.signals:
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.notified = True
+
+    def should_stop(self) -> bool:
+        """True on every rank as soon as any rank saw the signal or the stop file (a collective)."""
+        local = self.notified or self.stop_file.exists()
+        flag = torch.tensor([float(local)], device=self.device)
+        return bool(all_reduce_sum(flag).item() > 0)
+
+
+def requeue_slurm_job(job_id: str | None = None) -> None:
+    """`scontrol requeue` this SLURM job (default $SLURM_JOB_ID) so it restarts and resumes."""
+    job_id = job_id or os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        raise UserError("cannot requeue: SLURM_JOB_ID is not set (not running inside a SLURM job)")
+    try:
+        subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UserError("cannot requeue: scontrol is not on PATH on this node") from None
+    except subprocess.CalledProcessError as exc:
+        raise UserError(f"scontrol requeue {job_id} failed: {exc.stderr.strip() or exc}; "
+                        f"resubmit the same job (it resumes from model_last.pt)") from None
+    print(f"requeued SLURM job {job_id}", flush=True)

@@ -1,0 +1,145 @@
+"""`artdist submit`: run `artdist train` on SLURM (or locally) through submitit, requeued after preemption.
+
+One submitit task per GPU (`tasks_per_node = gpus_per_node`); each task exports the torch.distributed
+env from SLURM's and calls `artdist.train.main`. Logs go to RUN_DIR/slurm/<job id>/.
+
+Requeue, exactly one path: submitit installs a SIGUSR2 handler that would call `checkpoint()` and
+`scontrol requeue` from inside the signal handler, on rank 0 only, mid-step. The trainer's
+PreemptionWatch replaces that handler as soon as training starts, so for a notice during training
+the trainer is the path: every rank finishes the step, rank 0 saves the exact position and, since
+`__call__` sets ARTDIST_REQUEUE=1, runs `scontrol requeue`. `checkpoint()` only answers a notice that
+arrives before the trainer has started (nothing to save then) and lets submitit requeue.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+
+import submitit
+import torch
+
+from artdist.cli import UserError, add_config_arguments
+from artdist.config import JobConfig, load_config
+from artdist.train import main as train_main
+
+# SlurmConfig fields that are also command-line flags; a flag that is given overrides the config.
+FLAGS = ("nodes", "gpus_per_node", "partition", "time_min", "account", "qos", "cpus_per_task", "mem_gb", "constraint")
+
+
+class TrainTask:
+    """The submitted callable: one per task; submitit pickles it (and the config) for the job."""
+
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+
+    def __call__(self) -> str:
+        # LOCAL_RANK picks this task's GPU in dist.init_distributed, so every task keeps all the
+        # node's GPUs visible instead of submitit's one-device CUDA_VISIBLE_DEVICES.
+        dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        on_slurm = submitit.JobEnvironment().cluster == "slurm"
+        # torchrun would set OMP_NUM_THREADS=1; instead use the cores each task has, without
+        # oversubscribing them (SLURM gives each task cpus_per_task; locally the tasks share them).
+        torch.set_num_threads(self.cfg.slurm.cpus_per_task if on_slurm
+                              else max(1, (os.cpu_count() or 1) // dist_env.local_world_size))
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        requeue = on_slurm and restarts < self.cfg.slurm.max_num_timeout
+        if requeue:
+            os.environ["ARTDIST_REQUEUE"] = "1"
+        outcome = train_main(self.cfg)
+        if outcome == "preempted" and requeue:
+            # Rank 0 has requeued the job: end without a result, as submitit does after its own
+            # requeue, so job.result() waits for the requeued run instead of returning now.
+            sys.exit(-1)
+        return outcome
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        """submitit's USR2 path (rank 0, before training started): resubmit as is; training resumes
+        from model_last.pt by itself."""
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def task_layout(cfg: JobConfig, local: bool) -> tuple[int, int]:
+    """(tasks per node, GPUs per node): one task per GPU; on CPU gpus_per_node counts processes."""
+    on_cpu = cfg.train.device == "cpu" or (local and not torch.cuda.is_available())
+    tasks = max(cfg.slurm.gpus_per_node, 1)
+    return tasks, 0 if on_cpu else cfg.slurm.gpus_per_node
+
+
+def make_executor(cfg: JobConfig, local: bool) -> submitit.AutoExecutor:
+    """A submitit executor with the config's slurm: resources, logging under RUN_DIR/slurm/<job id>."""
+    if not local and shutil.which("sbatch") is None:
+        raise UserError("sbatch is not on PATH: run artdist submit on a SLURM login node, or add --local "
+                        "to run the same job on this machine")
+    s = cfg.slurm
+    tasks, gpus = task_layout(cfg, local)
+    executor = submitit.AutoExecutor(folder=cfg.run_dir / "slurm" / "%j", cluster="local" if local else "slurm",
+                                     slurm_max_num_timeout=s.max_num_timeout)
+    executor.update_parameters(
+        name=f"artdist-{cfg.name}",
+        nodes=s.nodes,
+        tasks_per_node=tasks,
+        gpus_per_node=gpus or None,
+        cpus_per_task=s.cpus_per_task,
+        mem_gb=s.mem_gb or None,
+        timeout_min=s.time_min,
+        slurm_partition=s.partition or None,
+        slurm_account=s.account or None,
+        slurm_qos=s.qos or None,
+        slurm_constraint=s.constraint or None,
+        slurm_signal_delay_s=s.signal_delay_s,
+    )
+    return executor
+
+
+def submit_job(cfg: JobConfig, local: bool = False) -> submitit.Job:
+    """Submit `cfg`'s training (SLURM, or this machine with `local`); returns the submitit job."""
+    if local and cfg.slurm.nodes != 1:
+        raise UserError(f"--local runs on this machine only: use --nodes 1 (got {cfg.slurm.nodes})")
+    executor = make_executor(cfg, local)
+    try:
+        return executor.submit(TrainTask(cfg))
+    except submitit.core.utils.FailedJobError as exc:
+        hint = ""
+        if "gres" in str(exc).lower() and cfg.train.device != "cpu":
+            hint = "; on nodes without GPUs add --set train.device=cpu (--gpus-per-node then counts processes)"
+        raise UserError(f"sbatch refused the job: {str(exc).strip().splitlines()[-1]}{hint}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p, required=True)
+    g = p.add_argument_group("resources (default: the config's slurm: section)")
+    g.add_argument("--nodes", type=int, help="number of nodes")
+    g.add_argument("--gpus-per-node", type=int,
+                   help="GPUs per node = training processes per node (with train.device=cpu: CPU processes)")
+    g.add_argument("--partition", help="SLURM partition")
+    g.add_argument("--time", dest="time_min", type=int, metavar="MIN", help="time limit in minutes")
+    g.add_argument("--account", help="SLURM account")
+    g.add_argument("--qos", help="SLURM quality of service")
+    g.add_argument("--cpus-per-task", type=int, help="CPU cores per training process (loader workers + 1)")
+    g.add_argument("--mem-gb", type=int, help="memory per node in GB (0: the cluster's default)")
+    g.add_argument("--constraint", help="SLURM node constraint, e.g. a100")
+    p.add_argument("--local", action="store_true",
+                   help="run the job on this machine with submitit's LocalExecutor (one node; gloo on CPU)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    flags = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
+    # The flags become part of the job's config, so RUN_DIR/config.yaml records what actually ran.
+    cfg = dataclasses.replace(cfg, slurm=dataclasses.replace(cfg.slurm, **flags))
+    job = submit_job(cfg, args.local)
+    tasks, gpus = task_layout(cfg, args.local)
+    where = "on this machine (submitit LocalExecutor)" if args.local else "to SLURM"
+    print(f"submitted job {job.job_id} {where}: {cfg.slurm.nodes} node(s) x {tasks} task(s)"
+          f"{f', {gpus} GPU(s) per node' if gpus else ' on CPU'}, run dir {cfg.run_dir}")
+    print(f"  log (rank 0): {job.paths.stdout}  (stderr: {job.paths.stderr})")
+    print(f"  follow:       tail -f {job.paths.stdout} {job.paths.stderr}")
+    if args.local:
+        print(f"  stop:         kill {job.job_id}")
+    else:
+        print(f"  status:       squeue -j {job.job_id}   sacct -j {job.job_id}")
+    print(f"  tensorboard --logdir {cfg.run_dir / 'tb'}")
+    return 0

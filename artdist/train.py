@@ -1,0 +1,284 @@
+"""`artdist train`: the training script, one process or one per device under torchrun; read top to bottom.
+
+Launch (the run dir is runs/<name>, or out_dir):
+    python -m artdist train --config jobs/demo.yaml                          # one process
+    torchrun --standalone --nproc_per_node=2 -m artdist train --config jobs/demo.yaml
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \\
+        -m artdist train --config jobs/wikiart_style_r50.yaml              # 2 nodes x 8 GPUs
+    artdist submit --config jobs/wikiart_style_r50.yaml                      # SLURM, through submitit
+Any key can be changed on the command line: --set train.epochs=30 --set data.batch_size=32.
+
+Running the same command again resumes from RUN_DIR/model_last.pt exactly where the last run
+stopped (epoch, step in the epoch, optimizer, LR schedule, RNG streams). `touch RUN_DIR/PREEMPT`
+or SIGUSR2 makes all ranks stop after the current step, save, and return 'preempted'.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+
+from artdist.checkpoint import (BEST, latest_checkpoint, load_checkpoint, resume_training,
+                                save_training_checkpoint, seed_all)
+from artdist.cli import UserError, add_config_arguments
+from artdist.config import ConfigError, JobConfig, load_config, save_config, to_dict
+from artdist.data import DeviceTransform, TrainLoader, num_classes, read_manifest
+from artdist.dist import (barrier, broadcast_object, cleanup, get_rank, get_world_size, init_distributed, is_dist,
+                          is_main_process)
+from artdist.engine import (MultiTaskLoss, broadcast_buffers, class_weights, label_counts, resolve_amp,
+                            train_one_epoch, use_channels_last)
+from artdist.evaluate import HEADLINE, evaluate_split, headline, write_report
+from artdist.metrics import confusion_image
+from artdist.model import build_model
+from artdist.outliers import run_outliers
+from artdist.preempt import STOP_FILE, PreemptionWatch, requeue_slurm_job
+
+
+def main(cfg: JobConfig) -> str:
+    """Train (or resume) `cfg`: 'done' after the test evaluation and outlier reports, or 'preempted'."""
+    device = init_distributed(cfg.train.device)
+    try:
+        return train(cfg, device)
+    finally:
+        cleanup()
+
+
+def train(cfg: JobConfig, device: torch.device) -> str:
+    rank, world, master = get_rank(), get_world_size(), is_main_process()
+    tcfg, run_dir = cfg.train, cfg.run_dir
+    best_task, best_key = best_metric(cfg)
+
+    # ---- numerics: deterministic kernels on request, AMP dtype, memory layout
+    if tcfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+    amp_dtype = resolve_amp(tcfg.amp, device)
+    channels_last = use_channels_last(cfg, device)
+
+    # ---- data: every rank gets len(loader) batches per epoch
+    manifest = read_manifest(cfg.data.shards)
+    classes = num_classes(manifest)
+    loader = TrainLoader(cfg.data, manifest, rank, world, tcfg.seed)
+    steps_per_epoch = len(loader) // tcfg.accum_steps
+    if steps_per_epoch == 0:
+        raise UserError(f"an epoch has {len(loader)} batches per rank, fewer than train.accum_steps={tcfg.accum_steps}; "
+                        "lower train.accum_steps or data.batch_size")
+    total_steps = steps_per_epoch * tcfg.epochs
+    transform = DeviceTransform(cfg.data, device, train=True, channels_last=channels_last)
+
+    # ---- run dir: only rank 0 writes
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request was meant for the previous process
+        save_config(cfg, run_dir / "config.yaml")
+    counts = None
+    if tcfg.class_weighting != "none":
+        counts = broadcast_object(train_class_counts(cfg, manifest, classes) if master else None)
+    barrier()
+
+    # ---- model (same init on every rank), optimizer, LR schedule, loss
+    seed_all(tcfg.seed)
+    model = build_model(cfg.model, classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.param_groups(tcfg.lr, tcfg.backbone_lr, tcfg.weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_factor, warmup_steps=round(tcfg.warmup_epochs * steps_per_epoch), total_steps=total_steps,
+        min_ratio=tcfg.min_lr_ratio))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    weights = {t: class_weights(counts[t], tcfg.class_weighting) if counts else None for t in cfg.model.tasks}
+    loss_fn = MultiTaskLoss(cfg.model.tasks, weights, tcfg.label_smoothing).to(device)
+
+    # ---- resume from model_last.pt if there is one; else per-rank streams for dropout/augmentation
+    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": -math.inf, "metrics": {}}
+    last = latest_checkpoint(run_dir)
+    if last is not None:
+        position = resume_training(load_checkpoint(last), last, model, optimizer, scheduler, scaler, tcfg.seed)
+    else:
+        seed_all(tcfg.seed + rank)
+
+    # ---- compile (backbone only: dynamo graph-breaks on nn.LSTM), then DDP
+    if tcfg.compile:
+        model.backbone.compile()  # in place: state_dict keys stay those of the plain model
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if is_dist() else model
+    watch = PreemptionWatch(run_dir / STOP_FILE, device=device).install()
+    writer = SummaryWriter(str(run_dir / "tb")) if master else None
+    save = partial(save_training_checkpoint, run_dir, model, optimizer, scheduler, scaler, cfg, manifest["classes"])
+
+    if master:
+        print(f"artdist train {cfg.name}: {world} process(es) on {device.type}, amp {amp_dtype or 'off'}, "
+              f"{steps_per_epoch} steps/epoch x {tcfg.epochs} epochs, global batch "
+              f"{cfg.data.batch_size * world * tcfg.accum_steps}, run dir {run_dir}", flush=True)
+        if last is not None:
+            print(f"resuming from {last}: epoch {position['epoch'] + 1}, step {position['step_in_epoch']}, "
+                  f"global step {position['global_step']}", flush=True)
+
+    # ---- train: one validation and one model_last.pt per epoch
+    global_step, step_in_epoch = position["global_step"], position["step_in_epoch"]
+    clock = (time.perf_counter(), global_step)
+    for epoch in range(position["epoch"], tcfg.epochs):
+        epoch_start = time.perf_counter()
+        loader.set_epoch(epoch, skip_batches=step_in_epoch * tcfg.accum_steps)
+        log = partial(log_step, writer, device, epoch=epoch, epochs=tcfg.epochs, steps_per_epoch=steps_per_epoch,
+                      total_steps=total_steps, clock=clock) if master else None
+        stats = train_one_epoch(
+            ddp_model, loader, transform, optimizer, scheduler, scaler, loss_fn, device=device, amp_dtype=amp_dtype,
+            steps=steps_per_epoch, start_step=step_in_epoch, global_step=global_step, accum_steps=tcfg.accum_steps,
+            grad_clip=tcfg.grad_clip, should_stop=watch.should_stop, stop_after_steps=tcfg.stop_after_steps,
+            log_every=tcfg.log_every, log=log)
+        global_step, step_in_epoch = stats["global_step"], stats["step"]
+        if step_in_epoch < steps_per_epoch:  # preempted mid-epoch: save the exact position
+            save({**position, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step}, best=False)
+            return preempted(run_dir, writer)
+        step_in_epoch = 0
+
+        broadcast_buffers(model)  # evaluate and save one model: rank 0's BatchNorm statistics
+        val = evaluate_split(model, cfg, manifest, cfg.data.val_split, device, amp_dtype)
+        metric = val["tasks"][best_task][best_key]
+        is_best = metric > position["best_metric"]
+        position = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": global_step,
+                    "best_metric": max(metric, position["best_metric"]), "metrics": headline(val)}
+        save(position, best=is_best)
+        if master:
+            log_epoch(writer, run_dir, epoch, tcfg.epochs, stats, val, is_best, time.perf_counter() - epoch_start)
+        if stats["stopped"]:
+            return preempted(run_dir, writer)
+
+    # ---- the best model on the test split, then the outlier reports on the validation split
+    barrier()
+    model.load_state_dict(load_checkpoint(run_dir / BEST)["model"])
+    test = None
+    if manifest["splits"].get(cfg.data.test_split, {}).get("num_samples", 0) > 0:
+        test = evaluate_split(model, cfg, manifest, cfg.data.test_split, device, amp_dtype)
+        if master:
+            write_report(test, run_dir / f"eval_{cfg.data.test_split}.json", str(run_dir / BEST))
+    elif master:
+        print(f"no '{cfg.data.test_split}' samples in {cfg.data.shards}: test evaluation skipped", flush=True)
+    if cfg.outliers.enabled:
+        run_outliers(model, cfg, manifest, cfg.data.val_split, device, amp_dtype, writer)
+    if master:
+        split, final = (cfg.data.test_split, headline(test)) if test else (cfg.data.val_split, position["metrics"])
+        writer.add_hparams(hparams(cfg, world), {f"hparam/{split}/{k}": v for k, v in final.items()}, run_name=".")
+        writer.close()
+        print(f"done: run dir {run_dir}\n  tensorboard --logdir {run_dir / 'tb'}", flush=True)
+    return "done"
+
+
+# --------------------------------------------------------------------------- helpers, in order of use
+
+
+def best_metric(cfg: JobConfig) -> tuple[str, str]:
+    """train.best_metric as (task, metric); default: macro-F1 of the primary task."""
+    name = cfg.train.best_metric or f"{cfg.model.primary_task}/macro_f1"
+    task, _, key = name.partition("/")
+    if task not in cfg.model.tasks or key not in HEADLINE:
+        raise ConfigError(f"train.best_metric={name!r}: expected TASK/METRIC with TASK one of {cfg.model.tasks} "
+                          f"and METRIC one of {list(HEADLINE)}, e.g. {cfg.model.primary_task}/macro_f1")
+    return task, key
+
+
+def train_class_counts(cfg: JobConfig, manifest: dict, classes: dict[str, int]) -> dict[str, list[int]]:
+    """Rank 0: samples per class of the train split, cached in the run dir (a large split takes a while to read)."""
+    path = cfg.run_dir / "class_counts.json"
+    key = {"shards": str(Path(cfg.data.shards).resolve()), "split": cfg.data.train_split,
+           "num_samples": manifest["splits"][cfg.data.train_split]["num_samples"]}
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["counts"]
+    counts = label_counts(cfg.data.shards, manifest, cfg.data.train_split, classes)
+    path.write_text(json.dumps({"key": key, "counts": counts}))
+    return counts
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier of each group's LR at optimizer step `step`: linear warmup, then cosine to min_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def log_step(writer: SummaryWriter, device: torch.device, stats: dict, *, epoch: int, epochs: int,
+             steps_per_epoch: int, total_steps: int, clock: tuple[float, int]) -> None:
+    """Rank 0, every train.log_every steps: console progress line with ETA + TensorBoard train/*."""
+    start, start_step = clock
+    step = stats["global_step"]
+    eta = (time.perf_counter() - start) / max(step - start_step, 1) * (total_steps - step)
+    per_task = " ".join(f"{t} {v:.3f}" for t, v in stats["task_loss"].items())
+    print(f"epoch {epoch + 1}/{epochs} step {stats['step']}/{steps_per_epoch} loss {stats['loss']:.4f} ({per_task}) "
+          f"lr {stats['lr']:.2e} {stats['images_per_sec']:.0f} img/s data-wait {stats['data_wait_frac']:.0%} "
+          f"eta {eta / 60:.1f} min", flush=True)
+    writer.add_scalar("train/loss", stats["loss"], step)
+    for task, value in stats["task_loss"].items():
+        writer.add_scalar(f"train/loss_{task}", value, step)
+    writer.add_scalar("train/lr", stats["lr"], step)
+    writer.add_scalar("train/images_per_sec", stats["images_per_sec"], step)
+    writer.add_scalar("train/data_wait_frac", stats["data_wait_frac"], step)
+    if device.type == "cuda":
+        writer.add_scalar("train/gpu_mem_gb", torch.cuda.max_memory_allocated(device) / 2**30, step)
+
+
+def log_epoch(writer: SummaryWriter, run_dir: Path, epoch: int, epochs: int, stats: dict, val: dict, is_best: bool,
+              seconds: float) -> None:
+    """Rank 0, after each epoch: val/* scalars and confusion images, one metrics.jsonl line, a console line."""
+    step = stats["global_step"]
+    metrics = headline(val)
+    for key, value in metrics.items():
+        writer.add_scalar(f"val/{key}", value, step)
+    for task, report in val["tasks"].items():
+        writer.add_image(f"val/{task}/confusion", confusion_image(torch.tensor(report["confusion"])), step,
+                         dataformats="HWC")
+    writer.flush()
+    line = {"epoch": epoch + 1, "step": step, "train_loss": stats["loss"], "train_task_loss": stats["task_loss"],
+            "lr": stats["lr"], "images_per_sec": stats["images_per_sec"], "data_wait_frac": stats["data_wait_frac"],
+            "val": metrics, "best": is_best, "time_s": seconds}
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+    shown = " ".join(f"{key} {value:.3f}" for key, value in metrics.items())
+    print(f"epoch {epoch + 1}/{epochs} done in {seconds:.0f} s: val {shown}{' (best)' if is_best else ''}", flush=True)
+
+
+def preempted(run_dir: Path, writer: SummaryWriter | None) -> str:
+    """After the stop was saved: every rank returns 'preempted'; rank 0 requeues when asked to (SLURM)."""
+    barrier()
+    if is_main_process():
+        writer.close()
+        print(f"preempted: the position is saved in {run_dir / 'model_last.pt'}; run the same command to resume",
+              flush=True)
+        if os.environ.get("ARTDIST_REQUEUE") == "1" and os.environ.get("SLURM_JOB_ID"):
+            requeue_slurm_job()
+    return "preempted"
+
+
+def hparams(cfg: JobConfig, world: int) -> dict:
+    """The knobs worth comparing runs by, for TensorBoard's HPARAMS tab."""
+    tree = to_dict(cfg)
+    keys = {"model": ("backbone", "weights", "sequence", "lstm_hidden", "lstm_layers"),
+            "data": ("image_size", "batch_size", "augment"),
+            "train": ("epochs", "lr", "backbone_lr", "weight_decay", "accum_steps", "label_smoothing",
+                      "class_weighting", "amp")}
+    flat = {f"{section}.{key}": tree[section][key] for section, names in keys.items() for key in names}
+    return {**flat, "model.tasks": ",".join(cfg.model.tasks), "world_size": world}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p, required=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    main(load_config(args.config, args.overrides))
+    return 0

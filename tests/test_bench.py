@@ -1,0 +1,144 @@
+"""Tests for artdist.bench: a tiny full run through the CLI, the timing arithmetic, corpus and flags."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from artdist import cli
+from artdist.bench import Clock, build_corpus, tiled
+
+TINY = ["--images", "24", "--full-size", "64", "--workers", "0,1", "--steps", "1",
+        "--set", "data.image_size=32", "--set", "data.batch_size=4", "--set", "shard.max_short_side=48",
+        "--set", "model.lstm_hidden=16", "--set", "model.lstm_layers=1", "--set", "data.shuffle_buffer=8"]
+
+
+def _main(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[dict, dict, str]:
+    """`artdist bench` on 24 pictures of 64x48, one timed step: (stdout JSON, --json file, stdout)."""
+    work = tmp_path_factory.mktemp("bench")
+    code, out, err = _main(["bench", "--workdir", str(work), "--json", str(work / "result.json"), *TINY])
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1]), json.loads((work / "result.json").read_text()), out
+
+
+def _positive_rate(row: dict) -> float:
+    rate = row["images_per_s"]
+    assert math.isfinite(rate) and rate > 0, row
+    return rate
+
+
+def test_every_part_measured_with_positive_finite_rates(tiny_run):
+    result, _, _ = tiny_run
+    for part in ("loader", "imagefolder"):
+        assert [row["workers"] for row in result[part]] == [0, 1]
+        for row in result[part]:
+            _positive_rate(row)
+            assert row["images"] >= 24  # at least one corpus-worth of images after the warm-up batches
+            assert row["images_per_s_per_core"] == pytest.approx(row["images_per_s"] / row["cores"])
+    for part in ("model", "e2e"):
+        _positive_rate(result[part])
+        assert result[part]["images"] == 4  # one timed step of batch 4; the warm-up step is left out
+        assert 0 <= result[part]["data_wait_fraction"] < 1
+    assert result["e2e"]["decode"] == "cpu"
+    assert result["corpus"]["width"] == 64 and result["corpus"]["height"] == 48
+    assert result["settings"]["cpu_defaults"] or torch.cuda.is_available()
+
+
+def test_ratio_is_loader_over_imagefolder(tiny_run):
+    result, _, _ = tiny_run
+    loader = {row["workers"]: row["images_per_s"] for row in result["loader"]}
+    folder = {row["workers"]: row["images_per_s"] for row in result["imagefolder"]}
+    assert [r["workers"] for r in result["ratio"]] == [0, 1]
+    for row in result["ratio"]:
+        assert row["ratio"] == pytest.approx(loader[row["workers"]] / folder[row["workers"]], rel=1e-12)
+    a, b = result["loader"][0], result["imagefolder"][0]
+    assert a["images_per_cpu_s"] == pytest.approx(a["images"] / a["cpu_seconds"])
+    assert result["ratio"][0]["ratio_cpu"] == pytest.approx(a["images_per_cpu_s"] / b["images_per_cpu_s"], rel=1e-12)
+    assert "ratio_cpu" not in result["ratio"][1]  # worker processes' CPU time is not this process's
+
+
+def test_json_file_matches_stdout_and_table_is_printed(tiny_run):
+    stdout_json, file_json, out = tiny_run
+    assert stdout_json == file_json
+    assert "(a)/(b)" in out and "(c) model train step" in out and "(d) end to end" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU parts run on a CUDA machine")
+def test_gpu_parts_skipped_on_cpu(tiny_run):
+    result, _, out = tiny_run
+    assert result["gpu"] == {"skipped": "no CUDA device"}
+    assert "(e) GPU: skipped: no CUDA device" in out
+
+
+def test_clock_rate_leaves_out_warmup_batches():
+    clock = Clock([])
+    clock.start, clock.end, clock.end_cpu = 0.0, 6.0, 3.5
+    clock.asked = [0.0, 2.0, 3.0, 4.5]
+    clock.asked_cpu = [0.0, 1.0, 2.0, 3.0]
+    clock.got = [1.0, 2.5, 3.0, 5.0]
+    clock.sizes = [8, 8, 8, 4]
+    rate = clock.rate(warmup=1)
+    # From batch 1 being asked for (t=2) to the end (t=6): 20 images in 4 s, 1 s of it waiting.
+    assert rate["images"] == 20
+    assert rate["images_per_s"] == pytest.approx(5.0)
+    assert rate["data_wait_fraction"] == pytest.approx(0.25)
+    assert rate["first_batch_s"] == pytest.approx(1.0)
+    assert rate["cpu_seconds"] == pytest.approx(2.5)
+    with pytest.raises(ValueError):
+        clock.rate(warmup=4)
+
+
+def test_clock_passes_batches_through_and_records_them():
+    batches = [(torch.zeros(3, 1), torch.zeros(3, 3)), (torch.zeros(2, 1), torch.zeros(2, 3))]
+    clock = Clock(batches)
+    assert list(clock) == batches
+    assert clock.sizes == [3, 2]
+    assert len(clock.asked) == 3 and len(clock.got) == 2  # the last ask met StopIteration
+    assert all(a <= g for a, g in zip(clock.asked, clock.got))
+
+
+def test_corpus_has_wikiart_shape_and_is_reused(tmp_path):
+    info = build_corpus(tmp_path / "c", images=8, full_size=64)
+    files = sorted((tmp_path / "c" / "images").rglob("*.jpg"))
+    assert info["images"] == len(files) == 8
+    for path in files:
+        with Image.open(path) as im:
+            assert im.size == (64, 48)
+    stamp = (tmp_path / "c" / "corpus.json").stat().st_mtime_ns
+    assert build_corpus(tmp_path / "c", images=8, full_size=64) == info
+    assert (tmp_path / "c" / "corpus.json").stat().st_mtime_ns == stamp
+
+
+def test_tiled_manifest_repeats_the_split():
+    manifest = {"splits": {"train": {"num_samples": 30, "shards": [{"name": "a", "num_samples": 10},
+                                                                   {"name": "b", "num_samples": 20}]}}}
+    tiles = tiled(manifest, "train", 100)
+    assert tiles["splits"]["train"]["num_samples"] == 120
+    assert [s["name"] for s in tiles["splits"]["train"]["shards"]] == ["a", "b"] * 4
+    assert manifest["splits"]["train"]["num_samples"] == 30  # the original is untouched
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--only", "loader,bogus"], "bogus"),
+    (["--workers", "0,x"], "--workers"),
+    (["--steps", "0"], "--steps"),
+    (["--images", "3"], "--images"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, flags, words):
+    code, _, err = _main(["bench", "--workdir", str(tmp_path), *flags])
+    assert code == 2
+    assert words in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # rejected before building anything
