@@ -30,6 +30,11 @@ def add_config_arguments(p: argparse.ArgumentParser, required: bool = False) -> 
     """--config and --set, shared by every command that reads a job config."""
     p.add_argument("--config", "-c", required=required, metavar="YAML",
                    help="job config, e.g. jobs/demo.yaml (defaults apply to keys it leaves out)")
+    add_override_argument(p)
+
+
+def add_override_argument(p: argparse.ArgumentParser) -> None:
+    """--set alone, for commands whose config comes from a run or checkpoint."""
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key with a dotted path, e.g. --set data.image_size=256 "
                         "(repeatable; values are read as YAML)")

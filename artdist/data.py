@@ -360,8 +360,11 @@ class _Loader:
     (the DataLoader re-raises them with the worker's traceback folded into the text)."""
 
     def __init__(self, dataset: IterableDataset, num_workers: int):
+        # A private generator: the DataLoader draws its base seed when an iterator starts, and
+        # drawing it from the global RNG would shift the dropout stream of a run resumed mid-epoch.
+        # (Augmentation has its own (seed, epoch, worker) streams and does not use that seed.)
         self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                                 pin_memory=torch.cuda.is_available(),
+                                 pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
                                  prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None)
 
     def __len__(self) -> int:

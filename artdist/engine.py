@@ -50,7 +50,8 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autoc
 # --------------------------------------------------------------------------- loss
 
 
-def label_counts(shards_dir: str | Path, manifest: dict, split: str, num_classes: dict[str, int]) -> dict[str, list[int]]:
+def label_counts(shards_dir: str | Path, manifest: dict, split: str,
+                 num_classes: dict[str, int]) -> dict[str, list[int]]:
     """Samples per class and task in a split, read from the shards' json members (image bytes are seeked past)."""
     counts = {task: [0] * n for task, n in num_classes.items()}
     for shard in manifest["splits"][split]["shards"]:
@@ -158,18 +159,14 @@ def train_one_epoch(
         images_seen, wait = 0, 0.0
         for micro in range(accum_steps):
             t0 = time.perf_counter()
-            # A DataLoader draws its base seed from the global RNG when its iterator starts. Keep
-            # that out of the dropout stream, or a run resumed mid-epoch (whose iterator starts at
-            # another step) would diverge from the uninterrupted one.
-            with torch.random.fork_rng(devices=[]):
-                images, labels, _ = next(batches)
+            images, labels, _ = next(batches)
             wait += time.perf_counter() - t0
             x = transform(images)
             labels = labels.to(device, non_blocking=True)
             images_seen += labels.shape[0] * world
             # Gradients are all-reduced only on the last micro-step of an accumulated step.
-            last = micro == accum_steps - 1
-            sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
+            defer = isinstance(model, DistributedDataParallel) and micro < accum_steps - 1
+            sync = model.no_sync() if defer else contextlib.nullcontext()
             with sync:
                 with autocast(device, amp_dtype):
                     logits = model(x)
@@ -195,7 +192,8 @@ def train_one_epoch(
         epoch_sums += sums
         window_sums += sums
         if stop_after_steps and global_step == stop_after_steps:
-            print(f"train.stop_after_steps={stop_after_steps} reached: exiting without saving, as if killed", flush=True)
+            print(f"train.stop_after_steps={stop_after_steps} reached: exiting without saving, as if killed",
+                  flush=True)
             os._exit(3)
         stopped = should_stop()
         if log_every and global_step % log_every == 0:
@@ -234,7 +232,8 @@ def _non_finite_message(tasks: list[str], step_loss: torch.Tensor, global_step: 
     return (f"non-finite training loss at global step {global_step} (step {step + 1} of this epoch) in task "
             f"{', '.join(bad)} (loss per task, mean over ranks: {values}); the weights were not updated. "
             f"Try a lower train.lr / train.backbone_lr, train.amp=off (or bf16 instead of fp16), a smaller "
-            f"train.grad_clip, or check the data; the run can resume from its last model_last.pt")
+            f"train.grad_clip, or check the data; a rerun with the changed config resumes from model_last.pt, "
+            f"if one was saved")
 
 
 # --------------------------------------------------------------------------- inference
@@ -257,7 +256,8 @@ def run_inference(model: torch.nn.Module, loader: Iterable, transform: Callable[
 
 
 def evaluate(model: torch.nn.Module, loader: Iterable, transform: Callable[[torch.Tensor], torch.Tensor],
-             device: torch.device, amp_dtype: torch.dtype | None, tasks: list[str], num_classes: dict[str, int]) -> dict:
+             device: torch.device, amp_dtype: torch.dtype | None, tasks: list[str],
+             num_classes: dict[str, int]) -> dict:
     """Confusion matrices, top-5 hits and sample counts over a split, summed over ranks.
 
     Every rank gets the same result: {"num_samples": samples seen (labelled or not),

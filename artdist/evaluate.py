@@ -9,7 +9,7 @@ import torch
 
 from artdist import engine
 from artdist.checkpoint import BEST, load_checkpoint
-from artdist.cli import UserError
+from artdist.cli import UserError, add_override_argument
 from artdist.config import JobConfig, apply_overrides, from_dict
 from artdist.data import DeviceTransform, make_eval_loader, num_classes, read_manifest
 from artdist.dist import cleanup, get_rank, get_world_size, init_distributed, is_main_process
@@ -61,9 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", help="split of the shards to evaluate (default: test)")
     p.add_argument("--checkpoint", default=BEST, metavar="FILE",
                    help=f"checkpoint file name inside DIR, or a path (default: {BEST})")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the checkpoint's config, e.g. --set data.shards=shards/other "
-                        "--set data.batch_size=128 (repeatable)")
+    add_override_argument(p)  # applies to the checkpoint's config, e.g. --set data.shards=shards/other
 
 
 def run(args: argparse.Namespace) -> int:
