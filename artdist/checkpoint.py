@@ -52,7 +52,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"artdist checkpoint: delete it (training then restarts from the previous state) or pick another file"
         ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserError(f"checkpoint {path} is not an artdist checkpoint (no 'model' entry); pick a model_*.pt from a run dir")
+        raise UserError(f"checkpoint {path} is not an artdist checkpoint (no 'model' entry); "
+                        "pick a model_*.pt from a run dir")
     return ckpt
 
 
@@ -125,13 +126,16 @@ def save_training_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: t
 
 
 def resume_training(ckpt: dict, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                    seed: int) -> dict:
+                    scheduler: torch.optim.lr_scheduler.LambdaLR, scaler: torch.amp.GradScaler, seed: int) -> dict:
     """Load a save_training_checkpoint state into fresh objects on this rank; returns its position.
 
-    RNG states continue exactly when the world size is unchanged; otherwise each rank is reseeded
-    from (seed, rank, global step): training continues, but not bit-identically.
+    The optimizer keeps this job's hyper-parameters (learning rates, weight decay), so a run can
+    resume with, say, a lower train.lr after a non-finite loss; with an unchanged config every
+    value is the saved one. RNG states continue exactly when the world size is unchanged;
+    otherwise each rank is reseeded from (seed, rank, global step): training continues, but not
+    bit-identically.
     """
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -141,6 +145,10 @@ def resume_training(ckpt: dict, path: Path, model: torch.nn.Module, optimizer: t
             f"different config: pick another `name`/`out_dir` for this job, or delete {path.parent} to start over"
         ) from None
     scheduler.load_state_dict(ckpt["scheduler"])
+    scheduler.base_lrs = [group["initial_lr"] for group in configured]
+    for group, settings, base, factor in zip(optimizer.param_groups, configured, scheduler.base_lrs,
+                                             scheduler.lr_lambdas):
+        group.update(settings, lr=base * factor(scheduler.last_epoch))
     # An fp16 run's scaler state is meaningless (and rejected) once amp changed, and vice versa.
     if scaler.is_enabled() and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])

@@ -73,8 +73,8 @@ def train(cfg: JobConfig, device: torch.device) -> str:
     loader = TrainLoader(cfg.data, manifest, rank, world, tcfg.seed)
     steps_per_epoch = len(loader) // tcfg.accum_steps
     if steps_per_epoch == 0:
-        raise UserError(f"an epoch has {len(loader)} batches per rank, fewer than train.accum_steps={tcfg.accum_steps}; "
-                        "lower train.accum_steps or data.batch_size")
+        raise UserError(f"an epoch has {len(loader)} batches per rank, fewer than "
+                        f"train.accum_steps={tcfg.accum_steps}; lower train.accum_steps or data.batch_size")
     total_steps = steps_per_epoch * tcfg.epochs
     transform = DeviceTransform(cfg.data, device, train=True, channels_last=channels_last)
 

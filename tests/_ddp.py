@@ -80,7 +80,8 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[Job], out: str) ->
     cwd.mkdir(exist_ok=True)
     os.chdir(cwd)
     record: dict = {}
-    original_epoch, original_eval, original_stop = train.train_one_epoch, train.evaluate_split, PreemptionWatch.should_stop
+    original_epoch, original_eval = train.train_one_epoch, train.evaluate_split
+    original_stop = PreemptionWatch.should_stop
 
     def train_one_epoch(model, *args, **kwargs):
         stats = original_epoch(model, *args, **kwargs)

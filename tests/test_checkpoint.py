@@ -1,7 +1,6 @@
 """Checkpoints: atomic replacement under crashes and kills, weights_only loading, full training-state round trip."""
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -145,6 +144,23 @@ def test_training_state_round_trip_resumes_identically(tmp_path):
         _step(*fresh, x)
     for (name, a), b in zip(objects[0].state_dict().items(), fresh[0].state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_resume_takes_the_learning_rate_of_the_new_config(tmp_path):
+    objects = _training_objects(seed=0)
+    for _ in range(3):
+        _step(*objects, torch.randn(16, 4))
+    position = {"epoch": 0, "step_in_epoch": 3, "global_step": 3, "best_metric": 0.0, "metrics": {}}
+    save_training_checkpoint(tmp_path, *objects, JobConfig(), {}, position, best=False)
+    model, _, _, scaler = _training_objects(seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)  # was 0.1
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+    resume_training(load_checkpoint(tmp_path / LAST), tmp_path / LAST, model, optimizer, scheduler, scaler, seed=0)
+    assert scheduler.last_epoch == 3
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / 4)
+    assert optimizer.state_dict()["state"][0]["step"] == 3  # the Adam moments are the saved ones
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / 5)
 
 
 def test_resume_into_a_different_model_is_a_clear_error(tmp_path):

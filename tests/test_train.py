@@ -97,11 +97,11 @@ def runs(shards, demo_corpus_shards, steps_per_epoch, tmp_path_factory) -> dict:
     """Every 2-rank run of this file; starting processes dominates, so one set of ranks runs them in turn.
 
     killed: stop_after_steps in mid epoch 2 (own processes: they exit), then resumed; preempted:
-    stop file after step 3, then resumed; baseline: uninterrupted; learn: the demo config for 2
-    epochs; nan: lr=1e30.
+    stop file after step 3, then resumed; baseline: uninterrupted; accum: 2 micro-batches per step;
+    learn: the demo config for 2 epochs; nan: lr=1e30.
     """
     out = tmp_path_factory.mktemp("runs")
-    dirs = {name: out / name for name in ("baseline", "preempted", "killed", "learn", "nan")}
+    dirs = {name: out / name for name in ("baseline", "preempted", "killed", "accum", "learn", "nan")}
     kill_at = steps_per_epoch + steps_per_epoch // 2
     with pytest.raises(ProcessExitedException) as killed:
         run_ranks([Job(tiny_config(shards, dirs["killed"], f"train.stop_after_steps={kill_at}"))], out / "kill")
@@ -112,6 +112,8 @@ def runs(shards, demo_corpus_shards, steps_per_epoch, tmp_path_factory) -> dict:
         "preempt": Job(tiny_config(shards, dirs["preempted"]), touch_stop_file_at=3),
         "preempt_resume": Job(tiny_config(shards, dirs["preempted"])),
         "kill_resume": Job(tiny_config(shards, dirs["killed"])),
+        "accum": Job(tiny_config(shards, dirs["accum"], "data.batch_size=8", "train.accum_steps=2",
+                                 "train.epochs=1")),
         "learn": Job(demo_config(demo_corpus_shards, dirs["learn"], epochs=2)),
         "nan": Job(tiny_config(shards, dirs["nan"], "train.lr=1e30", "train.backbone_lr=1e30",
                                "train.warmup_epochs=0", "train.grad_clip=0")),
@@ -134,6 +136,14 @@ def test_ranks_run_equal_steps_on_uneven_shards_and_stay_identical(runs, manifes
     # DDP keeps the replicas bit-identical after every epoch.
     assert [e["params"] for e in rank0["epochs"]] == [e["params"] for e in rank1["epochs"]]
     assert rank0["epochs"][0]["params"] != rank0["epochs"][1]["params"]
+
+
+def test_gradient_accumulation_steps_once_per_accumulated_batch(runs, manifest):
+    batches = math.ceil(manifest["splits"]["train"]["num_samples"] / (WORLD * 8))
+    rank0, rank1 = runs["accum"]
+    assert rank0["status"] == rank1["status"] == "done"
+    assert rank0["epochs"][0]["steps_run"] == rank1["epochs"][0]["steps_run"] == batches // 2
+    assert rank0["epochs"][0]["params"] == rank1["epochs"][0]["params"]
 
 
 def test_evaluation_counts_every_sample_exactly_once(runs, shards, manifest):
