@@ -44,13 +44,12 @@ from artdist.cli import UserError, add_config_arguments
 from artdist.config import TASKS, JobConfig, SynthConfig, load_config
 from artdist.data import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, TrainLoader, num_classes
 from artdist.dist import init_distributed
-from artdist.engine import MultiTaskLoss, class_weights, label_counts, resolve_amp, train_one_epoch, use_channels_last
-from artdist.model import build_model
+from artdist.engine import build_training, label_counts, resolve_amp, train_one_epoch, use_channels_last
 from artdist.shard import shard_dataset
 from artdist.synth import JPEG_QUALITY, MIN_IMAGES, make_corpus
 
 PARTS = ("loader", "imagefolder", "model", "e2e", "gpu")
-# Without --config on a CPU-only machine: a run that ends in ~2-3 minutes on 2 cores (applied
+# Without --config on a CPU-only machine: a run that ends in about a minute on 2 idle cores (applied
 # before the user's --set, which wins). One loader worker leaves the other core to the model.
 CPU_DEFAULTS = ("model.backbone=resnet18", "data.batch_size=16", "data.num_workers=1")
 DEFAULT_STEPS = {"cpu": 3, "cuda": 50}
@@ -58,6 +57,7 @@ WARMUP_STEPS = {"cpu": 1, "cuda": 10}  # cuda: cudnn.benchmark autotuning and to
 # Loader warm-up, in rounds of one batch per worker: workers start together and deliver their
 # first batches in a burst, so timing from the first batch would count that burst as free.
 WARMUP_ROUNDS = 2
+MIN_TIMED_ROUNDS = 4  # and then at least this many rounds timed, however few --images
 ASPECT = 3 / 4  # height / width of the bench pictures: WikiArt's median is about 800x600
 # (amp, channels_last, compile) rows of the GPU model-step table; auto = the trainer's choice.
 GPU_VARIANTS = (("off", True, False), ("bf16", True, False), ("fp16", True, False),
@@ -197,6 +197,14 @@ def per_core(row: dict, cpus: int) -> dict:
     return {**row, "cores": cores, "images_per_s_per_core": row["images_per_s"] / cores, **extra}
 
 
+def loader_batches(workers: int, images: int, batch: int) -> tuple[int, int]:
+    """(warm-up batches, total batches) for timing a loader with `workers` workers: at least
+    `images` images, or MIN_TIMED_ROUNDS batches per worker if that is more, after the warm-up."""
+    rounds = max(workers, 1)
+    warmup = WARMUP_ROUNDS * rounds
+    return warmup, warmup + max(math.ceil(images / batch), MIN_TIMED_ROUNDS * rounds)
+
+
 def bench_loader(cfg: JobConfig, shards: Path, manifest: dict, workers: list[int], images: int,
                  cpus: int) -> list[dict]:
     """(a) the TrainLoader from shards (decode + augment to uint8; normalizing is the device's job):
@@ -204,8 +212,7 @@ def bench_loader(cfg: JobConfig, shards: Path, manifest: dict, workers: list[int
     rows = []
     for w in workers:
         data_cfg = replace(cfg.data, shards=str(shards), num_workers=w, decode="cpu")
-        warmup = WARMUP_ROUNDS * max(w, 1)
-        count = warmup + math.ceil(images / data_cfg.batch_size)
+        warmup, count = loader_batches(w, images, data_cfg.batch_size)
         loader = TrainLoader(data_cfg, tiled(manifest, data_cfg.train_split, count * data_cfg.batch_size),
                              rank=0, world_size=1, seed=cfg.train.seed)
         with torch_threads(1):
@@ -219,8 +226,7 @@ def bench_imagefolder(cfg: JobConfig, root: Path, workers: list[int], images: in
     batch = cfg.data.batch_size
     rows = []
     for w in workers:
-        warmup = WARMUP_ROUNDS * max(w, 1)
-        count = warmup + math.ceil(images / batch)
+        warmup, count = loader_batches(w, images, batch)
         # num_samples > len(dataset) chains reshuffled passes: one DataLoader epoch, no worker restart.
         loader = DataLoader(dataset, batch_size=batch, num_workers=w,
                             sampler=RandomSampler(dataset, num_samples=count * batch))
@@ -254,16 +260,10 @@ def train_rate(cfg: JobConfig, classes: dict[str, int], counts: dict[str, list[i
     (model, AdamW over param groups, GradScaler, MultiTaskLoss) but with a constant LR."""
     tcfg = cfg.train
     amp_dtype = resolve_amp(amp, device)
-    model = build_model(cfg.model, classes).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model, optimizer, scheduler, scaler, loss_fn = build_training(cfg, classes, counts, device, amp_dtype,
+                                                                 channels_last, lambda step: 1.0)
     if compile_backbone:
         model.backbone.compile()
-    optimizer = torch.optim.AdamW(model.param_groups(tcfg.lr, tcfg.backbone_lr, tcfg.weight_decay))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    weights = {t: class_weights(counts[t], tcfg.class_weighting) if counts else None for t in cfg.model.tasks}
-    loss_fn = MultiTaskLoss(cfg.model.tasks, weights, tcfg.label_smoothing).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clock = Clock(batches)
@@ -477,7 +477,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "on synthetic tensors; (d) end-to-end training from shards with the data-wait fraction; (e) on CUDA, "
         "AMP dtype / channels_last / torch.compile variants and GPU JPEG decode. Prints a table, then the "
         "result as one JSON line. Without --config on a CPU-only machine it applies "
-        f"{', '.join(CPU_DEFAULTS)} (your --set wins) so that it ends in ~2-3 minutes on 2 cores."
+        f"{', '.join(CPU_DEFAULTS)} (your --set wins): about a minute on 2 idle cores, a few minutes on busy ones."
     )
     add_config_arguments(p)
     p.add_argument("--workdir", default="build/bench",

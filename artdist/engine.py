@@ -19,6 +19,7 @@ from artdist.cli import UserError
 from artdist.config import TASKS, JobConfig
 from artdist.dist import all_reduce_sum, get_world_size, is_dist
 from artdist.metrics import confusion_matrix, topk_correct
+from artdist.model import CNNLSTM, build_model
 
 
 class NonFiniteLossError(UserError):
@@ -292,3 +293,20 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
     if is_dist():
         for buf in model.buffers():
             dist.broadcast(buf, src=0)
+
+
+def build_training(cfg: JobConfig, classes: dict[str, int], counts: dict[str, list[int]] | None,
+                   device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool,
+                   lr_lambda: Callable[[int], float]) -> tuple:
+    """(model, optimizer, scheduler, scaler, loss_fn) as a run trains them: AdamW over the model's
+    param groups, `lr_lambda` as the LR schedule, a GradScaler for fp16, class-weighted loss."""
+    tcfg = cfg.train
+    model: CNNLSTM = build_model(cfg.model, classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.param_groups(tcfg.lr, tcfg.backbone_lr, tcfg.weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    weights = {t: class_weights(counts[t], tcfg.class_weighting) if counts else None for t in cfg.model.tasks}
+    loss_fn = MultiTaskLoss(cfg.model.tasks, weights, tcfg.label_smoothing).to(device)
+    return model, optimizer, scheduler, scaler, loss_fn

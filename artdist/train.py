@@ -33,11 +33,10 @@ from artdist.config import ConfigError, JobConfig, load_config, save_config, to_
 from artdist.data import DeviceTransform, TrainLoader, num_classes, read_manifest
 from artdist.dist import (barrier, broadcast_object, cleanup, get_rank, get_world_size, init_distributed, is_dist,
                           is_main_process)
-from artdist.engine import (MultiTaskLoss, broadcast_buffers, class_weights, label_counts, resolve_amp,
+from artdist.engine import (broadcast_buffers, build_training, label_counts, resolve_amp,
                             train_one_epoch, use_channels_last)
 from artdist.evaluate import HEADLINE, evaluate_split, headline, write_report
 from artdist.metrics import confusion_image
-from artdist.model import build_model
 from artdist.outliers import run_outliers
 from artdist.preempt import STOP_FILE, PreemptionWatch, requeue_slurm_job
 
@@ -90,16 +89,10 @@ def train(cfg: JobConfig, device: torch.device) -> str:
 
     # ---- model (same init on every rank), optimizer, LR schedule, loss
     seed_all(tcfg.seed)
-    model = build_model(cfg.model, classes).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.param_groups(tcfg.lr, tcfg.backbone_lr, tcfg.weight_decay))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        lr_factor, warmup_steps=round(tcfg.warmup_epochs * steps_per_epoch), total_steps=total_steps,
-        min_ratio=tcfg.min_lr_ratio))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    weights = {t: class_weights(counts[t], tcfg.class_weighting) if counts else None for t in cfg.model.tasks}
-    loss_fn = MultiTaskLoss(cfg.model.tasks, weights, tcfg.label_smoothing).to(device)
+    schedule = partial(lr_factor, warmup_steps=round(tcfg.warmup_epochs * steps_per_epoch), total_steps=total_steps,
+                       min_ratio=tcfg.min_lr_ratio)
+    model, optimizer, scheduler, scaler, loss_fn = build_training(cfg, classes, counts, device, amp_dtype,
+                                                                  channels_last, schedule)
 
     # ---- resume from model_last.pt if there is one; else per-rank streams for dropout/augmentation
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": -math.inf, "metrics": {}}

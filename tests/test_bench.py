@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from artdist import cli
-from artdist.bench import Clock, build_corpus, tiled
+from artdist.bench import Clock, build_corpus, loader_batches, tiled
 
 TINY = ["--images", "24", "--full-size", "64", "--workers", "0,1", "--steps", "1",
         "--set", "data.image_size=32", "--set", "data.batch_size=4", "--set", "shard.max_short_side=48",
@@ -108,6 +108,13 @@ def test_clock_passes_batches_through_and_records_them():
     assert clock.sizes == [3, 2]
     assert len(clock.asked) == 3 and len(clock.got) == 2  # the last ask met StopIteration
     assert all(a <= g for a, g in zip(clock.asked, clock.got))
+
+
+def test_loader_batches_cover_images_and_enough_rounds():
+    assert loader_batches(0, 400, 16) == (2, 2 + 25)  # 2 warm-up batches, then 400 images
+    assert loader_batches(2, 400, 16) == (4, 4 + 25)
+    # 400 images are 7 batches of 64, less than one round of 15 workers: 4 rounds are timed instead.
+    assert loader_batches(15, 400, 64) == (30, 30 + 60)
 
 
 def test_corpus_has_wikiart_shape_and_is_reused(tmp_path):
