@@ -97,16 +97,18 @@ class ClassGaussian:
     shrinkage: float
     counts: torch.Tensor  # [C] training samples per class
     whitener: torch.Tensor = field(init=False, repr=False)  # L with precision = L L^T
+    white_means: torch.Tensor = field(init=False, repr=False)  # means @ L
 
     def __post_init__(self) -> None:
         self.whitener = torch.linalg.cholesky(self.precision)
+        self.white_means = self.means @ self.whitener
 
     def feature_scores(self, embedding: torch.Tensor, assigned: torch.Tensor) -> dict[str, torch.Tensor]:
         """Mahalanobis distance to the assigned class mean, and -log p(assigned | embedding) with the
         predicted class of the Gaussian classifier these means and covariance define (linear discriminant
         analysis, uniform class priors, over the classes seen in training). float64 on the CPU."""
         white = embedding.detach().to("cpu", torch.float64) @ self.whitener
-        sq = ((white[:, None, :] - (self.means @ self.whitener)[None]) ** 2).sum(dim=2)  # [B, C]
+        sq = ((white[:, None, :] - self.white_means[None]) ** 2).sum(dim=2)  # [B, C] squared distances
         seen = self.counts > 0
         logits = torch.where(seen, -sq / 2, float("-inf"))
         rows, assigned = torch.arange(len(assigned)), assigned.cpu()
@@ -270,11 +272,15 @@ def combined_score(scores: TaskScores) -> np.ndarray:
     """-log p(assigned) of the classifier head plus -log p(assigned) of the Gaussian classifier on the embedding.
 
     Both are surprisals in nats, so they add without rescaling: -log of the product of two experts'
-    probabilities for the label on file. The head sees the logits, the Gaussians how the embedding sits
-    among all the class means. Why not the raw Mahalanobis distance to the assigned class: the embedding
-    is shared by the three tasks, and its within-class spread along directions the task does not use
-    drowns the signal (planted-noise AUROC 0.57 on the demo's style task vs 0.99 for feature_nll and
-    0.99 for the sum). Where the assigned class had no training samples the head's term counts twice.
+    probabilities for the label on file. The Gaussian posteriors are the sharper of the two, so they
+    lead at the top of the ranking and the head's term reorders the rest. Measured on two demo models
+    (val and train splits x 3 tasks, 12 cases), mean planted-noise AUROC: this sum 0.938, Gaussian term
+    alone 0.925, head alone 0.867, mean percentile rank of the two 0.921, Fisher's combination of their
+    empirical tail probabilities 0.930, raw Mahalanobis distance to the assigned class 0.603, seeds' rule
+    (1 - max softmax) 0.505. The raw distance fails because the embedding is shared by the three tasks:
+    its within-class spread along directions a task does not use drowns that task's signal, which the
+    class-relative posterior cancels. Where the assigned class had no training samples the head's term
+    counts twice.
     """
     feature = np.where(np.isfinite(scores.feature_nll), scores.feature_nll, scores.nll)
     return (scores.nll + feature).astype(np.float32)
@@ -371,7 +377,8 @@ def detection_quality(oriented: dict[str, np.ndarray], positive: np.ndarray, ext
 
 
 def _finite_or_none(x: float) -> float | None:
-    return round(x, 4) if math.isfinite(x) else None
+    """x to 5 significant digits (tiny probabilities stay readable), None for NaN/inf (valid JSON)."""
+    return float(f"{x:.5g}") if math.isfinite(x) else None
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -451,10 +458,10 @@ def _rank_task(task: str, scores: TaskScores, combined: np.ndarray, names: list[
         rows.append({
             "rank": int(rank[i]), "id": int(scores.ids[i]), "path": index[int(scores.ids[i])].path,
             "assigned": names[scores.assigned[i]], "predicted": names[scores.predicted[i]],
-            "combined": round(float(combined[i]), 5), "max_prob": round(float(scores.max_prob[i]), 5),
-            "p_assigned": round(float(scores.p_assigned[i]), 5), "margin": round(float(scores.margin[i]), 5),
-            "energy": round(float(scores.energy[i]), 4), "mahalanobis": _finite_or_none(float(scores.mahalanobis[i])),
-            "mahalanobis_z": _finite_or_none(float(maha_z[i])),
+            **{name: _finite_or_none(float(value[i])) for name, value in (
+                ("combined", combined), ("max_prob", scores.max_prob), ("p_assigned", scores.p_assigned),
+                ("margin", scores.margin), ("energy", scores.energy), ("mahalanobis", scores.mahalanobis),
+                ("mahalanobis_z", maha_z))},
             "feature_predicted": names[scores.feature_predicted[i]],
             "feature_p_assigned": _finite_or_none(math.exp(-float(scores.feature_nll[i]))),
             "flagged_seeds": bool(flag_seeds[i]), "flagged_combined": bool(flag_combined[i]),
