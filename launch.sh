@@ -189,8 +189,9 @@ main() {
     else
         train_local "${args[@]}"
     fi
-    ((demo)) && run python -m artdist evaluate --run "$run_dir" --split test
     say "run directory: $run_dir"
+    # Training ends with the test evaluation and the validation outlier reports (both printed above).
+    ((demo)) && say "  test evaluation: $run_dir/eval_test.json; outliers: $run_dir/outliers/val/index.html"
     say "watch it with: tensorboard --logdir $run_dir/tb"
 }
 

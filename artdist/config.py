@@ -42,7 +42,7 @@ class ShardConfig:
     format: Literal["jpeg", "webp", "png"] = "jpeg"
     quality: int = 85  # 90 -> 85: decode 0.2 ms/img faster, shards ~25% smaller (docs/benchmarks.md)
     samples_per_shard: int = 1000
-    min_shards: int = 8  # per split, so ranks x loader workers each get a shard
+    min_shards: int = 8  # per split, a floor for small splits: shuffling mixes whole shards
     workers: int = 0  # 0: all CPU cores
     max_pixels: int = 200_000_000  # decompression-bomb guard; larger images are skipped and reported
 

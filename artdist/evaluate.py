@@ -56,32 +56,51 @@ def load_trained_model(ckpt: dict, cfg: JobConfig, device: torch.device) -> CNNL
     return model.to(device).eval()
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, metavar="DIR", help="run directory written by `artdist train`")
-    p.add_argument("--split", default="test", help="split of the shards to evaluate (default: test)")
+def add_run_arguments(p: argparse.ArgumentParser, default_split: str) -> None:
+    """--run, --split, --checkpoint and --set: the arguments of every command that reads a trained run."""
+    # --run-dir too: under torchrun, whose parser reads "--run" as an ambiguous prefix of its --run-path
+    p.add_argument("--run", "--run-dir", dest="run", required=True, metavar="DIR",
+                   help="run directory written by `artdist train` (spell it --run-dir under torchrun)")
+    p.add_argument("--split", default=default_split,
+                   help=f"split of the shards, any in their manifest.json: train, val, test... (default: {default_split})")
     p.add_argument("--checkpoint", default=BEST, metavar="FILE",
                    help=f"checkpoint file name inside DIR, or a path (default: {BEST})")
     add_override_argument(p)  # applies to the checkpoint's config, e.g. --set data.shards=shards/other
 
 
-def run(args: argparse.Namespace) -> int:
+def open_run(args: argparse.Namespace, extra_overrides: tuple[str, ...] = ()) -> tuple[Path, dict, JobConfig]:
+    """(checkpoint path, checkpoint, its config with --set and `extra_overrides` applied) of add_run_arguments."""
     run_dir = Path(args.run)
     if not run_dir.is_dir():
         raise UserError(f"--run {run_dir}: no such directory; pass a run dir written by `artdist train` (runs/<name>)")
-    path = run_dir / args.checkpoint if not Path(args.checkpoint).is_file() else Path(args.checkpoint)
+    path = Path(args.checkpoint) if Path(args.checkpoint).is_file() else run_dir / args.checkpoint
     ckpt = load_checkpoint(path)
-    cfg = from_dict(apply_overrides(ckpt["config"], args.overrides), f"{path} config")
+    cfg = from_dict(apply_overrides(ckpt["config"], [*args.overrides, *extra_overrides]), f"{path} config")
+    return path, ckpt, cfg
+
+
+def check_classes(manifest: dict, ckpt: dict, cfg: JobConfig, path: Path) -> None:
+    """Refuse shards whose class lists differ from the ones the checkpoint's heads were trained on."""
+    changed = [t for t in cfg.model.tasks if manifest["classes"][t] != ckpt["class_names"][t]]
+    if changed:
+        raise UserError(f"{cfg.data.shards} defines other {'/'.join(changed)} classes than {path} was trained "
+                        "with; use shards made from the same label files (--set data.shards=DIR)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_arguments(p, default_split="test")
+
+
+def run(args: argparse.Namespace) -> int:
+    path, ckpt, cfg = open_run(args)
     device = init_distributed(cfg.train.device)
     try:
         manifest = read_manifest(cfg.data.shards)
-        changed = [t for t in cfg.model.tasks if manifest["classes"][t] != ckpt["class_names"][t]]
-        if changed:
-            raise UserError(f"{cfg.data.shards} defines other {'/'.join(changed)} classes than {path} was trained "
-                            "with; evaluate on shards made from the same label files")
+        check_classes(manifest, ckpt, cfg, path)
         model = load_trained_model(ckpt, cfg, device)
         report = evaluate_split(model, cfg, manifest, args.split, device, engine.resolve_amp(cfg.train.amp, device))
         if is_main_process():
-            write_report(report, run_dir / f"eval_{args.split}.json", str(path))
+            write_report(report, Path(args.run) / f"eval_{args.split}.json", str(path))
     finally:
         cleanup()
     return 0

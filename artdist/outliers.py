@@ -14,12 +14,11 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from artdist import dist
-from artdist.checkpoint import load_checkpoint
 from artdist.cli import UserError
-from artdist.config import TASKS, JobConfig, apply_overrides, from_dict
+from artdist.config import TASKS, JobConfig
 from artdist.data import DeviceTransform, make_eval_loader, read_manifest
 from artdist.engine import resolve_amp, run_inference, use_channels_last
-from artdist.evaluate import load_trained_model
+from artdist.evaluate import add_run_arguments, check_classes, load_trained_model, open_run
 from artdist.outlier_report import quality_table, read_sample_index, write_rows, write_visuals
 
 TYPICAL_PER_CLASS = 4  # central samples shown beside a class's outliers
@@ -439,6 +438,7 @@ def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: dic
         print(table, flush=True)
         summary["table"] = table
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"outlier reports: {out_dir}/index.html (+ <task>.csv/.json, summary.json)", flush=True)
     return summary
 
 
@@ -489,49 +489,25 @@ def _typical(scores: TaskScores, names: list[str], flagged: np.ndarray, index: d
 
 # --------------------------------------------------------------------------- command line
 
-SPLIT_ROLES = ("val", "test", "train")
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    # --run-dir: under torchrun, whose parser reads "--run" as an ambiguous prefix of its --run-path
-    p.add_argument("--run", "--run-dir", dest="run", required=True, metavar="DIR",
-                   help="run directory written by artdist train (spell it --run-dir under torchrun)")
-    p.add_argument("--split", choices=SPLIT_ROLES, default="val",
-                   help="which split to score (its shard name comes from data.<role>_split)")
-    p.add_argument("--checkpoint", default="model_best.pt", metavar="FILE",
-                   help="checkpoint inside --run (or a path to one); default model_best.pt")
+    add_run_arguments(p, default_split="val")
     p.add_argument("--planted", default="", metavar="CSV",
                    help="planted_noise.csv from artdist synth: report AUROC/precision@k against it")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the run's saved config, e.g. --set outliers.top_k=20")
 
 
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
-    if not run_dir.is_dir():
-        raise UserError(f"--run {run_dir}: no such directory; pass a run dir written by `artdist train` (runs/<name>)")
-    path = Path(args.checkpoint) if Path(args.checkpoint).is_file() else run_dir / args.checkpoint
-    ckpt = load_checkpoint(path)
-    overrides = [*args.overrides, f"out_dir={run_dir}"]  # reports go to --run even if the run dir moved
-    if args.planted:
-        overrides.append(f"outliers.planted={args.planted}")
-    cfg = from_dict(apply_overrides(ckpt["config"], overrides), f"{path} config")
-    split = getattr(cfg.data, f"{args.split}_split")
+    extra = (f"out_dir={run_dir}",  # reports go to --run even if the run dir moved
+             *((f"outliers.planted={args.planted}",) if args.planted else ()))
+    path, ckpt, cfg = open_run(args, extra)
     device = dist.init_distributed(cfg.train.device)
     try:
         manifest = read_manifest(cfg.data.shards)
-        changed = [t for t in cfg.model.tasks if manifest["classes"][t] != ckpt["class_names"][t]]
-        if changed:
-            raise UserError(f"{cfg.data.shards} defines other {'/'.join(changed)} classes than {path} was trained "
-                            "with; score shards made from the same label files (--set data.shards=DIR)")
+        check_classes(manifest, ckpt, cfg, path)
         model = load_trained_model(ckpt, cfg, device)
-        writer = None
-        if dist.is_main_process():
-            writer = SummaryWriter(str(run_dir / "tb"))
-        summary = run_outliers(model, cfg, manifest, split, device, resolve_amp(cfg.train.amp, device), writer)
-        if summary is not None:
+        writer = SummaryWriter(str(run_dir / "tb")) if dist.is_main_process() else None
+        if run_outliers(model, cfg, manifest, args.split, device, resolve_amp(cfg.train.amp, device), writer):
             writer.close()
-            print(f"outlier reports: {cfg.run_dir / 'outliers' / split}/index.html", flush=True)
     finally:
         dist.cleanup()
     return 0
