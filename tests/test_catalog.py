@@ -18,15 +18,20 @@ from artdist.catalog import (
 from artdist.cli import UserError
 from artdist.config import TASKS
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "wikiart_csv"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "wikiart_csv"  # where the project got them
 SPLITS_IN_ORDER = ("train", "val", "test")
 
 
 @pytest.fixture(scope="module")
-def real() -> Catalog:
-    if not REAL.is_dir():
-        pytest.skip(f"real ArtGAN label files not found at {REAL}")
-    return load_catalog(REAL)
+def real(real_labels) -> Catalog:
+    return load_catalog(real_labels)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"no original label files at {SHARED} to compare with")
+def test_bundled_label_files_are_the_originals(real_labels):
+    assert sorted(p.name for p in real_labels.iterdir()) == sorted(p.name for p in SHARED.iterdir())
+    for original in SHARED.iterdir():
+        assert (real_labels / original.name).read_bytes() == original.read_bytes(), original.name
 
 
 def _images_per_split(catalog: Catalog) -> dict[str, Counter]:
@@ -64,8 +69,8 @@ def test_real_records_are_sorted_complete_and_in_range(real):
             assert (r.labels[t] == -1) == (r.source_split[t] == "")
 
 
-def test_real_paths_are_kept_byte_exact(real):
-    raw = b"".join((REAL / name).read_bytes() for names in LABEL_FILES.values() for name in names[1:])
+def test_real_paths_are_kept_byte_exact(real, real_labels):
+    raw = b"".join((real_labels / name).read_bytes() for names in LABEL_FILES.values() for name in names[1:])
     odd = [r.path for r in real.records if "arnold-b" in r.path or "j.-e.-h.-macdonald" in r.path]
     assert any(not p.isascii() for p in odd) and any(p.count(".") > 2 for p in odd)
     for path in odd:

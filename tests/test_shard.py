@@ -21,7 +21,6 @@ from artdist.config import TASKS, ShardConfig, SynthConfig
 from artdist.shard import _decode, sample_key, shard_dataset, shard_ranges
 from artdist.synth import make_corpus
 
-REAL_LABELS = Path(__file__).resolve().parents[2] / "shared" / "wikiart_csv"
 MAX_PIXELS = 25_000_000
 SHORT_SIDE = 48
 HUGE = (6000, 4000)  # 24 MP: below MAX_PIXELS, must be decoded in JPEG draft mode
@@ -321,9 +320,8 @@ def _raw_rows(labels: Path) -> dict[str, dict[str, list[int]]]:
     return rows
 
 
-@pytest.mark.skipif(not REAL_LABELS.is_dir(), reason=f"real label files not at {REAL_LABELS}")
-def test_real_labels_over_a_few_images(tmp_path):
-    rows = _raw_rows(REAL_LABELS)
+def test_real_labels_over_a_few_images(real_labels, tmp_path):
+    rows = _raw_rows(real_labels)
     every = sorted(set().union(*rows.values()))
     unique = [p for p in every if all(len(rows[t].get(p, [])) <= 1 for t in TASKS)]
     chosen = unique[:: len(unique) // 5][:5] + [next(p for p in unique if not p.isascii())]
@@ -331,7 +329,7 @@ def test_real_labels_over_a_few_images(tmp_path):
         (tmp_path / "images" / path).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (80, 60), (40 * i, 100, 200)).save(tmp_path / "images" / path, "JPEG")
     start = time.process_time()
-    manifest = shard_dataset(ShardConfig(images=str(tmp_path / "images"), labels=str(REAL_LABELS),
+    manifest = shard_dataset(ShardConfig(images=str(tmp_path / "images"), labels=str(real_labels),
                                          out=str(tmp_path / "out"), max_short_side=SHORT_SIDE, workers=1),
                              progress=False)
     assert time.process_time() - start < 30  # no per-file work for the 81k missing ones

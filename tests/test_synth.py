@@ -15,10 +15,8 @@ from artdist.cli import main
 from artdist.config import TASKS, ConfigError, SynthConfig
 from artdist.synth import make_corpus
 
-REAL_LABELS = Path(__file__).resolve().parents[2] / "shared" / "wikiart_csv"
 LABEL_FILES = ("style_class.txt", "style_train.csv", "style_val.csv", "genre_class", "genre_train.csv",
                "genre_val.csv", "artist_class", "artist_train", "artist_val")
-needs_real = pytest.mark.skipif(not REAL_LABELS.is_dir(), reason=f"real label files not at {REAL_LABELS}")
 
 
 def _shape(path: Path) -> tuple:
@@ -61,20 +59,18 @@ def _nearest_centroid_accuracy(features: np.ndarray, labels: np.ndarray, train: 
     return float((pred == labels[test]).mean())
 
 
-@needs_real
-def test_label_files_have_the_real_names_and_formats(synth_corpus):
+def test_label_files_have_the_real_names_and_formats(synth_corpus, real_labels):
     ours = sorted(p.name for p in (synth_corpus / "labels").iterdir())
-    assert ours == sorted(p.name for p in REAL_LABELS.iterdir()) == sorted(LABEL_FILES)
+    assert ours == sorted(p.name for p in real_labels.iterdir()) == sorted(LABEL_FILES)
     for name in LABEL_FILES:
-        assert _shape(synth_corpus / "labels" / name) == _shape(REAL_LABELS / name), name
+        assert _shape(synth_corpus / "labels" / name) == _shape(real_labels / name), name
 
 
-@needs_real
-def test_class_names_are_real_ones(synth_corpus):
+def test_class_names_are_real_ones(synth_corpus, real_labels):
     ours = load_catalog(synth_corpus / "labels").classes
     assert [len(ours[t]) for t in TASKS] == [6, 8, 5]
     for task, name in (("style", "style_class.txt"), ("artist", "artist_class"), ("genre", "genre_class")):
-        real = {line.split(" ", 1)[1] for line in (REAL_LABELS / name).read_text().splitlines()}
+        real = {line.split(" ", 1)[1] for line in (real_labels / name).read_text().splitlines()}
         assert set(ours[task]) <= real
         assert ours[task] == sorted(ours[task])
 
