@@ -13,7 +13,7 @@ from artdist.cli import UserError, add_override_argument
 from artdist.config import JobConfig, apply_overrides, from_dict
 from artdist.data import DeviceTransform, make_eval_loader, num_classes, read_manifest
 from artdist.dist import cleanup, get_rank, get_world_size, init_distributed, is_main_process
-from artdist.metrics import format_table, report_from_confusion
+from artdist.metrics import format_confusion, format_table, report_from_confusion
 from artdist.model import CNNLSTM, build_model
 
 HEADLINE = ("accuracy", "top5", "macro_f1")
@@ -42,7 +42,7 @@ def headline(report: dict) -> dict[str, float]:
 def write_report(report: dict, path: Path, checkpoint: str) -> None:
     """Rank 0: print the per-task tables and write the report as JSON."""
     for task, r in report["tasks"].items():
-        print(format_table(r, title=f"{report['split']} {task}"), flush=True)
+        print(format_table(r, title=f"{report['split']} {task}"), format_confusion(r), sep="\n", flush=True)
     path.write_text(json.dumps({"checkpoint": checkpoint, **report}, indent=1))
     print(f"wrote {path}", flush=True)
 

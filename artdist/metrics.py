@@ -70,6 +70,21 @@ def format_table(report: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
+def format_confusion(report: dict) -> str:
+    """Console confusion matrix (rows: true class, columns: predicted) over the classes that occur,
+    each numbered by its class index (its line in class_names/<task>.txt, counting from 0)."""
+    cm = np.asarray(report["confusion"])
+    shown = [i for i in range(len(cm)) if cm[i].sum() or cm[:, i].sum()]
+    names = [report["per_class"][i]["class"] for i in shown]
+    width = max([len(n) for n in names] + [1])
+    cell = max([len(str(int(cm[i, j]))) for i in shown for j in shown] + [len(str(i)) for i in shown]) + 1
+    lines = ["  confusion (rows: true class, columns: predicted class, by class number)",
+             "  " + " " * (4 + width) + "".join(f"{j:>{cell}}" for j in shown)]
+    for i, name in zip(shown, names):
+        lines.append(f"  {i:>3} {name:<{width}}" + "".join(f"{int(cm[i, j]):>{cell}}" for j in shown))
+    return "\n".join(lines)
+
+
 def confusion_image(cm: torch.Tensor, side: int = 384) -> np.ndarray:
     """Row-normalised confusion matrix as an HWC uint8 image about `side` px wide (white 0, dark blue 1)."""
     cm = cm.to(torch.float64).cpu().numpy()

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from artdist.metrics import confusion_image, confusion_matrix, format_table, report_from_confusion, topk_correct
+from artdist.metrics import (
+    confusion_image,
+    confusion_matrix,
+    format_confusion,
+    format_table,
+    report_from_confusion,
+    topk_correct,
+)
 
 
 def test_confusion_matrix_counts_true_rows_predicted_columns_and_skips_unknown_labels():
@@ -81,6 +88,17 @@ def test_format_table_lists_occurring_classes_with_their_numbers():
     rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[2:]}
     assert set(rows) == {"Baroque", "Cubism", "Pop_Art"}  # Rococo never occurs
     assert rows["Cubism"] == ["0.500", "1.000", "0.667", "1"]
+
+
+def test_format_confusion_rows_are_true_classes_by_number_and_skip_absent_ones():
+    cm = torch.zeros(4, 4, dtype=torch.int64)
+    cm[0, 0], cm[1, 1], cm[3, 1], cm[3, 3] = 12, 1, 1, 1  # Pop_Art (2) never occurs
+    text = format_confusion(report_from_confusion(cm, ["Baroque", "Cubism", "Pop_Art", "Rococo"]))
+    lines = text.splitlines()
+    assert lines[1].split() == ["0", "1", "3"]
+    rows = {line.split()[1]: [int(v) for v in line.split()[2:]] for line in lines[2:]}
+    assert rows == {"Baroque": [12, 0, 0], "Cubism": [0, 1, 0], "Rococo": [0, 1, 1]}
+    assert [line.split()[0] for line in lines[2:]] == ["0", "1", "3"]
 
 
 def test_confusion_image_is_row_normalised():
