@@ -314,7 +314,7 @@ def bench_gpu(cfg: JobConfig, shards: Path, manifest: dict, counts: dict[str, li
     classes = num_classes(manifest)
     rows = []
     for amp, channels_last, compile_backbone in GPU_VARIANTS:
-        if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        if amp == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
             rows.append({"amp": "bf16", "channels_last": channels_last, "compile": compile_backbone,
                          "skipped": f"{torch.cuda.get_device_name(device)} has no bf16"})
             continue

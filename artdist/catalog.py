@@ -297,9 +297,9 @@ def _note_folder_mismatches(records: list[Record], styles: list[str], anomalies:
         _note(anomalies, "style_folder_mismatch", {"folder": folder, "class": name, "count": n}, count=n)
 
 
-def _hash_key(seed: int, path: str) -> int:
-    """A 64-bit sort key from sha1(seed:path): the same on every machine and Python version."""
-    return int.from_bytes(hashlib.sha1(f"{seed}:{path}".encode("utf-8")).digest()[:8], "big")
+def path_key(salt: object, path: str) -> int:
+    """A 64-bit sort key from sha1(salt:path): the same on every machine and Python version."""
+    return int.from_bytes(hashlib.sha1(f"{salt}:{path}".encode("utf-8")).digest()[:8], "big")
 
 
 def assign_splits(catalog: Catalog, scheme: str, test_fraction: float = 0.1, seed: int = 0) -> list[str]:
@@ -308,7 +308,7 @@ def assign_splits(catalog: Catalog, scheme: str, test_fraction: float = 0.1, see
         raise UserError(f"unknown split scheme {scheme!r}; use one of {list(SCHEMES)}")
     if not 0.0 <= test_fraction < 1.0:
         raise UserError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    keys = [_hash_key(seed, r.path) for r in catalog.records]
+    keys = [path_key(seed, r.path) for r in catalog.records]
     strata: dict[tuple[int, int], list[int]] = defaultdict(list)
     if scheme == "artgan":
         splits = ["val" if "val" in r.source_split else "train" for r in catalog.records]

@@ -69,7 +69,8 @@ def rng_state() -> dict:
     py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # This process's own GPU only: the resumed rank may see a different number of them.
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": [py_version, list(py_state), py_gauss],
@@ -80,7 +81,7 @@ def set_rng_state(state: dict) -> None:
     """Inverse of rng_state()."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"][0])  # the current device, as rng_state() saved it
     np_state = state["numpy"]
     np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
                          np_state["has_gauss"], np_state["cached_gaussian"]))
@@ -97,14 +98,15 @@ def seed_all(seed: int) -> None:
 
 def save_training_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                              scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                             cfg: JobConfig, class_names: dict[str, list[str]], position: dict,
+                             cfg: JobConfig, class_names: dict[str, list[str]], layout: dict, position: dict,
                              best: bool) -> None:
     """Call on every rank (each rank's RNG state is gathered); rank 0 writes model_last.pt and, when
     `best`, the same state to model_best.pt.
 
     `position` = {"epoch", "step_in_epoch", "global_step", "best_metric", "metrics"}: the next step
     to run (step_in_epoch 0 of epoch+1 after a whole epoch), the best validation value so far, and
-    the latest validation metrics. `model` is the plain model, so its keys carry no DDP prefix.
+    the latest validation metrics. `layout` (see resume_training) says what a step meant in this run.
+    `model` is the plain model, so its keys carry no DDP prefix.
     """
     rng = gather_objects(rng_state())
     if not is_main_process():
@@ -116,18 +118,27 @@ def save_training_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: t
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         **position,
+        "layout": layout,
         "rng": rng,
         "config": to_dict(cfg),
         "class_names": class_names,
     }
-    save_atomic(ckpt, run_dir / LAST)
+    # BEST first: killed between the two writes, the resumed run finds the old model_last.pt and
+    # redoes this epoch, whereas the other order would leave a best_metric that model_best.pt lacks.
     if best:
         save_atomic(ckpt, run_dir / BEST)
+    save_atomic(ckpt, run_dir / LAST)
 
 
 def resume_training(ckpt: dict, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LambdaLR, scaler: torch.amp.GradScaler, seed: int) -> dict:
+                    scheduler: torch.optim.lr_scheduler.LambdaLR, scaler: torch.amp.GradScaler, seed: int,
+                    layout: dict) -> dict:
     """Load a save_training_checkpoint state into fresh objects on this rank; returns its position.
+
+    `layout` = {"steps_per_epoch", "world_size", "workers", "batch_size", "accum_steps"} of this job.
+    When it differs from the saved one (more GPUs, another batch size...), a step no longer means
+    the same samples: the position is carried over as the same fraction of the epoch, in this job's
+    steps, and the LR schedule continues from there.
 
     The optimizer keeps this job's hyper-parameters (learning rates, weight decay), so a run can
     resume with, say, a lower train.lr after a non-finite loss; with an unchanged config every
@@ -145,6 +156,19 @@ def resume_training(ckpt: dict, path: Path, model: torch.nn.Module, optimizer: t
             f"different config: pick another `name`/`out_dir` for this job, or delete {path.parent} to start over"
         ) from None
     scheduler.load_state_dict(ckpt["scheduler"])
+    position = {key: ckpt[key] for key in ("epoch", "step_in_epoch", "global_step", "best_metric", "metrics")}
+    saved = ckpt.get("layout", layout)
+    if saved != layout:
+        old_steps, new_steps = saved["steps_per_epoch"], layout["steps_per_epoch"]
+        step = min(round(position["step_in_epoch"] * new_steps / old_steps), new_steps - 1) \
+            if position["step_in_epoch"] else 0
+        position.update(step_in_epoch=step, global_step=position["epoch"] * new_steps + step)
+        scheduler.last_epoch = position["global_step"]
+        if is_main_process():
+            changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in layout.items() if saved.get(k) != v)
+            print(f"note: {path} was written with another layout ({changed}): resuming at step {step} of "
+                  f"{new_steps} in epoch {position['epoch'] + 1}; the rest of that epoch's samples are "
+                  "not exactly the ones the interrupted run had left", flush=True)
     scheduler.base_lrs = [group["initial_lr"] for group in configured]
     for group, settings, base, factor in zip(optimizer.param_groups, configured, scheduler.base_lrs,
                                              scheduler.lr_lambdas):
@@ -160,4 +184,4 @@ def resume_training(ckpt: dict, path: Path, model: torch.nn.Module, optimizer: t
             print(f"note: {path} was written by {len(ckpt['rng'])} processes, this run has {world}: "
                   "RNG streams are reseeded, so the continuation is not bit-identical", flush=True)
         seed_all(seed + rank + 1_000_003 * ckpt["global_step"])
-    return {key: ckpt[key] for key in ("epoch", "step_in_epoch", "global_step", "best_metric", "metrics")}
+    return position

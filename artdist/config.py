@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 
 TASKS = ("style", "artist", "genre")
+MAX_IMAGE_SIZE = 2048  # px; the spatial LSTM's positional embedding covers 2048 / 32 = 64 feature-map cells
 
 
 class ConfigError(ValueError):
@@ -164,6 +165,10 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is Literal:
+        if isinstance(value, bool):
+            # YAML 1.1 reads an unquoted off/on/no/yes as a bool: give back the word this field allows.
+            words = [w for w in (("on", "yes", "true") if value else ("off", "no", "false")) if w in args]
+            value = words[0] if words else value
         if value not in args:
             raise ConfigError(f"{source}: {key} = {value!r} is not one of {list(args)}")
         return value
@@ -308,12 +313,49 @@ def validate(cfg: JobConfig, source: str = "config") -> None:
         "train.accum_steps": cfg.train.accum_steps,
         "shard.samples_per_shard": cfg.shard.samples_per_shard,
         "shard.max_short_side": cfg.shard.max_short_side,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "model.lstm_hidden": cfg.model.lstm_hidden,
+        "model.lstm_layers": cfg.model.lstm_layers,
+        "train.log_every": cfg.train.log_every,
+        "outliers.top_k": cfg.outliers.top_k,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{source}: {key} must be > 0, got {value}")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"{source}: data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    non_negative = {
+        "data.num_workers": cfg.data.num_workers,
+        "data.crop_padding": cfg.data.crop_padding,
+        "train.lr": cfg.train.lr,
+        "train.backbone_lr": cfg.train.backbone_lr,
+        "train.weight_decay": cfg.train.weight_decay,
+        "train.warmup_epochs": cfg.train.warmup_epochs,
+        "train.grad_clip": cfg.train.grad_clip,
+        "train.stop_after_steps": cfg.train.stop_after_steps,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{source}: {key} must be >= 0, got {value}")
+    fractions = {  # [0, 1)
+        "model.dropout": cfg.model.dropout,
+        "train.label_smoothing": cfg.train.label_smoothing,
+    }
+    for key, value in fractions.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{source}: {key} must be in [0, 1), got {value}")
+    if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
+        raise ConfigError(f"{source}: train.min_lr_ratio must be in [0, 1], got {cfg.train.min_lr_ratio}")
+    if not 0.0 <= cfg.outliers.threshold <= 1.0:
+        raise ConfigError(f"{source}: outliers.threshold must be in [0, 1], got {cfg.outliers.threshold}")
+    if not 0.0 < cfg.data.rrc_scale_min <= 1.0:
+        raise ConfigError(f"{source}: data.rrc_scale_min must be in (0, 1], got {cfg.data.rrc_scale_min}")
+    if not 0.0 < cfg.outliers.flag_fraction <= 1.0:
+        raise ConfigError(f"{source}: outliers.flag_fraction must be in (0, 1], got {cfg.outliers.flag_fraction}")
+    if cfg.data.crop_padding >= cfg.data.image_size:
+        raise ConfigError(f"{source}: data.crop_padding must be < data.image_size ({cfg.data.image_size}), "
+                          f"got {cfg.data.crop_padding}")
+    if cfg.data.image_size > MAX_IMAGE_SIZE:
+        raise ConfigError(f"{source}: data.image_size must be <= {MAX_IMAGE_SIZE} (the LSTM's positional "
+                          f"embedding covers feature maps up to {MAX_IMAGE_SIZE // 32} cells), got {cfg.data.image_size}")
     if not 0.0 <= cfg.synth.noise < 1.0:
         raise ConfigError(f"{source}: synth.noise must be in [0, 1), got {cfg.synth.noise}")
     if not 0.0 <= cfg.shard.test_fraction < 1.0:

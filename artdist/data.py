@@ -391,10 +391,15 @@ class TrainLoader:
     Every rank yields exactly len(self) batches per epoch (see the module docstring for how).
     """
 
-    def __init__(self, data_cfg: DataConfig, manifest: dict, rank: int, world_size: int, seed: int):
+    def __init__(self, data_cfg: DataConfig, manifest: dict, rank: int, world_size: int, seed: int,
+                 accum_steps: int = 1):
         urls, counts = _split_files(data_cfg, manifest, data_cfg.train_split)
         self.workers = max(1, data_cfg.num_workers)
         self.batches_per_worker = math.ceil(sum(counts) / (world_size * self.workers * data_cfg.batch_size))
+        # len(self) a multiple of accum_steps: the trainer runs len // accum_steps optimizer steps,
+        # and leftover batches would be samples that no step ever sees.
+        while self.batches_per_worker * self.workers % accum_steps:
+            self.batches_per_worker += 1
         self.dataset = _TrainStream(data_cfg, urls, counts, manifest["image_ext"], rank, world_size,
                                     self.workers, self.batches_per_worker, seed)
         self.loader = _Loader(self.dataset, data_cfg.num_workers)

@@ -35,7 +35,8 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Without including_emulation=False, pre-Ampere GPUs (V100, T4) report bf16 and run it emulated.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
@@ -307,6 +308,10 @@ def build_training(cfg: JobConfig, classes: dict[str, int], counts: dict[str, li
     optimizer = torch.optim.AdamW(model.param_groups(tcfg.lr, tcfg.backbone_lr, tcfg.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    empty = [t for t in cfg.model.tasks if counts and sum(counts[t]) == 0]
+    if empty:
+        raise UserError(f"the '{cfg.data.train_split}' split of {cfg.data.shards} has no {'/'.join(empty)} labels: "
+                        f"nothing to train that head on; drop {'/'.join(empty)} from model.tasks")
     weights = {t: class_weights(counts[t], tcfg.class_weighting) if counts else None for t in cfg.model.tasks}
     loss_fn = MultiTaskLoss(cfg.model.tasks, weights, tcfg.label_smoothing).to(device)
     return model, optimizer, scheduler, scaler, loss_fn

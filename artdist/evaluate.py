@@ -73,7 +73,8 @@ def open_run(args: argparse.Namespace, extra_overrides: tuple[str, ...] = ()) ->
     run_dir = Path(args.run)
     if not run_dir.is_dir():
         raise UserError(f"--run {run_dir}: no such directory; pass a run dir written by `artdist train` (runs/<name>)")
-    path = Path(args.checkpoint) if Path(args.checkpoint).is_file() else run_dir / args.checkpoint
+    # The run's own file first: `--run ../b` from inside run a must not pick up a's model_best.pt.
+    path = run_dir / args.checkpoint if (run_dir / args.checkpoint).is_file() else Path(args.checkpoint)
     ckpt = load_checkpoint(path)
     cfg = from_dict(apply_overrides(ckpt["config"], [*args.overrides, *extra_overrides]), f"{path} config")
     return path, ckpt, cfg

@@ -12,10 +12,10 @@ import torchvision
 from torch import nn
 
 from artdist.cli import UserError
-from artdist.config import ModelConfig
+from artdist.config import MAX_IMAGE_SIZE, ModelConfig
 
 TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-MAX_GRID = 64  # spatial positional embedding covers feature maps up to 64x64 (2048 px inputs)
+MAX_GRID = MAX_IMAGE_SIZE // 32  # spatial positional embedding: feature maps up to 64x64 (ResNet stride 32)
 PREFETCH_HINT = "python -c \"import torchvision; torchvision.models.{name}(weights='{weights}')\""
 
 

@@ -165,7 +165,11 @@ class GaussianAccumulator:
         rho = oas_shrinkage(cov, dof)
         d = cov.shape[0]
         shrunk = (1 - rho) * cov + rho * (torch.trace(cov) / d) * torch.eye(d, dtype=torch.float64)
-        return ClassGaussian(means, shrunk, torch.linalg.inv(shrunk), rho, counts)
+        try:
+            return ClassGaussian(means, shrunk, torch.linalg.inv(shrunk), rho, counts)
+        except torch.linalg.LinAlgError:
+            raise UserError("the training embeddings do not vary (their covariance is singular even after "
+                            "shrinkage), so feature-space scores are undefined: is this checkpoint trained?") from None
 
 
 # --------------------------------------------------------------------------- passes over a split
@@ -228,7 +232,7 @@ def score_split(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: s
     all_ids = np.concatenate([g[0] for g in gathered])
     expected = manifest["splits"][split]["num_samples"]
     if len(np.unique(all_ids)) != len(all_ids) or len(all_ids) != expected:
-        raise RuntimeError(
+        raise UserError(
             f"outliers: ranks together scored {len(all_ids)} '{split}' samples ({len(np.unique(all_ids))} "
             f"distinct) but the manifest lists {expected}; the eval loader must yield each sample exactly "
             "once across ranks (are the shards and manifest.json from the same `artdist shard` run?)")
@@ -330,7 +334,9 @@ def reasons_for(scores: TaskScores, i: int, names: list[str], threshold: float, 
         out.append(f"predicted {names[scores.predicted[i]]} with {scores.max_prob[i]:.2f}")
     if p < 0.5:
         out.append(f"p({names[scores.assigned[i]]})={p:.2g}")
-    if scores.feature_predicted[i] != scores.assigned[i]:
+    if not math.isfinite(scores.feature_nll[i]):
+        out.append(f"no {names[scores.assigned[i]]} paintings in training to compare the embedding with")
+    elif scores.feature_predicted[i] != scores.assigned[i]:
         out.append(f"embedding nearer the {names[scores.feature_predicted[i]]} paintings "
                    f"(feature-space p({names[scores.assigned[i]]})={math.exp(-scores.feature_nll[i]):.2g})")
     if maha_z[i] >= REASON_Z:

@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
-from artdist.catalog import SPLITS, Catalog, assign_splits, load_catalog
+from artdist.catalog import SPLITS, Catalog, assign_splits, load_catalog, path_key
 from artdist.cli import UserError, add_config_arguments
 from artdist.config import TASKS, ConfigError, ShardConfig, load_config, to_dict, validate
 
@@ -295,7 +295,10 @@ def _plan(cfg: ShardConfig, catalog: Catalog, splits: list[str], present: list[b
         samples = [
             {"path": r.path, "id": r.id, **dict(zip(TASKS, r.labels)), "split": split}
             for r, s, ok in zip(catalog.records, splits, present) if s == split and ok
-        ]  # records are sorted by id already
+        ]
+        # Ids follow the sorted paths, i.e. the style folders: in id order a shard would hold one or
+        # two styles, and the loader's shard shuffle + buffer could not mix a batch from that.
+        samples.sort(key=lambda sample: path_key(f"shard-order:{cfg.seed}", sample["path"]))
         plan[split] = [
             _ShardJob(shard_name(split, j), str(cfg.out), tuple(samples[a:b]), options,
                       _fingerprint(options, samples[a:b]))
@@ -358,6 +361,9 @@ def shard_dataset(cfg: ShardConfig, progress: bool = True) -> dict:
     plan = _plan(cfg, catalog, splits, present)
     jobs = [job for split in SPLITS for job in plan[split]]
     (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
+    # From the first change on, an earlier manifest would describe a mix of old and new shards
+    # whose counts may even agree; without it, nothing reads the folder until this run finishes.
+    (out / MANIFEST).unlink(missing_ok=True)
     _remove_stale(out, {job.name for job in jobs})
     records = {job.name: _finished(out, job) for job in jobs}
     todo = [job for job in jobs if records[job.name] is None]
@@ -408,7 +414,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "aim for at least ranks x loader workers shards per split (the default 1000 samples per shard "
         "gives WikiArt's train split 52). "
         "Unreadable, missing and oversized images are skipped and listed in the manifest; an "
-        "interrupted run resumes, redoing only unfinished shards."
+        "interrupted run resumes, redoing only unfinished shards (a finished shard is reused as long as "
+        "its samples and the options match; edited source images are not noticed: use a new --out)."
     )
     add_config_arguments(p)
     p.add_argument("--images", metavar="DIR", help="folder holding the style folders of images (shard.images)")

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import tarfile
 import time
 from functools import partial
 from pathlib import Path
@@ -26,13 +27,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from artdist.checkpoint import (BEST, latest_checkpoint, load_checkpoint, resume_training,
+from artdist.checkpoint import (BEST, LAST, latest_checkpoint, load_checkpoint, resume_training,
                                 save_training_checkpoint, seed_all)
 from artdist.cli import UserError, add_config_arguments
 from artdist.config import ConfigError, JobConfig, load_config, save_config, to_dict
 from artdist.data import DeviceTransform, TrainLoader, num_classes, read_manifest
-from artdist.dist import (barrier, broadcast_object, cleanup, get_rank, get_world_size, init_distributed, is_dist,
-                          is_main_process)
+from artdist.dist import (all_reduce_sum, barrier, broadcast_object, cleanup, get_rank, get_world_size,
+                          init_distributed, is_dist, is_main_process)
 from artdist.engine import (broadcast_buffers, build_training, label_counts, resolve_amp,
                             train_one_epoch, use_channels_last)
 from artdist.evaluate import HEADLINE, evaluate_split, headline, write_report
@@ -69,12 +70,12 @@ def train(cfg: JobConfig, device: torch.device) -> str:
     # ---- data: every rank gets len(loader) batches per epoch
     manifest = read_manifest(cfg.data.shards)
     classes = num_classes(manifest)
-    loader = TrainLoader(cfg.data, manifest, rank, world, tcfg.seed)
-    steps_per_epoch = len(loader) // tcfg.accum_steps
-    if steps_per_epoch == 0:
-        raise UserError(f"an epoch has {len(loader)} batches per rank, fewer than "
-                        f"train.accum_steps={tcfg.accum_steps}; lower train.accum_steps or data.batch_size")
+    loader = TrainLoader(cfg.data, manifest, rank, world, tcfg.seed, tcfg.accum_steps)
+    steps_per_epoch = len(loader) // tcfg.accum_steps  # exact: the loader rounds up to whole steps
     total_steps = steps_per_epoch * tcfg.epochs
+    # What a step means in this job; saved with every checkpoint so that a resume can tell.
+    layout = {"steps_per_epoch": steps_per_epoch, "world_size": world, "workers": loader.workers,
+              "batch_size": cfg.data.batch_size, "accum_steps": tcfg.accum_steps}
     transform = DeviceTransform(cfg.data, device, train=True, channels_last=channels_last)
 
     # ---- run dir: only rank 0 writes
@@ -84,7 +85,18 @@ def train(cfg: JobConfig, device: torch.device) -> str:
         save_config(cfg, run_dir / "config.yaml")
     counts = None
     if tcfg.class_weighting != "none":
-        counts = broadcast_object(train_class_counts(cfg, manifest, classes) if master else None)
+        # Rank 0 reads the labels; a failure there must reach the other ranks, which would otherwise
+        # wait in the broadcast until the collective times out.
+        counts, failure = None, None
+        if master:
+            try:
+                counts = train_class_counts(cfg, manifest, classes)
+            except (OSError, tarfile.TarError, ValueError, KeyError) as exc:
+                failure = (f"cannot count the class labels of the '{cfg.data.train_split}' shards in "
+                           f"{cfg.data.shards} ({type(exc).__name__}: {exc}); re-run `artdist shard`")
+        counts, failure = broadcast_object((counts, failure))
+        if failure:
+            raise UserError(failure)
     barrier()
 
     # ---- model (same init on every rank), optimizer, LR schedule, loss
@@ -97,8 +109,14 @@ def train(cfg: JobConfig, device: torch.device) -> str:
     # ---- resume from model_last.pt if there is one; else per-rank streams for dropout/augmentation
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": -math.inf, "metrics": {}}
     last = latest_checkpoint(run_dir)
+    found = torch.tensor([float(last is not None)], device=device)
+    all_reduce_sum(found)  # every rank learns whether all agree, so none is left waiting in a collective
+    if 0 < found.item() < world:
+        raise UserError(f"{int(found.item())} of {world} processes see {run_dir / LAST}: the run dir must be on a "
+                        "file system that every node sees (set out_dir to a shared path)")
     if last is not None:
-        position = resume_training(load_checkpoint(last), last, model, optimizer, scheduler, scaler, tcfg.seed)
+        position = resume_training(load_checkpoint(last), last, model, optimizer, scheduler, scaler, tcfg.seed,
+                                   layout)
     else:
         seed_all(tcfg.seed + rank)
 
@@ -109,7 +127,8 @@ def train(cfg: JobConfig, device: torch.device) -> str:
         if is_dist() else model
     watch = PreemptionWatch(run_dir / STOP_FILE, device=device).install()
     writer = SummaryWriter(str(run_dir / "tb")) if master else None
-    save = partial(save_training_checkpoint, run_dir, model, optimizer, scheduler, scaler, cfg, manifest["classes"])
+    save = partial(save_training_checkpoint, run_dir, model, optimizer, scheduler, scaler, cfg, manifest["classes"],
+                   layout)
 
     if master:
         print(f"artdist train {cfg.name}: {world} process(es) on {device.type}, amp {amp_dtype or 'off'}, "
@@ -188,12 +207,16 @@ def train_class_counts(cfg: JobConfig, manifest: dict, classes: dict[str, int]) 
     path = cfg.run_dir / "class_counts.json"
     key = {"shards": str(Path(cfg.data.shards).resolve()), "split": cfg.data.train_split,
            "num_samples": manifest["splits"][cfg.data.train_split]["num_samples"]}
-    if path.is_file():
+    try:
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached["counts"]
+    except (OSError, ValueError, AttributeError):
+        pass  # absent or unreadable: count again
     counts = label_counts(cfg.data.shards, manifest, cfg.data.train_split, classes)
-    path.write_text(json.dumps({"key": key, "counts": counts}))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"key": key, "counts": counts}))
+    os.replace(tmp, path)
     return counts
 
 

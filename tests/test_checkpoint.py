@@ -97,6 +97,9 @@ def test_rng_state_round_trip_continues_every_stream():
     assert random.random() == expected[2]
 
 
+LAYOUT = {"steps_per_epoch": 10, "world_size": 1, "workers": 1, "batch_size": 16, "accum_steps": 1}
+
+
 def _training_objects(seed: int):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5),
@@ -126,7 +129,7 @@ def test_training_state_round_trip_resumes_identically(tmp_path):
         _step(*objects, x)
     position = {"epoch": 2, "step_in_epoch": 5, "global_step": 17, "best_metric": 0.25,
                 "metrics": {"style/macro_f1": 0.25}}
-    save_training_checkpoint(tmp_path, *objects, cfg, classes, position, best=True)
+    save_training_checkpoint(tmp_path, *objects, cfg, classes, LAYOUT, position, best=True)
     for _ in range(2):  # dropout draws from the RNG that the checkpoint holds
         _step(*objects, x)
 
@@ -136,7 +139,7 @@ def test_training_state_round_trip_resumes_identically(tmp_path):
     assert ckpt["config"]["name"] == "roundtrip" and ckpt["class_names"] == classes
     fresh = _training_objects(seed=1)
     torch.manual_seed(99)
-    restored = resume_training(ckpt, tmp_path / LAST, *fresh, seed=0)
+    restored = resume_training(ckpt, tmp_path / LAST, *fresh, seed=0, layout=LAYOUT)
     assert restored == position
     assert fresh[2].last_epoch == objects[2].last_epoch - 2
     assert fresh[3].get_scale() == ckpt["scaler"]["scale"]
@@ -151,11 +154,12 @@ def test_resume_takes_the_learning_rate_of_the_new_config(tmp_path):
     for _ in range(3):
         _step(*objects, torch.randn(16, 4))
     position = {"epoch": 0, "step_in_epoch": 3, "global_step": 3, "best_metric": 0.0, "metrics": {}}
-    save_training_checkpoint(tmp_path, *objects, JobConfig(), {}, position, best=False)
+    save_training_checkpoint(tmp_path, *objects, JobConfig(), {}, LAYOUT, position, best=False)
     model, _, _, scaler = _training_objects(seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)  # was 0.1
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
-    resume_training(load_checkpoint(tmp_path / LAST), tmp_path / LAST, model, optimizer, scheduler, scaler, seed=0)
+    resume_training(load_checkpoint(tmp_path / LAST), tmp_path / LAST, model, optimizer, scheduler, scaler, seed=0,
+                    layout=LAYOUT)
     assert scheduler.last_epoch == 3
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / 4)
     assert optimizer.state_dict()["state"][0]["step"] == 3  # the Adam moments are the saved ones
@@ -165,11 +169,28 @@ def test_resume_takes_the_learning_rate_of_the_new_config(tmp_path):
 
 def test_resume_into_a_different_model_is_a_clear_error(tmp_path):
     objects = _training_objects(seed=0)
-    save_training_checkpoint(tmp_path, *objects, JobConfig(), {}, {"epoch": 0, "step_in_epoch": 0, "global_step": 0,
+    save_training_checkpoint(tmp_path, *objects, JobConfig(), {}, LAYOUT, {"epoch": 0, "step_in_epoch": 0, "global_step": 0,
                                                                    "best_metric": 0.0, "metrics": {}}, best=False)
     other = torch.nn.Linear(3, 3)
     optimizer = torch.optim.AdamW(other.parameters())
     with pytest.raises(UserError, match="different config"):
         resume_training(load_checkpoint(tmp_path / LAST), tmp_path / LAST, other, optimizer,
                         torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                        torch.amp.GradScaler("cpu", enabled=False), seed=0)
+                        torch.amp.GradScaler("cpu", enabled=False), seed=0, layout=LAYOUT)
+
+
+@pytest.mark.parametrize("step_in_epoch, expected_step", [(5, 10), (0, 0), (9, 18)])
+def test_resume_with_another_layout_keeps_the_fraction_of_the_epoch_and_the_schedule(tmp_path, capsys,
+                                                                                      step_in_epoch, expected_step):
+    objects = _training_objects(seed=0)
+    position = {"epoch": 2, "step_in_epoch": step_in_epoch, "global_step": 20 + step_in_epoch, "best_metric": 0.0,
+                "metrics": {}}
+    save_training_checkpoint(tmp_path, *objects, JobConfig(), {}, LAYOUT, position, best=False)
+    model, optimizer, scheduler, scaler = _training_objects(seed=0)
+    doubled = {**LAYOUT, "steps_per_epoch": 20, "batch_size": 8}  # same samples per epoch, half the batch
+    restored = resume_training(load_checkpoint(tmp_path / LAST), tmp_path / LAST, model, optimizer, scheduler,
+                               scaler, seed=0, layout=doubled)
+    assert restored["epoch"] == 2 and restored["step_in_epoch"] == expected_step
+    assert restored["global_step"] == scheduler.last_epoch == 2 * 20 + expected_step
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 / (restored["global_step"] + 1))
+    assert "batch_size 16 -> 8" in capsys.readouterr().out

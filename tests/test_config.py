@@ -47,11 +47,25 @@ def test_unknown_top_level_section(tmp_path):
     ("model: {tasks: [style], primary_task: genre}\n", "primary_task"),
     ("model: {tasks: [colour]}\n", "unknown task 'colour'"),
     ("data: {batch_size: 0}\n", "data.batch_size must be > 0"),
+    ("data: {shuffle_buffer: 0}\n", "data.shuffle_buffer must be > 0"),
+    ("data: {image_size: 4096}\n", "data.image_size must be <= 2048"),
+    ("train: {label_smoothing: 1.5}\n", "train.label_smoothing must be in [0, 1)"),
+    ("train: {grad_clip: -1}\n", "train.grad_clip must be >= 0"),
+    ("model: {dropout: 1.0}\n", "model.dropout must be in [0, 1)"),
+    ("model: {lstm_layers: 0}\n", "model.lstm_layers must be > 0"),
+    ("train: {amp: sometimes}\n", "train.amp = 'sometimes' is not one of"),
 ])
 def test_type_and_value_errors(tmp_path, text, needle):
     with pytest.raises(ConfigError) as exc:
         load_config(write(tmp_path, text))
     assert needle in str(exc.value)
+
+
+def test_yaml_off_and_on_words_stay_words(tmp_path):
+    # YAML 1.1 reads unquoted off/no as false; `amp: off` must still mean the word.
+    assert load_config(write(tmp_path, "train: {amp: off}\n")).train.amp == "off"
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    assert load_config(None, ["train.amp=no"]).train.amp == "off"
 
 
 def test_dotted_overrides(tmp_path):

@@ -141,6 +141,19 @@ def test_train_ranks_equal_length_and_cover_every_sample(uneven, workers):
     assert max(counts.values()) == 2 and sum(c == 2 for c in counts.values()) == extra
 
 
+@pytest.mark.parametrize("accum_steps", [2, 3, 5])
+def test_train_length_is_whole_accumulation_steps_and_still_covers_every_sample(uneven, accum_steps):
+    manifest = read_manifest(uneven)
+    cfg = _cfg(uneven, num_workers=2)
+    seen: set[int] = set()
+    for rank in range(2):
+        loader = TrainLoader(cfg, manifest, rank, 2, seed=3, accum_steps=accum_steps)
+        assert len(loader) % accum_steps == 0 and len(loader) % 2 == 0
+        loader.set_epoch(0)
+        seen |= {i for batch in _ids(list(loader)) for i in batch}
+    assert seen == set(range(manifest["splits"]["train"]["num_samples"]))
+
+
 def test_train_fewer_shards_than_ranks_times_workers(tmp_path):
     shards = write_shards(tmp_path, {"train": [5, 9]})
     manifest = read_manifest(shards)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from artdist import outliers as o
 from artdist.checkpoint import save_atomic
+from artdist.cli import UserError
 from artdist.cli import main as cli_main
 from artdist.config import TASKS, DataConfig, JobConfig, ModelConfig, save_config, to_dict
 from artdist.data import DeviceTransform, make_eval_loader, num_classes, read_manifest
@@ -332,7 +333,7 @@ def test_a_lost_or_repeated_sample_is_an_error(probed, monkeypatch):
         yield ids, labels, logits, torch.zeros(3, width)
 
     monkeypatch.setattr(o, "_batches", fake_batches)
-    with pytest.raises(RuntimeError, match="exactly once"):
+    with pytest.raises(UserError, match="exactly once"):
         o.score_split(None, cfg, manifest, SPLIT, torch.device("cpu"), None, gaussians)
 
 

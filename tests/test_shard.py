@@ -201,8 +201,17 @@ def test_manifest_matches_the_files(odd_corpus, odd_shards):
             assert len(members) == 2 * shard["num_samples"]
             assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "", 0o644)}
             assert all(m.name.count(".") == 1 for m in members)
-            ids = [json.loads(member)["id"] for member in _json_members(out / shard["name"])]
-            assert ids == sorted(ids)
+
+
+
+def test_shards_mix_the_style_folders(demo_shards):
+    # Ids follow the sorted paths (= style folders); written in that order, a 40-sample shard of this
+    # 6-style corpus would hold one or two styles.
+    manifest = json.loads((demo_shards / "manifest.json").read_text())
+    for shard in manifest["splits"]["train"]["shards"]:
+        metas = [json.loads(member) for member in _json_members(demo_shards / shard["name"])]
+        assert len({m["style"] for m in metas}) >= 4, shard["name"]
+        assert [m["id"] for m in metas] != sorted(m["id"] for m in metas)
 
 
 def _json_members(path: Path) -> list[bytes]:
