@@ -225,7 +225,7 @@ def _finished(out: Path, job: _ShardJob) -> dict | None:
 
 class _Progress:
     """Shards done/total, images per second and ETA on stderr: a redrawn bar on a terminal, and a line
-    per tenth of the work otherwise (SLURM and CI logs would get one endless \r-joined line)."""
+    per tenth of the work otherwise (a redrawn bar would be one endless line in SLURM and CI logs)."""
 
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled = total, enabled
