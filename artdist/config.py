@@ -318,6 +318,9 @@ def validate(cfg: JobConfig, source: str = "config") -> None:
         "model.lstm_layers": cfg.model.lstm_layers,
         "train.log_every": cfg.train.log_every,
         "outliers.top_k": cfg.outliers.top_k,
+        "slurm.nodes": cfg.slurm.nodes,
+        "slurm.cpus_per_task": cfg.slurm.cpus_per_task,
+        "slurm.time_min": cfg.slurm.time_min,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -331,6 +334,10 @@ def validate(cfg: JobConfig, source: str = "config") -> None:
         "train.warmup_epochs": cfg.train.warmup_epochs,
         "train.grad_clip": cfg.train.grad_clip,
         "train.stop_after_steps": cfg.train.stop_after_steps,
+        "slurm.gpus_per_node": cfg.slurm.gpus_per_node,
+        "slurm.mem_gb": cfg.slurm.mem_gb,
+        "slurm.signal_delay_s": cfg.slurm.signal_delay_s,
+        "slurm.max_num_timeout": cfg.slurm.max_num_timeout,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -22,7 +22,7 @@ import submitit
 import torch
 
 from artdist.cli import UserError, add_config_arguments
-from artdist.config import JobConfig, load_config
+from artdist.config import JobConfig, load_config, validate
 from artdist.train import main as train_main
 
 # SlurmConfig fields that are also command-line flags; a flag that is given overrides the config.
@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     flags = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
     # The flags become part of the job's config, so RUN_DIR/config.yaml records what actually ran.
     cfg = dataclasses.replace(cfg, slurm=dataclasses.replace(cfg.slurm, **flags))
+    validate(cfg, "command line")  # e.g. --nodes 0
     job = submit_job(cfg, args.local)
     tasks, gpus = task_layout(cfg, args.local)
     where = "on this machine (submitit LocalExecutor)" if args.local else "to SLURM"

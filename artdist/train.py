@@ -212,11 +212,9 @@ def train_class_counts(cfg: JobConfig, manifest: dict, classes: dict[str, int]) 
         if cached.get("key") == key:
             return cached["counts"]
     except (OSError, ValueError, AttributeError):
-        pass  # absent or unreadable: count again
+        pass  # absent, or cut short by a kill mid-write (never valid JSON then): count again
     counts = label_counts(cfg.data.shards, manifest, cfg.data.train_split, classes)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"key": key, "counts": counts}))
-    os.replace(tmp, path)
+    path.write_text(json.dumps({"key": key, "counts": counts}))
     return counts
 
 

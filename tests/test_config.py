@@ -54,6 +54,7 @@ def test_unknown_top_level_section(tmp_path):
     ("model: {dropout: 1.0}\n", "model.dropout must be in [0, 1)"),
     ("model: {lstm_layers: 0}\n", "model.lstm_layers must be > 0"),
     ("train: {amp: sometimes}\n", "train.amp = 'sometimes' is not one of"),
+    ("slurm: {nodes: 0}\n", "slurm.nodes must be > 0"),
 ])
 def test_type_and_value_errors(tmp_path, text, needle):
     with pytest.raises(ConfigError) as exc:

@@ -114,6 +114,11 @@ def test_submit_help_lists_the_resource_flags(capsys):
         assert flag in out
 
 
+def test_submit_flags_are_checked_like_config_keys(capsys):
+    assert main(["submit", "--config", str(REPO / "jobs" / "demo.yaml"), "--local", "--nodes", "0"]) == 2
+    assert "slurm.nodes must be > 0, got 0" in capsys.readouterr().err
+
+
 def test_submit_local_runs_two_tasks_to_a_finished_run(demo_shards, tmp_path):
     run_dir = tmp_path / "run"
     res = subprocess.run(
