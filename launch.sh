@@ -71,7 +71,7 @@ print(cfg.run_dir, cfg.train.epochs, cfg.slurm.max_num_timeout, cfg.synth.out, c
 finished() {
     python -c '
 import sys
-from artdist.checkpoint import latest_checkpoint, load_checkpoint
+from artdist.train.checkpoint import latest_checkpoint, load_checkpoint
 last = latest_checkpoint(sys.argv[1])
 sys.exit(0 if last and load_checkpoint(last)["epoch"] >= int(sys.argv[2]) else 1)' "$1" "$2"
 }

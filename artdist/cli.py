@@ -1,54 +1,28 @@
-"""The `artdist` command line: one subcommand per module, imported only when it runs."""
+"""The `artdist` command line: one subcommand per module of artdist.commands, imported only when it runs."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
-from artdist.config import ConfigError
+from artdist.errors import ConfigError, UserError
 
-
-class UserError(Exception):
-    """Bad input (missing folder, wrong file...): printed as one clear line, never a traceback."""
-
-
-# name -> (module implementing add_arguments(parser) and run(args) -> int, one-line help)
+# name -> one-line help; artdist.commands.<name> implements add_arguments(parser) and run(args) -> int
 COMMANDS = {
-    "synth": ("artdist.synth", "generate a synthetic WikiArt-like corpus in the ArtGAN layout"),
-    "shard": ("artdist.shard", "pack images + ArtGAN label files into WebDataset tar shards"),
-    "train": ("artdist.train", "train the CNN-LSTM (plain python, or N processes under torchrun)"),
-    "evaluate": ("artdist.evaluate", "evaluate a run's model_best.pt on a split"),
-    "predict": ("artdist.predict", "top-k style, artist and genre for image files"),
-    "outliers": ("artdist.outliers", "rank the paintings that do not fit their assigned labels"),
-    "submit": ("artdist.submit", "submit a training job to SLURM through submitit"),
-    "bench": ("artdist.bench", "measure loader, model and end-to-end throughput"),
-    "config": ("artdist.cli", "print a job's resolved config (YAML + --set overrides)"),
+    "synth": "generate a synthetic WikiArt-like corpus in the ArtGAN layout",
+    "shard": "pack images + ArtGAN label files into WebDataset tar shards",
+    "train": "train the CNN-LSTM (plain python, or N processes under torchrun)",
+    "evaluate": "evaluate a run's model_best.pt on a split",
+    "predict": "top-k style, artist and genre for image files",
+    "outliers": "rank the paintings that do not fit their assigned labels",
+    "submit": "submit a training job to SLURM through submitit",
+    "bench": "measure loader, model and end-to-end throughput",
+    "config": "print a job's resolved config (YAML + --set overrides)",
 }
 
 
-def add_config_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
-    """--config and --set, shared by every command that reads a job config."""
-    p.add_argument("--config", "-c", required=required, metavar="YAML",
-                   help="job config, e.g. jobs/demo.yaml (defaults apply to keys it leaves out)")
-    add_override_argument(p)
-
-
-def add_override_argument(p: argparse.ArgumentParser) -> None:
-    """--set alone, for commands whose config comes from a run or checkpoint."""
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key with a dotted path, e.g. --set data.image_size=256 "
-                        "(repeatable; values are read as YAML)")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p)
-
-
-def run(args: argparse.Namespace) -> int:
-    from artdist.config import load_config, to_yaml
-
-    print(to_yaml(load_config(args.config, args.overrides)), end="")
-    return 0
+def _module(command: str) -> str:
+    return f"artdist.commands.{command}"
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -59,11 +33,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                     "across GPUs, and find the paintings that do not fit their labels.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            importlib.import_module(module).add_arguments(p)
-        p.set_defaults(_module=module)
+            importlib.import_module(_module(name)).add_arguments(p)
     return parser
 
 
@@ -72,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
-    mod = importlib.import_module(args._module)
+    mod = importlib.import_module(_module(args.command))
     try:
         return int(mod.run(args) or 0)
     except ConfigError as exc:

@@ -10,12 +10,10 @@ from typing import Any, Literal
 
 import yaml
 
+from artdist.errors import ConfigError
+
 TASKS = ("style", "artist", "genre")
 MAX_IMAGE_SIZE = 2048  # px; the spatial LSTM's positional embedding covers 2048 / 32 = 64 feature-map cells
-
-
-class ConfigError(ValueError):
-    """A job config is invalid; the message names the key, the source and what is allowed."""
 
 
 @dataclass
@@ -389,11 +387,6 @@ def from_dict(tree: dict, source: str = "saved config") -> JobConfig:
     return cfg
 
 
-def section(cls: type, tree: dict, source: str) -> Any:
-    """Build one section dataclass (e.g. ShardConfig) from a dict, with the same checks."""
-    return _build(cls, tree, "", source)
-
-
 __all__ = [
     "TASKS",
     "ConfigError",
@@ -411,5 +404,4 @@ __all__ = [
     "to_dict",
     "to_yaml",
     "from_dict",
-    "section",
 ]

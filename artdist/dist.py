@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,12 +32,6 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
-
-
-def save_on_master(obj: Any, path: str | Path) -> None:
-    """Only rank 0 writes; see checkpoint.save_atomic for the crash-safe variant."""
-    if is_main_process():
-        torch.save(obj, path)
 
 
 def init_distributed(device: str = "auto") -> torch.device:
@@ -96,3 +89,14 @@ def gather_objects(obj: Any) -> list[Any] | None:
     out = [None] * get_world_size() if is_main_process() else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics).
+
+    DDP syncs buffers at the start of each training forward, so after the last step each rank
+    holds statistics updated by its own last batch; evaluating or saving must use one model.
+    """
+    if is_dist():
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)

@@ -11,8 +11,8 @@ import torch
 import torchvision
 from torch import nn
 
-from artdist.cli import UserError
 from artdist.config import MAX_IMAGE_SIZE, ModelConfig
+from artdist.errors import UserError
 
 TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 MAX_GRID = MAX_IMAGE_SIZE // 32  # spatial positional embedding: feature maps up to 64x64 (ResNet stride 32)

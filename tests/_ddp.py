@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from artdist import train
-from artdist.checkpoint import LAST
+from artdist.job import main as job_main
 from artdist.config import JobConfig
-from artdist.preempt import STOP_FILE, PreemptionWatch
+from artdist.rundir import LAST, STOP_FILE
+from artdist.train import trainer as train
+from artdist.train.preempt import PreemptionWatch
 
 
 def free_port() -> int:
@@ -107,7 +108,7 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[Job], out: str) ->
 
         PreemptionWatch.should_stop = should_stop
         try:
-            record["status"] = train.main(job.cfg)
+            record["status"] = job_main(job.cfg)
         except Exception as exc:  # recorded for the test to assert on; every rank should fail the same way
             record["error"] = f"{type(exc).__name__}: {exc}"
             record["traceback"] = traceback.format_exc()

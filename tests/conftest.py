@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from artdist.config import ShardConfig, SynthConfig
-from artdist.shard import shard_dataset
-from artdist.synth import make_corpus
+from artdist.data.shard import shard_dataset
+from artdist.data.synth import make_corpus
 
 # The nine real ArtGAN label files, byte for byte (1.3 MB of xz instead of 11 MB), so that a clean
 # clone tests against them wherever it is checked out.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from artdist.catalog import (
+from artdist.data.catalog import (
     LABEL_FILES,
     Catalog,
     Record,
@@ -15,7 +15,7 @@ from artdist.catalog import (
     load_catalog,
     split_counts,
 )
-from artdist.cli import UserError
+from artdist.errors import UserError
 from artdist.config import TASKS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "wikiart_csv"  # where the project got them

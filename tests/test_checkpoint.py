@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from artdist import checkpoint
-from artdist.checkpoint import (LAST, load_checkpoint, latest_checkpoint, resume_training, rng_state,
-                                save_atomic, save_training_checkpoint, set_rng_state)
-from artdist.cli import UserError
+from artdist.rundir import LAST
+from artdist.train import checkpoint
+from artdist.train.checkpoint import (load_checkpoint, latest_checkpoint, resume_training, rng_state, save_atomic,
+                                      save_training_checkpoint, set_rng_state)
+from artdist.errors import UserError
 from artdist.config import JobConfig
 
 
@@ -41,7 +42,7 @@ def test_sigkill_during_save_leaves_a_complete_loadable_checkpoint(tmp_path):
     path = tmp_path / "model_last.pt"
     writer = textwrap.dedent(f"""
         import torch
-        from artdist.checkpoint import save_atomic
+        from artdist.train.checkpoint import save_atomic
         i = 0
         while True:
             i += 1

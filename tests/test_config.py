@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from artdist.config import ConfigError, JobConfig, from_dict, load_config, save_config, to_dict
+from artdist.errors import ConfigError
+from artdist.config import JobConfig, from_dict, load_config, save_config, to_dict
 from artdist.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,22 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from artdist.cli import UserError
+from artdist.errors import UserError
 from artdist.config import TASKS, DataConfig
-from artdist.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DeviceTransform,
-    Geometry,
-    TrainLoader,
-    apply_geometry_pil,
-    apply_geometry_tensor,
-    decode_image,
-    make_eval_loader,
-    num_classes,
-    read_manifest,
-    sample_geometry,
-)
+from artdist.data.loader import TrainLoader, make_eval_loader
+from artdist.data.manifest import num_classes, read_manifest
+from artdist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, Geometry, apply_geometry_pil,
+                                     apply_geometry_tensor, decode_image, sample_geometry)
 
 CLASSES = {"style": ["a", "b", "c"], "artist": ["x", "y"], "genre": ["g0", "g1", "g2", "g3"]}
 

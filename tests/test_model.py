@@ -5,7 +5,7 @@ import pytest
 import torch
 import torchvision
 
-from artdist.cli import UserError
+from artdist.errors import UserError
 from artdist.config import TASKS, ModelConfig
 from artdist.model import CNNLSTM, build_model
 

@@ -20,14 +20,17 @@ import pytest
 import torch
 from PIL import Image
 
-from artdist import outliers as o
-from artdist.checkpoint import save_atomic
-from artdist.cli import UserError
 from artdist.cli import main as cli_main
 from artdist.config import TASKS, DataConfig, JobConfig, ModelConfig, save_config, to_dict
-from artdist.data import DeviceTransform, make_eval_loader, num_classes, read_manifest
+from artdist.data.loader import make_eval_loader
+from artdist.data.manifest import num_classes, read_manifest
+from artdist.data.transforms import DeviceTransform
+from artdist.errors import UserError
 from artdist.model import build_model
-from artdist.outlier_report import read_sample_index
+from artdist.outliers import pipeline, ranking
+from artdist.outliers.report import read_sample_index
+from artdist.outliers.scores import ClassGaussian, GaussianAccumulator, TaskScores, softmax_scores
+from artdist.train.checkpoint import save_atomic
 
 # --------------------------------------------------------------------------- scores on hand-made logits
 
@@ -35,7 +38,7 @@ from artdist.outlier_report import read_sample_index
 def test_softmax_scores_match_hand_computation():
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 5.0], [1.0, 1.0, -1.0]])
     assigned = torch.tensor([0, 1, 1])
-    s = o.softmax_scores(logits, assigned)
+    s = softmax_scores(logits, assigned)
     for i, (row, a) in enumerate(zip(logits.tolist(), assigned.tolist())):
         z = sum(math.exp(v) for v in row)
         p = [math.exp(v) / z for v in row]
@@ -50,7 +53,7 @@ def test_softmax_scores_match_hand_computation():
 
 def test_scores_stay_finite_for_extreme_logits_and_half_precision():
     logits = torch.tensor([[80.0, -80.0]], dtype=torch.bfloat16)
-    s = o.softmax_scores(logits, torch.tensor([1]))
+    s = softmax_scores(logits, torch.tensor([1]))
     assert torch.isfinite(s["nll"]).all() and s["nll"].item() == pytest.approx(160.0, rel=1e-2)
     assert s["max_prob"].dtype == torch.float32
 
@@ -68,9 +71,9 @@ def _two_class_data(rng: np.random.Generator, n: int = 400) -> tuple[torch.Tenso
 def test_gaussian_fit_matches_numpy_and_is_chunk_invariant():
     x, y = _two_class_data(np.random.default_rng(0))
     y[:7] = -1  # unknown labels are left out of the fit
-    whole = o.GaussianAccumulator(2, 3, torch.device("cpu"))
+    whole = GaussianAccumulator(2, 3, torch.device("cpu"))
     whole.add(x, y)
-    chunked = o.GaussianAccumulator(2, 3, torch.device("cpu"))
+    chunked = GaussianAccumulator(2, 3, torch.device("cpu"))
     for part in range(0, len(y), 64):
         chunked.add(x[part:part + 64], y[part:part + 64])
     g, g2 = whole.fit(), chunked.fit()
@@ -95,7 +98,7 @@ def test_oas_shrinks_noisy_isotropic_estimates_more_than_well_determined_ones():
     many = torch.tensor(rng.normal(size=(5000, 3)) * np.array([10.0, 1.0, 0.1]))
     rho = []
     for x in (few, many):
-        acc = o.GaussianAccumulator(1, x.shape[1], torch.device("cpu"))
+        acc = GaussianAccumulator(1, x.shape[1], torch.device("cpu"))
         acc.add(x, torch.zeros(len(x), dtype=torch.int64))
         rho.append(acc.fit().shrinkage)
     assert rho[0] > 0.5 and rho[1] < 0.01
@@ -103,7 +106,7 @@ def test_oas_shrinks_noisy_isotropic_estimates_more_than_well_determined_ones():
 
 def test_feature_scores_distance_and_gaussian_classifier():
     nan = float("nan")
-    g = o.ClassGaussian(
+    g = ClassGaussian(
         means=torch.tensor([[0.0, 0.0], [10.0, 10.0], [nan, nan]], dtype=torch.float64),
         covariance=torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64)),
         precision=torch.diag(torch.tensor([0.25, 1.0], dtype=torch.float64)),
@@ -124,13 +127,13 @@ def test_feature_scores_distance_and_gaussian_classifier():
 
 def test_auroc_perfect_inverted_ties_and_a_known_case():
     pos = np.array([0, 0, 1, 1], dtype=bool)
-    assert o.auroc(np.array([0.1, 0.2, 0.8, 0.9]), pos) == 1.0
-    assert o.auroc(np.array([0.9, 0.8, 0.2, 0.1]), pos) == 0.0
-    assert o.auroc(np.full(4, 0.3), pos) == 0.5
-    assert o.auroc(np.array([0.1, 0.4, 0.35, 0.8]), pos) == pytest.approx(0.75)
+    assert ranking.auroc(np.array([0.1, 0.2, 0.8, 0.9]), pos) == 1.0
+    assert ranking.auroc(np.array([0.9, 0.8, 0.2, 0.1]), pos) == 0.0
+    assert ranking.auroc(np.full(4, 0.3), pos) == 0.5
+    assert ranking.auroc(np.array([0.1, 0.4, 0.35, 0.8]), pos) == pytest.approx(0.75)
     # positives {1, 1}, negatives {1, 0}: pairs score 0.5 + 1 + 0.5 + 1 out of 4
-    assert o.auroc(np.array([1.0, 0.0, 1.0, 1.0]), np.array([0, 0, 1, 1], dtype=bool)) == pytest.approx(0.75)
-    assert math.isnan(o.auroc(np.array([0.1, 0.2]), np.array([False, False])))
+    assert ranking.auroc(np.array([1.0, 0.0, 1.0, 1.0]), np.array([0, 0, 1, 1], dtype=bool)) == pytest.approx(0.75)
+    assert math.isnan(ranking.auroc(np.array([0.1, 0.2]), np.array([False, False])))
 
 
 def test_auroc_equals_pairwise_definition_on_random_data():
@@ -138,27 +141,27 @@ def test_auroc_equals_pairwise_definition_on_random_data():
     s = rng.integers(0, 5, 60).astype(float)  # many ties
     pos = rng.random(60) < 0.3
     pairs = [(a > b) + 0.5 * (a == b) for a in s[pos] for b in s[~pos]]
-    assert o.auroc(s, pos) == pytest.approx(np.mean(pairs))
+    assert ranking.auroc(s, pos) == pytest.approx(np.mean(pairs))
 
 
 def test_precision_at_k_with_and_without_ties():
     pos = np.array([1, 1, 0, 0, 0], dtype=bool)
-    assert o.precision_at_k(np.array([5.0, 4, 3, 2, 1]), pos, 2) == 1.0
-    assert o.precision_at_k(np.array([1.0, 2, 3, 4, 5]), pos, 2) == 0.0
-    assert o.precision_at_k(np.array([5.0, 4, 3, 2, 1]), pos, 4) == 0.5
+    assert ranking.precision_at_k(np.array([5.0, 4, 3, 2, 1]), pos, 2) == 1.0
+    assert ranking.precision_at_k(np.array([1.0, 2, 3, 4, 5]), pos, 2) == 0.0
+    assert ranking.precision_at_k(np.array([5.0, 4, 3, 2, 1]), pos, 4) == 0.5
     # one sure hit above the cut, then 1 slot shared by three tied samples holding 1 positive
-    assert o.precision_at_k(np.array([3.0, 2, 2, 2, 1]), pos, 2) == pytest.approx((1 + 1 / 3) / 2)
+    assert ranking.precision_at_k(np.array([3.0, 2, 2, 2, 1]), pos, 2) == pytest.approx((1 + 1 / 3) / 2)
 
 
 def test_robust_z_ignores_the_outlier_it_measures():
-    z = o.robust_z(np.array([1.0, 2.0, 3.0, 4.0, 100.0]))
+    z = ranking.robust_z(np.array([1.0, 2.0, 3.0, 4.0, 100.0]))
     assert z[2] == 0.0 and z[4] == pytest.approx(97 / 1.4826, rel=1e-5)
 
 
-def _scores(nll, feature_nll) -> o.TaskScores:
+def _scores(nll, feature_nll) -> TaskScores:
     n = len(nll)
     zeros = np.zeros(n, np.float32)
-    return o.TaskScores(
+    return TaskScores(
         ids=np.arange(100, 100 + n, dtype=np.int64), assigned=np.zeros(n, np.int64),
         predicted=np.zeros(n, np.int64), max_prob=zeros + 0.9, nll=np.asarray(nll, dtype=np.float32),
         margin=zeros, energy=zeros, mahalanobis=zeros, feature_nll=np.asarray(feature_nll, dtype=np.float32),
@@ -168,7 +171,7 @@ def _scores(nll, feature_nll) -> o.TaskScores:
 
 def test_combined_score_adds_both_surprisals_and_stands_in_for_a_missing_one():
     s = _scores(nll=[0.1, 5.0, 0.2, 3.0], feature_nll=[1.0, 2.0, np.nan, 9.0])
-    np.testing.assert_allclose(o.combined_score(s), [1.1, 7.0, 0.4, 12.0], rtol=1e-6)
+    np.testing.assert_allclose(ranking.combined_score(s), [1.1, 7.0, 0.4, 12.0], rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- on the demo shards
@@ -216,8 +219,8 @@ def probed(demo_shards, synth_corpus, tmp_path_factory):
     model = build_model(cfg.model, num_classes(manifest)).eval()
     train_on_frozen_backbone(model, cfg, manifest)
     cpu = torch.device("cpu")
-    gaussians = o.fit_class_gaussians(model, cfg, manifest, cpu, None)
-    scores = o.score_split(model, cfg, manifest, SPLIT, cpu, None, gaussians)
+    gaussians = pipeline.fit_class_gaussians(model, cfg, manifest, cpu, None)
+    scores = pipeline.score_split(model, cfg, manifest, SPLIT, cpu, None, gaussians)
     return cfg, manifest, model, gaussians, scores
 
 
@@ -244,7 +247,7 @@ def test_gathered_scores_cover_the_split_once(probed):
 def test_planted_noise_is_found_far_better_than_by_the_seeds_rule(probed, tmp_path, capsys):
     cfg, manifest, _, gaussians, scores = probed
     cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "run"))
-    summary = o.write_reports(scores, cfg, manifest, SPLIT, o.read_planted(cfg.outliers.planted),
+    summary = pipeline.write_reports(scores, cfg, manifest, SPLIT, ranking.read_planted(cfg.outliers.planted),
                               shrinkage={t: g.shrinkage for t, g in gaussians.items()})
     q = summary["tasks"]["style"]["quality"]
     planted = planted_in_split(Path(cfg.outliers.planted), manifest, Path(cfg.data.shards), "style")
@@ -261,9 +264,9 @@ def test_planted_noise_is_found_far_better_than_by_the_seeds_rule(probed, tmp_pa
     assert stored["tasks"]["style"]["quality"] == q
 
 
-def expected_flags(s: o.TaskScores, cfg: JobConfig) -> tuple[set[int], list[int]]:
+def expected_flags(s: TaskScores, cfg: JobConfig) -> tuple[set[int], list[int]]:
     """Independently of the report code: ids flagged by either rule, and the combined-flagged ids in rank order."""
-    combined = o.combined_score(s)
+    combined = ranking.combined_score(s)
     order = sorted(range(len(s.ids)), key=lambda i: (-combined[i], s.ids[i]))
     n_flag = math.ceil(cfg.outliers.flag_fraction * len(s.ids))
     top = [int(s.ids[i]) for i in order[:n_flag]]
@@ -278,7 +281,7 @@ def test_csv_json_html_and_tensorboard_show_exactly_the_flagged_samples(probed, 
     cfg, manifest, _, _, scores = probed
     cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "run"))
     writer = SummaryWriter(str(tmp_path / "tb"))
-    o.write_reports(scores, cfg, manifest, SPLIT, writer=writer)
+    pipeline.write_reports(scores, cfg, manifest, SPLIT, writer=writer)
     writer.close()
     out = tmp_path / "run" / "outliers" / SPLIT
     page = (out / "index.html").read_text()
@@ -332,24 +335,25 @@ def test_a_lost_or_repeated_sample_is_an_error(probed, monkeypatch):
         logits = {t: torch.zeros(3, len(manifest["classes"][t])) for t in cfg.model.tasks}
         yield ids, labels, logits, torch.zeros(3, width)
 
-    monkeypatch.setattr(o, "_batches", fake_batches)
+    monkeypatch.setattr(pipeline, "_batches", fake_batches)
     with pytest.raises(UserError, match="exactly once"):
-        o.score_split(None, cfg, manifest, SPLIT, torch.device("cpu"), None, gaussians)
+        pipeline.score_split(None, cfg, manifest, SPLIT, torch.device("cpu"), None, gaussians)
 
 
 TWO_RANK_SCRIPT = """
 import pickle, sys, torch
-from artdist import dist, outliers as o
-from artdist.data import read_manifest
+from artdist import dist
+from artdist.data.manifest import read_manifest
+from artdist.outliers import pipeline
 cfg, state_path, out_path = pickle.load(open(sys.argv[1], "rb"))
 device = dist.init_distributed("cpu")
 manifest = read_manifest(cfg.data.shards)
 from artdist.model import build_model
-from artdist.data import num_classes
+from artdist.data.manifest import num_classes
 model = build_model(cfg.model, num_classes(manifest)).eval()
 model.load_state_dict(torch.load(state_path))
-gaussians = o.fit_class_gaussians(model, cfg, manifest, device, None)
-scores = o.score_split(model, cfg, manifest, "val", device, None, gaussians)
+gaussians = pipeline.fit_class_gaussians(model, cfg, manifest, device, None)
+scores = pipeline.score_split(model, cfg, manifest, "val", device, None, gaussians)
 if dist.is_main_process():
     pickle.dump((scores, {t: g.means for t, g in gaussians.items()}), open(out_path, "wb"))
 dist.cleanup()

@@ -15,11 +15,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from artdist.catalog import assign_splits, load_catalog
-from artdist.cli import UserError, main
+from artdist.data.catalog import assign_splits, load_catalog
+from artdist.cli import main
 from artdist.config import TASKS, ShardConfig, SynthConfig
-from artdist.shard import _decode, sample_key, shard_dataset, shard_ranges
-from artdist.synth import make_corpus
+from artdist.data.shard import _decode, sample_key, shard_dataset, shard_ranges
+from artdist.data.synth import make_corpus
+from artdist.errors import UserError
 
 MAX_PIXELS = 25_000_000
 SHORT_SIDE = 48

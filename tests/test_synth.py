@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from artdist.catalog import assign_splits, load_catalog
+from artdist.data.catalog import assign_splits, load_catalog
 from artdist.cli import main
-from artdist.config import TASKS, ConfigError, SynthConfig
-from artdist.synth import make_corpus
+from artdist.config import TASKS, SynthConfig
+from artdist.data.synth import make_corpus
+from artdist.errors import ConfigError
 
 LABEL_FILES = ("style_class.txt", "style_train.csv", "style_val.csv", "genre_class", "genre_train.csv",
                "genre_val.csv", "artist_class", "artist_train", "artist_val")

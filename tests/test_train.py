@@ -15,14 +15,16 @@ from torch.multiprocessing import ProcessExitedException
 
 from _ddp import Job, reshard_uneven, run_ranks
 from artdist import cli
-from artdist.checkpoint import BEST, LAST
-from artdist.cli import UserError
 from artdist.config import TASKS, load_config
-from artdist.engine import MultiTaskLoss, class_weights, label_counts, resolve_amp
-from artdist.preempt import STOP_FILE, PreemptionWatch, requeue_slurm_job
-from artdist.shard import shard_dataset
-from artdist.synth import make_corpus
-from artdist.train import lr_factor
+from artdist.data.manifest import label_counts
+from artdist.data.shard import shard_dataset
+from artdist.data.synth import make_corpus
+from artdist.errors import UserError
+from artdist.rundir import BEST, LAST, STOP_FILE
+from artdist.train.loss import MultiTaskLoss, class_weights
+from artdist.train.numerics import resolve_amp
+from artdist.train.preempt import PreemptionWatch, requeue_slurm_job
+from artdist.train.trainer import lr_factor
 
 BATCH = 16
 WORLD = 2

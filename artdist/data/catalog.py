@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from artdist.cli import UserError
 from artdist.config import TASKS
+from artdist.errors import UserError
 
 # task -> (class file, train file, val file), named as in the ArtGAN release.
 LABEL_FILES = {

@@ -1,116 +1,21 @@
-"""Training and evaluation loops: multi-task loss, train_one_epoch, run_inference, evaluate."""
+"""Training and evaluation loops only: train_one_epoch, run_inference, evaluate."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from artdist.cli import UserError
-from artdist.config import TASKS, JobConfig
-from artdist.dist import all_reduce_sum, get_world_size, is_dist
+from artdist.config import TASKS
+from artdist.dist import all_reduce_sum, get_world_size
+from artdist.errors import NonFiniteLossError
 from artdist.metrics import confusion_matrix, topk_correct
-from artdist.model import CNNLSTM, build_model
-
-
-class NonFiniteLossError(UserError):
-    """The loss became NaN/inf; raised on every rank at the same step (the ranks agree first)."""
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """train.amp -> autocast dtype (None = full fp32). auto: bf16/fp16 on GPUs, off on CPUs.
-
-    CPUs without native bf16 run bf16 autocast 12-18x slower than fp32, so auto never picks it
-    there; an explicit bf16/fp16 is honoured anyway.
-    """
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "auto":
-        # Without including_emulation=False, pre-Ampere GPUs (V100, T4) report bf16 and run it emulated.
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def use_channels_last(cfg: JobConfig, device: torch.device) -> bool:
-    """train.channels_last applies on CUDA only, where the convolutions run on tensor cores in NHWC."""
-    return cfg.train.channels_last and device.type == "cuda"
-
-
-def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autocast:
-    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-
-# --------------------------------------------------------------------------- loss
-
-
-def label_counts(shards_dir: str | Path, manifest: dict, split: str,
-                 num_classes: dict[str, int]) -> dict[str, list[int]]:
-    """Samples per class and task in a split, read from the shards' json members (image bytes are seeked past)."""
-    counts = {task: [0] * n for task, n in num_classes.items()}
-    for shard in manifest["splits"][split]["shards"]:
-        with tarfile.open(Path(shards_dir) / shard["name"]) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    meta = json.load(tar.extractfile(member))
-                    for task, task_counts in counts.items():
-                        if meta[task] >= 0:
-                            task_counts[meta[task]] += 1
-    return counts
-
-
-def class_weights(counts: list[int], mode: str) -> torch.Tensor | None:
-    """Per-class loss weights from class frequencies: `inverse` (1/n) or `inverse_sqrt` (1/sqrt n).
-
-    Scaled so that the average training sample keeps weight 1, which leaves the loss scale (and so
-    the learning rate) comparable across modes. A class absent from training is never a target;
-    its weight 0 also keeps label-smoothing mass off it.
-    """
-    if mode == "none":
-        return None
-    n = torch.tensor(counts, dtype=torch.float64)
-    w = torch.where(n > 0, n.clamp(min=1) ** (-1.0 if mode == "inverse" else -0.5), 0.0)
-    return (w * n.sum() / (w * n).sum()).float()
-
-
-class MultiTaskLoss:
-    """Sum over tasks of (weighted, label-smoothed) cross-entropy; labels of -1 are ignored.
-
-    Each task's term is its weighted mean over the batch's known labels, and exactly 0 (not NaN)
-    when the batch has none, without a host sync to find out.
-    """
-
-    def __init__(self, tasks: list[str], weights: dict[str, torch.Tensor | None], label_smoothing: float):
-        self.tasks = tasks
-        self.columns = [TASKS.index(t) for t in tasks]
-        self.weights = weights
-        self.label_smoothing = label_smoothing
-
-    def __call__(self, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (total loss, per-task losses [len(tasks)] detached)."""
-        terms = []
-        for task, col in zip(self.tasks, self.columns):
-            y = labels[:, col]
-            w = self.weights[task]
-            per_sample = F.cross_entropy(logits[task].float(), y, weight=w, ignore_index=-1,
-                                         label_smoothing=self.label_smoothing, reduction="none")
-            known = (y >= 0).float()
-            denom = (w[y.clamp(min=0)] * known).sum() if w is not None else known.sum()
-            terms.append(per_sample.sum() / denom.clamp(min=1e-12))
-        stacked = torch.stack(terms)
-        return stacked.sum(), stacked.detach()
-
-    def to(self, device: torch.device) -> MultiTaskLoss:
-        self.weights = {t: None if w is None else w.to(device) for t, w in self.weights.items()}
-        return self
+from artdist.train.loss import MultiTaskLoss
+from artdist.train.numerics import autocast
 
 
 # --------------------------------------------------------------------------- training
@@ -283,35 +188,3 @@ def evaluate(model: torch.nn.Module, loader: Iterable, transform: Callable[[torc
         "confusion": {t: cm.cpu() for t, cm in cms.items()},
         "top5_correct": {t: int(top5[i]) for i, t in enumerate(tasks)},
     }
-
-
-def broadcast_buffers(model: torch.nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm statistics).
-
-    DDP syncs buffers at the start of each training forward, so after the last step each rank
-    holds statistics updated by its own last batch; evaluating or saving must use one model.
-    """
-    if is_dist():
-        for buf in model.buffers():
-            dist.broadcast(buf, src=0)
-
-
-def build_training(cfg: JobConfig, classes: dict[str, int], counts: dict[str, list[int]] | None,
-                   device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool,
-                   lr_lambda: Callable[[int], float]) -> tuple:
-    """(model, optimizer, scheduler, scaler, loss_fn) as a run trains them: AdamW over the model's
-    param groups, `lr_lambda` as the LR schedule, a GradScaler for fp16, class-weighted loss."""
-    tcfg = cfg.train
-    model: CNNLSTM = build_model(cfg.model, classes).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.param_groups(tcfg.lr, tcfg.backbone_lr, tcfg.weight_decay))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    empty = [t for t in cfg.model.tasks if counts and sum(counts[t]) == 0]
-    if empty:
-        raise UserError(f"the '{cfg.data.train_split}' split of {cfg.data.shards} has no {'/'.join(empty)} labels: "
-                        f"nothing to train that head on; drop {'/'.join(empty)} from model.tasks")
-    weights = {t: class_weights(counts[t], tcfg.class_weighting) if counts else None for t in cfg.model.tasks}
-    loss_fn = MultiTaskLoss(cfg.model.tasks, weights, tcfg.label_smoothing).to(device)
-    return model, optimizer, scheduler, scaler, loss_fn

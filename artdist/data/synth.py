@@ -1,7 +1,6 @@
 """Synthetic WikiArt-like corpus in the exact ArtGAN layout, with optional planted label noise."""
 from __future__ import annotations
 
-import argparse
 import colorsys
 import csv
 import dataclasses
@@ -12,8 +11,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from artdist.cli import add_config_arguments
-from artdist.config import TASKS, ConfigError, SynthConfig, load_config, validate
+from artdist.config import TASKS, SynthConfig
+from artdist.errors import ConfigError
 
 # Real ArtGAN class names, in the order the generator takes them (most distinct looks first);
 # the label files list the chosen ones alphabetically, like the real ones.
@@ -443,34 +442,3 @@ def make_corpus(cfg: SynthConfig, num_styles: int = DEFAULT_COUNTS["style"],
         "planted_noise": len(planted),
         "seconds": round(time.perf_counter() - start, 2),
     }
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p)
-    p.add_argument("--out", metavar="DIR",
-                   help="output folder: gets images/, labels/ and planted_noise.csv (synth.out)")
-    p.add_argument("--images", type=int, metavar="N", help="number of pictures (synth.images)")
-    p.add_argument("--seed", type=int, metavar="S",
-                   help="random seed; the same seed gives byte-identical files (synth.seed)")
-    p.add_argument("--noise", type=float, metavar="F",
-                   help="fraction of labelled (image, task) pairs written with a wrong label, listed in "
-                        "planted_noise.csv (synth.noise)")
-    p.add_argument("--size", type=int, metavar="PX", help="side of the square pictures in px (synth.size)")
-    p.add_argument("--styles", type=int, metavar="K", default=DEFAULT_COUNTS["style"],
-                   help=f"number of style classes (default {DEFAULT_COUNTS['style']}, at most {len(STYLES)})")
-    p.add_argument("--artists", type=int, metavar="K", default=DEFAULT_COUNTS["artist"],
-                   help=f"number of artist classes (default {DEFAULT_COUNTS['artist']}, at most {len(ARTISTS)})")
-    p.add_argument("--genres", type=int, metavar="K", default=DEFAULT_COUNTS["genre"],
-                   help=f"number of genre classes (default {DEFAULT_COUNTS['genre']}, at most {len(GENRES)})")
-
-
-def run(args: argparse.Namespace) -> int:
-    job = load_config(args.config, args.overrides)
-    flags = {k: getattr(args, k) for k in ("out", "images", "seed", "noise", "size") if getattr(args, k) is not None}
-    job.synth = dataclasses.replace(job.synth, **flags)
-    validate(job, "command line")
-    summary = make_corpus(job.synth, args.styles, args.artists, args.genres)
-    labelled = ", ".join(f"{t} {v['train']}+{v['val']}" for t, v in summary["labelled"].items())
-    print(f"wrote {summary['images']} images ({summary['size']} px) to {summary['out']} in "
-          f"{summary['seconds']} s; labelled train+val: {labelled}; planted noise: {summary['planted_noise']}")
-    return 0

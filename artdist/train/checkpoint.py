@@ -9,13 +9,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from artdist.cli import UserError
 from artdist.config import JobConfig, to_dict
 from artdist.dist import gather_objects, get_rank, get_world_size, is_main_process
+from artdist.errors import UserError
+from artdist.model import CNNLSTM, build_model
+from artdist.rundir import RunDir
+from artdist.train.numerics import use_channels_last
 
 FORMAT = "artdist-checkpoint/1"
-LAST = "model_last.pt"
-BEST = "model_best.pt"
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -57,9 +58,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def latest_checkpoint(run_dir: str | Path | RunDir) -> Path | None:
     """The checkpoint a restarted run resumes from, or None for a fresh run."""
-    path = Path(run_dir) / LAST
+    path = RunDir(run_dir).last
     return path if path.is_file() else None
 
 
@@ -96,7 +97,7 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-def save_training_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_training_checkpoint(run_dir: Path | RunDir, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                              scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                              cfg: JobConfig, class_names: dict[str, list[str]], layout: dict, position: dict,
                              best: bool) -> None:
@@ -111,6 +112,7 @@ def save_training_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: t
     rng = gather_objects(rng_state())
     if not is_main_process():
         return
+    run_dir = RunDir(run_dir)
     ckpt = {
         "format": FORMAT,
         "model": model.state_dict(),
@@ -126,8 +128,8 @@ def save_training_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: t
     # BEST first: killed between the two writes, the resumed run finds the old model_last.pt and
     # redoes this epoch, whereas the other order would leave a best_metric that model_best.pt lacks.
     if best:
-        save_atomic(ckpt, run_dir / BEST)
-    save_atomic(ckpt, run_dir / LAST)
+        save_atomic(ckpt, run_dir.best)
+    save_atomic(ckpt, run_dir.last)
 
 
 def resume_training(ckpt: dict, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -185,3 +187,20 @@ def resume_training(ckpt: dict, path: Path, model: torch.nn.Module, optimizer: t
                   "RNG streams are reseeded, so the continuation is not bit-identical", flush=True)
         seed_all(seed + rank + 1_000_003 * ckpt["global_step"])
     return position
+
+
+def load_trained_model(ckpt: dict, cfg: JobConfig, device: torch.device) -> CNNLSTM:
+    """The checkpoint's model on `device` in eval mode (heads sized by the class names it was trained with)."""
+    model = build_model(cfg.model, {task: len(names) for task, names in ckpt["class_names"].items()})
+    model.load_state_dict(ckpt["model"])
+    if use_channels_last(cfg, device):
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device).eval()
+
+
+def check_classes(manifest: dict, ckpt: dict, cfg: JobConfig, path: Path) -> None:
+    """Refuse shards whose class lists differ from the ones the checkpoint's heads were trained on."""
+    changed = [t for t in cfg.model.tasks if manifest["classes"][t] != ckpt["class_names"][t]]
+    if changed:
+        raise UserError(f"{cfg.data.shards} defines other {'/'.join(changed)} classes than {path} was trained "
+                        "with; use shards made from the same label files (--set data.shards=DIR)")

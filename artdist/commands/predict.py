@@ -8,12 +8,11 @@ from pathlib import Path
 
 import torch
 
-from artdist.checkpoint import load_checkpoint
-from artdist.cli import UserError
 from artdist.config import from_dict
-from artdist.data import DeviceTransform, decode_image
-from artdist.engine import autocast, resolve_amp, use_channels_last
-from artdist.evaluate import load_trained_model
+from artdist.data.transforms import DeviceTransform, decode_image
+from artdist.errors import UserError
+from artdist.train.checkpoint import load_checkpoint, load_trained_model
+from artdist.train.numerics import autocast, resolve_amp, use_channels_last
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = from_dict(ckpt["config"], f"{args.checkpoint} config")
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     model = load_trained_model(ckpt, cfg, device)
-    # Files are decoded here, on the CPU, exactly as the eval loader does (data.decode_image, no augmentation).
+    # Files are decoded here, on the CPU, exactly as the eval loader does (transforms.decode_image, no augmentation).
     data_cfg = dataclasses.replace(cfg.data, decode="cpu")
     transform = DeviceTransform(data_cfg, device, train=False, channels_last=use_channels_last(cfg, device))
     amp_dtype = resolve_amp(cfg.train.amp, device)

@@ -10,11 +10,8 @@ from types import FrameType
 
 import torch
 
-from artdist.cli import UserError
 from artdist.dist import all_reduce_sum
-
-STOP_FILE = "PREEMPT"  # in the run dir: its existence asks a running job to save and stop
-
+from artdist.errors import UserError
 
 class PreemptionWatch:
     """Asks training to stop cleanly after the current step.

@@ -1,7 +1,6 @@
 """Images + ArtGAN label files -> deterministic, resumable WebDataset tar shards and a manifest."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -21,15 +20,14 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
-from artdist.catalog import SPLITS, Catalog, assign_splits, load_catalog, path_key
-from artdist.cli import UserError, add_config_arguments
-from artdist.config import TASKS, ConfigError, ShardConfig, load_config, to_dict, validate
+from artdist.config import TASKS, ShardConfig, to_dict
+from artdist.data.catalog import SPLITS, Catalog, assign_splits, load_catalog, path_key
+from artdist.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME
+from artdist.errors import ConfigError, UserError
 
-FORMAT = "artdist-shards/1"
 EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png"}
 KEY_HEX_DIGITS = 16
 DONE_DIR = ".done"
-MANIFEST = "manifest.json"
 # Options that change what a shard holds; a done record made under other values is redone.
 CONTENT_OPTIONS = ("images", "max_short_side", "format", "quality", "max_pixels")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -363,7 +361,7 @@ def shard_dataset(cfg: ShardConfig, progress: bool = True) -> dict:
     (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
     # From the first change on, an earlier manifest would describe a mix of old and new shards
     # whose counts may even agree; without it, nothing reads the folder until this run finishes.
-    (out / MANIFEST).unlink(missing_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
     _remove_stale(out, {job.name for job in jobs})
     records = {job.name: _finished(out, job) for job in jobs}
     todo = [job for job in jobs if records[job.name] is None]
@@ -377,7 +375,7 @@ def shard_dataset(cfg: ShardConfig, progress: bool = True) -> dict:
     skipped += [s for job in jobs for s in records[job.name]["skipped"]]
     skipped.sort(key=lambda s: s["path"])
     manifest = {
-        "format": FORMAT,
+        "format": MANIFEST_FORMAT,
         "splits": {
             split: {
                 "num_samples": sum(records[j.name]["num_samples"] for j in plan[split]),
@@ -393,7 +391,7 @@ def shard_dataset(cfg: ShardConfig, progress: bool = True) -> dict:
         "skipped": skipped,
     }
     # No indent: json's C encoder only runs without one, and 80k skipped entries take seconds else.
-    _write_atomic(out / MANIFEST, json.dumps(manifest) + "\n")
+    _write_atomic(out / MANIFEST_NAME, json.dumps(manifest) + "\n")
 
     reasons = Counter(s["reason"] for s in skipped)
     written = sum(r["num_samples"] for r in records.values())
@@ -402,49 +400,3 @@ def shard_dataset(cfg: ShardConfig, progress: bool = True) -> dict:
         f"{bar.rate():.1f} images/s; skipped {len(skipped):,}"
         + (": " + ", ".join(f"{reason} {n:,}" for reason, n in sorted(reasons.items())) if skipped else ""))
     return manifest
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "Pack the images named by the ArtGAN label files into WebDataset tar shards (train/val/test) "
-        "with a manifest.json. Each split gets ceil(n / samples-per-shard) shards but at least "
-        "shard.min_shards (default 8; --set shard.min_shards=N). Training works with any number of "
-        "shards (the loader splits a split by sample position, not by shard), but each epoch shuffles "
-        "whole shards and a loader worker starting mid-shard reads past that shard's earlier members: "
-        "aim for at least ranks x loader workers shards per split (the default 1000 samples per shard "
-        "gives WikiArt's train split 52). "
-        "Unreadable, missing and oversized images are skipped and listed in the manifest; an "
-        "interrupted run resumes, redoing only unfinished shards (a finished shard is reused as long as "
-        "its samples and the options match; edited source images are not noticed: use a new --out)."
-    )
-    add_config_arguments(p)
-    p.add_argument("--images", metavar="DIR", help="folder holding the style folders of images (shard.images)")
-    p.add_argument("--labels", metavar="DIR", help="folder holding the nine ArtGAN label files (shard.labels)")
-    p.add_argument("--out", metavar="DIR", help="output folder for shards and manifest.json (shard.out)")
-    p.add_argument("--split", choices=["artgan", "random"],
-                   help="artgan: official train/val with test carved from train; random: stratified "
-                        "60/20/20 (shard.split)")
-    p.add_argument("--max-short-side", type=int, metavar="PX", help="shorter side at most this many px, never upscaled "
-                                                      "(shard.max_short_side)")
-    p.add_argument("--format", choices=list(EXTENSIONS), help="image encoding in the shards (shard.format)")
-    p.add_argument("--quality", type=int, metavar="Q", help="jpeg/webp quality 1..100 (shard.quality)")
-    p.add_argument("--samples-per-shard", type=int, metavar="N",
-                   help="target images per shard; small splits still get shard.min_shards shards "
-                        "(shard.samples_per_shard)")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="processes writing shards; 0: every CPU core this process may use (shard.workers)")
-
-
-def run(args: argparse.Namespace) -> int:
-    job = load_config(args.config, args.overrides)
-    names = ("images", "labels", "out", "split", "max_short_side", "format", "quality", "samples_per_shard", "workers")
-    flags = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    job.shard = dataclasses.replace(job.shard, **flags)
-    validate(job, "command line")
-    try:
-        shard_dataset(job.shard)
-    except KeyboardInterrupt:
-        print(f"\nartdist shard: interrupted; run the same command again to resume: finished shards in "
-              f"{job.shard.out} are kept", file=sys.stderr)
-        return 130
-    return 0

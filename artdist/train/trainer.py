@@ -14,12 +14,12 @@ or SIGUSR2 makes all ranks stop after the current step, save, and return 'preemp
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import tarfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -27,33 +27,41 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from artdist.checkpoint import (BEST, LAST, latest_checkpoint, load_checkpoint, resume_training,
-                                save_training_checkpoint, seed_all)
-from artdist.cli import UserError, add_config_arguments
-from artdist.config import ConfigError, JobConfig, load_config, save_config, to_dict
-from artdist.data import DeviceTransform, TrainLoader, num_classes, read_manifest
-from artdist.dist import (all_reduce_sum, barrier, broadcast_object, cleanup, get_rank, get_world_size,
-                          init_distributed, is_dist, is_main_process)
-from artdist.engine import (broadcast_buffers, build_training, label_counts, resolve_amp,
-                            train_one_epoch, use_channels_last)
-from artdist.evaluate import HEADLINE, evaluate_split, headline, write_report
+from artdist.config import JobConfig, save_config, to_dict
+from artdist.data.loader import TrainLoader
+from artdist.data.manifest import label_counts, num_classes, read_manifest
+from artdist.data.transforms import DeviceTransform
+from artdist.dist import (all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup, get_rank,
+                          get_world_size, init_distributed, is_dist, is_main_process)
+from artdist.errors import ConfigError, UserError
 from artdist.metrics import confusion_image
-from artdist.outliers import run_outliers
-from artdist.preempt import STOP_FILE, PreemptionWatch, requeue_slurm_job
+from artdist.model import CNNLSTM, build_model
+from artdist.rundir import RunDir
+from artdist.train.checkpoint import latest_checkpoint, load_checkpoint, resume_training, save_training_checkpoint, seed_all
+from artdist.train.engine import train_one_epoch
+from artdist.train.evaluation import HEADLINE, evaluate_split, headline, write_report
+from artdist.train.loss import MultiTaskLoss, class_weights
+from artdist.train.numerics import resolve_amp, use_channels_last
+from artdist.train.preempt import PreemptionWatch, requeue_slurm_job
 
 
-def main(cfg: JobConfig) -> str:
-    """Train (or resume) `cfg`: 'done' after the test evaluation and outlier reports, or 'preempted'."""
+# Called on every rank with the best model after the test evaluation: (model, cfg, manifest, device,
+# amp dtype, TensorBoard writer or None); the job passes the outlier reports (a higher layer).
+AfterTest = Callable[[CNNLSTM, JobConfig, dict, torch.device, "torch.dtype | None", "SummaryWriter | None"], object]
+
+
+def main(cfg: JobConfig, after_test: AfterTest | None = None) -> str:
+    """Train (or resume) `cfg`: 'done' after the test evaluation and `after_test`, or 'preempted'."""
     device = init_distributed(cfg.train.device)
     try:
-        return train(cfg, device)
+        return train(cfg, device, after_test)
     finally:
         cleanup()
 
 
-def train(cfg: JobConfig, device: torch.device) -> str:
+def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = None) -> str:
     rank, world, master = get_rank(), get_world_size(), is_main_process()
-    tcfg, run_dir = cfg.train, cfg.run_dir
+    tcfg, run_dir = cfg.train, RunDir(cfg.run_dir)
     best_task, best_key = best_metric(cfg)
 
     # ---- numerics: deterministic kernels on request, AMP dtype, memory layout
@@ -80,9 +88,9 @@ def train(cfg: JobConfig, device: torch.device) -> str:
 
     # ---- run dir: only rank 0 writes
     if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request was meant for the previous process
-        save_config(cfg, run_dir / "config.yaml")
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        run_dir.stop_file.unlink(missing_ok=True)  # a stop request was meant for the previous process
+        save_config(cfg, run_dir.config)
     counts = None
     if tcfg.class_weighting != "none":
         # Rank 0 reads the labels; a failure there must reach the other ranks, which would otherwise
@@ -112,7 +120,7 @@ def train(cfg: JobConfig, device: torch.device) -> str:
     found = torch.tensor([float(last is not None)], device=device)
     all_reduce_sum(found)  # every rank learns whether all agree, so none is left waiting in a collective
     if 0 < found.item() < world:
-        raise UserError(f"{int(found.item())} of {world} processes see {run_dir / LAST}: the run dir must be on a "
+        raise UserError(f"{int(found.item())} of {world} processes see {run_dir.last}: the run dir must be on a "
                         "file system that every node sees (set out_dir to a shared path)")
     if last is not None:
         position = resume_training(load_checkpoint(last), last, model, optimizer, scheduler, scaler, tcfg.seed,
@@ -125,8 +133,8 @@ def train(cfg: JobConfig, device: torch.device) -> str:
         model.backbone.compile()  # in place: state_dict keys stay those of the plain model
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if is_dist() else model
-    watch = PreemptionWatch(run_dir / STOP_FILE, device=device).install()
-    writer = SummaryWriter(str(run_dir / "tb")) if master else None
+    watch = PreemptionWatch(run_dir.stop_file, device=device).install()
+    writer = SummaryWriter(str(run_dir.tensorboard)) if master else None
     save = partial(save_training_checkpoint, run_dir, model, optimizer, scheduler, scaler, cfg, manifest["classes"],
                    layout)
 
@@ -171,21 +179,21 @@ def train(cfg: JobConfig, device: torch.device) -> str:
 
     # ---- the best model on the test split, then the outlier reports on the validation split
     barrier()
-    model.load_state_dict(load_checkpoint(run_dir / BEST)["model"])
+    model.load_state_dict(load_checkpoint(run_dir.best)["model"])
     test = None
     if manifest["splits"].get(cfg.data.test_split, {}).get("num_samples", 0) > 0:
         test = evaluate_split(model, cfg, manifest, cfg.data.test_split, device, amp_dtype)
         if master:
-            write_report(test, run_dir / f"eval_{cfg.data.test_split}.json", str(run_dir / BEST))
+            write_report(test, run_dir.eval_report(cfg.data.test_split), str(run_dir.best))
     elif master:
         print(f"no '{cfg.data.test_split}' samples in {cfg.data.shards}: test evaluation skipped", flush=True)
-    if cfg.outliers.enabled:
-        run_outliers(model, cfg, manifest, cfg.data.val_split, device, amp_dtype, writer)
+    if after_test is not None:
+        after_test(model, cfg, manifest, device, amp_dtype, writer)
     if master:
         split, final = (cfg.data.test_split, headline(test)) if test else (cfg.data.val_split, position["metrics"])
         writer.add_hparams(hparams(cfg, world), {f"hparam/{split}/{k}": v for k, v in final.items()}, run_name=".")
         writer.close()
-        print(f"done: run dir {run_dir}\n  tensorboard --logdir {run_dir / 'tb'}", flush=True)
+        print(f"done: run dir {run_dir}\n  tensorboard --logdir {run_dir.tensorboard}", flush=True)
     return "done"
 
 
@@ -204,7 +212,7 @@ def best_metric(cfg: JobConfig) -> tuple[str, str]:
 
 def train_class_counts(cfg: JobConfig, manifest: dict, classes: dict[str, int]) -> dict[str, list[int]]:
     """Rank 0: samples per class of the train split, cached in the run dir (a large split takes a while to read)."""
-    path = cfg.run_dir / "class_counts.json"
+    path = RunDir(cfg.run_dir).class_counts
     key = {"shards": str(Path(cfg.data.shards).resolve()), "split": cfg.data.train_split,
            "num_samples": manifest["splits"][cfg.data.train_split]["num_samples"]}
     try:
@@ -246,7 +254,7 @@ def log_step(writer: SummaryWriter, device: torch.device, stats: dict, *, epoch:
         writer.add_scalar("train/gpu_mem_gb", torch.cuda.max_memory_allocated(device) / 2**30, step)
 
 
-def log_epoch(writer: SummaryWriter, run_dir: Path, epoch: int, epochs: int, stats: dict, val: dict, is_best: bool,
+def log_epoch(writer: SummaryWriter, run_dir: RunDir, epoch: int, epochs: int, stats: dict, val: dict, is_best: bool,
               seconds: float) -> None:
     """Rank 0, after each epoch: val/* scalars and confusion images, one metrics.jsonl line, a console line."""
     step = stats["global_step"]
@@ -260,18 +268,18 @@ def log_epoch(writer: SummaryWriter, run_dir: Path, epoch: int, epochs: int, sta
     line = {"epoch": epoch + 1, "step": step, "train_loss": stats["loss"], "train_task_loss": stats["task_loss"],
             "lr": stats["lr"], "images_per_sec": stats["images_per_sec"], "data_wait_frac": stats["data_wait_frac"],
             "val": metrics, "best": is_best, "time_s": seconds}
-    with open(run_dir / "metrics.jsonl", "a") as f:
+    with open(run_dir.metrics, "a") as f:
         f.write(json.dumps(line) + "\n")
     shown = " ".join(f"{key} {value:.3f}" for key, value in metrics.items())
     print(f"epoch {epoch + 1}/{epochs} done in {seconds:.0f} s: val {shown}{' (best)' if is_best else ''}", flush=True)
 
 
-def preempted(run_dir: Path, writer: SummaryWriter | None) -> str:
+def preempted(run_dir: RunDir, writer: SummaryWriter | None) -> str:
     """After the stop was saved: every rank returns 'preempted'; rank 0 requeues when asked to (SLURM)."""
     barrier()
     if is_main_process():
         writer.close()
-        print(f"preempted: the position is saved in {run_dir / 'model_last.pt'}; run the same command to resume",
+        print(f"preempted: the position is saved in {run_dir.last}; run the same command to resume",
               flush=True)
         if os.environ.get("ARTDIST_REQUEUE") == "1" and os.environ.get("SLURM_JOB_ID"):
             requeue_slurm_job()
@@ -289,10 +297,22 @@ def hparams(cfg: JobConfig, world: int) -> dict:
     return {**flat, "model.tasks": ",".join(cfg.model.tasks), "world_size": world}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, required=True)
-
-
-def run(args: argparse.Namespace) -> int:
-    main(load_config(args.config, args.overrides))
-    return 0
+def build_training(cfg: JobConfig, classes: dict[str, int], counts: dict[str, list[int]] | None,
+                   device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool,
+                   lr_lambda: Callable[[int], float]) -> tuple:
+    """(model, optimizer, scheduler, scaler, loss_fn) as a run trains them: AdamW over the model's
+    param groups, `lr_lambda` as the LR schedule, a GradScaler for fp16, class-weighted loss."""
+    tcfg = cfg.train
+    model: CNNLSTM = build_model(cfg.model, classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.param_groups(tcfg.lr, tcfg.backbone_lr, tcfg.weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    empty = [t for t in cfg.model.tasks if counts and sum(counts[t]) == 0]
+    if empty:
+        raise UserError(f"the '{cfg.data.train_split}' split of {cfg.data.shards} has no {'/'.join(empty)} labels: "
+                        f"nothing to train that head on; drop {'/'.join(empty)} from model.tasks")
+    weights = {t: class_weights(counts[t], tcfg.class_weighting) if counts else None for t in cfg.model.tasks}
+    loss_fn = MultiTaskLoss(cfg.model.tasks, weights, tcfg.label_smoothing).to(device)
+    return model, optimizer, scheduler, scaler, loss_fn

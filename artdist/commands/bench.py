@@ -1,0 +1,79 @@
+"""`artdist bench`: loader, model and end-to-end throughput (docs/benchmarks.md)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from artdist.bench import CPU_DEFAULTS, DEFAULT_STEPS, PARTS, format_table, run_bench
+from artdist.commands.common import add_config_arguments
+from artdist.config import load_config
+from artdist.data.synth import MIN_IMAGES
+from artdist.dist import init_distributed
+from artdist.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Measure, in one run: (a) shard loading (the real TrainLoader) and (b) the seeds' ImageFolder "
+        "loading of full-size JPEGs, images/s per worker count and their ratio; (c) the model's train step "
+        "on synthetic tensors; (d) end-to-end training from shards with the data-wait fraction; (e) on CUDA, "
+        "AMP dtype / channels_last / torch.compile variants and GPU JPEG decode. Prints a table, then the "
+        "result as one JSON line. Without --config on a CPU-only machine it applies "
+        f"{', '.join(CPU_DEFAULTS)} (your --set wins): about a minute on 2 idle cores, a few minutes on busy ones."
+    )
+    add_config_arguments(p)
+    p.add_argument("--workdir", default="build/bench",
+                   help="cache for the bench corpus and its shards (default build/bench)")
+    p.add_argument("--images", type=int, default=400,
+                   help="full-size JPEGs in the bench corpus; also the images timed per loader setting (default 400)")
+    p.add_argument("--full-size", type=int, default=800, metavar="PX",
+                   help="width of the corpus pictures; height is 3/4 of it (default 800: 800x600, WikiArt's median)")
+    p.add_argument("--workers", default="0,1,2", help="loader worker counts to time for (a) and (b) (default 0,1,2)")
+    p.add_argument("--steps", type=int, help=f"timed train steps for model/e2e/gpu after the warm-up ones "
+                                             f"(default {DEFAULT_STEPS['cpu']} on CPU, {DEFAULT_STEPS['cuda']} on CUDA)")
+    p.add_argument("--json", metavar="FILE", help="also write the result to FILE")
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run (default {','.join(PARTS)})")
+
+
+def run(args: argparse.Namespace) -> int:
+    workers = _int_list(args.workers, "--workers")
+    only = _parts(args.only)
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps {args.steps}: must be >= 1")
+    if args.images < MIN_IMAGES:
+        raise UserError(f"--images {args.images}: the corpus needs at least {MIN_IMAGES} pictures")
+    if args.full_size < 32:
+        raise UserError(f"--full-size {args.full_size}: must be >= 32 px")
+    cpu_defaults = list(CPU_DEFAULTS) if args.config is None and not torch.cuda.is_available() else []
+    cfg = load_config(args.config, cpu_defaults + args.overrides)
+    device = init_distributed(cfg.train.device)
+    result = run_bench(cfg, workdir=Path(args.workdir), images=args.images, full_size=args.full_size,
+                       workers=workers, steps=args.steps, only=only, cpu_defaults=cpu_defaults, device=device)
+    print(format_table(result), flush=True)
+    text = json.dumps(result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated integers, e.g. {flag} 0,1,2") from None
+    if not values or min(values) < 0:
+        raise UserError(f"{flag} {text!r}: expected one or more worker counts >= 0, e.g. {flag} 0,1,2")
+    return values
+
+
+def _parts(text: str) -> list[str]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise UserError(f"--only {text!r}: unknown part(s) {unknown}; choose from {','.join(PARTS)}")
+    return parts

@@ -1,0 +1,56 @@
+"""`artdist shard`: pack images + ArtGAN label files into WebDataset tar shards with a manifest."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from artdist.commands.common import add_config_arguments
+from artdist.config import load_config, validate
+from artdist.data.shard import EXTENSIONS, shard_dataset
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Pack the images named by the ArtGAN label files into WebDataset tar shards (train/val/test) "
+        "with a manifest.json. Each split gets ceil(n / samples-per-shard) shards but at least "
+        "shard.min_shards (default 8; --set shard.min_shards=N). Training works with any number of "
+        "shards (the loader splits a split by sample position, not by shard), but each epoch shuffles "
+        "whole shards and a loader worker starting mid-shard reads past that shard's earlier members: "
+        "aim for at least ranks x loader workers shards per split (the default 1000 samples per shard "
+        "gives WikiArt's train split 52). "
+        "Unreadable, missing and oversized images are skipped and listed in the manifest; an "
+        "interrupted run resumes, redoing only unfinished shards (a finished shard is reused as long as "
+        "its samples and the options match; edited source images are not noticed: use a new --out)."
+    )
+    add_config_arguments(p)
+    p.add_argument("--images", metavar="DIR", help="folder holding the style folders of images (shard.images)")
+    p.add_argument("--labels", metavar="DIR", help="folder holding the nine ArtGAN label files (shard.labels)")
+    p.add_argument("--out", metavar="DIR", help="output folder for shards and manifest.json (shard.out)")
+    p.add_argument("--split", choices=["artgan", "random"],
+                   help="artgan: official train/val with test carved from train; random: stratified "
+                        "60/20/20 (shard.split)")
+    p.add_argument("--max-short-side", type=int, metavar="PX", help="shorter side at most this many px, never upscaled "
+                                                      "(shard.max_short_side)")
+    p.add_argument("--format", choices=list(EXTENSIONS), help="image encoding in the shards (shard.format)")
+    p.add_argument("--quality", type=int, metavar="Q", help="jpeg/webp quality 1..100 (shard.quality)")
+    p.add_argument("--samples-per-shard", type=int, metavar="N",
+                   help="target images per shard; small splits still get shard.min_shards shards "
+                        "(shard.samples_per_shard)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="processes writing shards; 0: every CPU core this process may use (shard.workers)")
+
+
+def run(args: argparse.Namespace) -> int:
+    job = load_config(args.config, args.overrides)
+    names = ("images", "labels", "out", "split", "max_short_side", "format", "quality", "samples_per_shard", "workers")
+    flags = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    job.shard = dataclasses.replace(job.shard, **flags)
+    validate(job, "command line")
+    try:
+        shard_dataset(job.shard)
+    except KeyboardInterrupt:
+        print(f"\nartdist shard: interrupted; run the same command again to resume: finished shards in "
+              f"{job.shard.out} are kept", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,1 @@
+"""Data stage: label files -> catalog -> WebDataset shards + manifest -> batches."""

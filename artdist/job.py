@@ -1,0 +1,21 @@
+"""A whole training job, as `artdist train` and `artdist submit` run it: train, test, then audit the val split."""
+from __future__ import annotations
+
+import torch
+
+from artdist.config import JobConfig
+from artdist.model import CNNLSTM
+from artdist.outliers.pipeline import run_outliers
+from artdist.train import trainer
+
+
+def audit(model: CNNLSTM, cfg: JobConfig, manifest: dict, device: torch.device, amp_dtype: torch.dtype | None,
+          writer) -> None:
+    """Every rank, after the test evaluation: the outlier reports on the validation split (outliers.enabled)."""
+    if cfg.outliers.enabled:
+        run_outliers(model, cfg, manifest, cfg.data.val_split, device, amp_dtype, writer)
+
+
+def main(cfg: JobConfig) -> str:
+    """Train (or resume) `cfg`: 'done' after the test evaluation and outlier reports, or 'preempted'."""
+    return trainer.main(cfg, after_test=audit)

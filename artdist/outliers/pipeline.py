@@ -1,0 +1,221 @@
+"""The outlier passes over a split (every rank joins), then the ranked reports written by rank 0."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from artdist import dist
+from artdist.config import TASKS, JobConfig
+from artdist.data.loader import make_eval_loader
+from artdist.data.transforms import DeviceTransform
+from artdist.errors import UserError
+from artdist.outliers.ranking import (combined_score, detection_quality, finite_or_none,
+                                      oriented_scores, read_planted, reasons_for, robust_z)
+from artdist.outliers.report import quality_table, read_sample_index, write_rows, write_visuals
+from artdist.outliers.scores import ClassGaussian, GaussianAccumulator, TaskScores, softmax_scores
+from artdist.rundir import RunDir
+from artdist.train.engine import run_inference
+from artdist.train.numerics import use_channels_last
+
+TYPICAL_PER_CLASS = 4  # central samples shown beside a class's outliers
+COMBINED_DESCRIPTION = ("-log p(assigned) of the classifier + -log p(assigned) of a Gaussian classifier on the "
+                        "embedding (class means, tied covariance)")
+
+
+# --------------------------------------------------------------------------- passes over a split
+
+
+def _batches(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: str, device: torch.device,
+             amp_dtype: torch.dtype | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]]:
+    """This rank's share of a split through the model: (ids, labels, logits per task, embedding)."""
+    loader = make_eval_loader(cfg.data, manifest, split, dist.get_rank(), dist.get_world_size())
+    transform = DeviceTransform(cfg.data, device, train=False, channels_last=use_channels_last(cfg, device))
+    yield from run_inference(model, loader, transform, device, amp_dtype)
+
+
+def fit_class_gaussians(model: torch.nn.Module, cfg: JobConfig, manifest: dict, device: torch.device,
+                        amp_dtype: torch.dtype | None) -> dict[str, ClassGaussian]:
+    """Class means + tied covariance per task from the training split, on every rank (all-reduced)."""
+    tasks = cfg.model.tasks
+    acc: dict[str, GaussianAccumulator] = {}
+    for _, labels, _, emb in _batches(model, cfg, manifest, cfg.data.train_split, device, amp_dtype):
+        for task in tasks:
+            if task not in acc:
+                acc[task] = GaussianAccumulator(len(manifest["classes"][task]), emb.shape[1], device)
+            acc[task].add(emb, labels[:, TASKS.index(task)])
+    # A rank that got no batch must still join the all-reduces, with the embedding width of the others.
+    width = torch.tensor([float(bool(acc)), float(acc[tasks[0]].scatter.shape[0] if acc else 0)], device=device)
+    dist.all_reduce_sum(width)
+    if width[0] == 0:
+        raise UserError(f"split '{cfg.data.train_split}' yielded no samples to fit the class Gaussians on")
+    if not acc:
+        dim = int(width[1] / width[0])
+        acc = {t: GaussianAccumulator(len(manifest["classes"][t]), dim, device) for t in tasks}
+    for gaussian_acc in acc.values():
+        for t in (gaussian_acc.sums, gaussian_acc.counts, gaussian_acc.scatter):
+            dist.all_reduce_sum(t)
+    return {task: acc[task].fit() for task in tasks}
+
+
+def score_split(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: str, device: torch.device,
+                amp_dtype: torch.dtype | None, gaussians: dict[str, ClassGaussian]) -> dict[str, TaskScores] | None:
+    """Scores of every labelled sample of `split`, computed on each rank and gathered to rank 0 (sorted by id).
+
+    Checks that the gathered ids are unique and cover the split exactly; returns None on other ranks.
+    """
+    parts: dict[str, list[dict[str, np.ndarray]]] = {t: [] for t in cfg.model.tasks}
+    seen: list[np.ndarray] = []
+    for ids, labels, logits, emb in _batches(model, cfg, manifest, split, device, amp_dtype):
+        ids, labels = ids.cpu(), labels.cpu()
+        seen.append(ids.numpy().astype(np.int64))
+        for task in cfg.model.tasks:
+            y = labels[:, TASKS.index(task)]
+            keep = y >= 0
+            if not keep.any():
+                continue
+            assigned = y[keep]
+            batch = softmax_scores(logits[task].detach()[keep.to(logits[task].device)].cpu(), assigned)
+            batch.update(gaussians[task].feature_scores(emb[keep.to(emb.device)], assigned))
+            batch["ids"], batch["assigned"] = ids[keep], assigned
+            parts[task].append({k: v.numpy() for k, v in batch.items()})
+    local = {task: _to_scores(p) for task, p in parts.items()}
+    gathered = dist.gather_objects((np.concatenate(seen) if seen else np.zeros(0, np.int64), local))
+    if gathered is None:
+        return None
+    all_ids = np.concatenate([g[0] for g in gathered])
+    expected = manifest["splits"][split]["num_samples"]
+    if len(np.unique(all_ids)) != len(all_ids) or len(all_ids) != expected:
+        raise UserError(
+            f"outliers: ranks together scored {len(all_ids)} '{split}' samples ({len(np.unique(all_ids))} "
+            f"distinct) but the manifest lists {expected}; the eval loader must yield each sample exactly "
+            "once across ranks (are the shards and manifest.json from the same `artdist shard` run?)")
+    merged = {}
+    for task in cfg.model.tasks:
+        scores = TaskScores.concat([g[1][task] for g in gathered])
+        merged[task] = scores.take(np.argsort(scores.ids, kind="stable"))
+    return merged
+
+
+def _to_scores(batches: list[dict[str, np.ndarray]]) -> TaskScores:
+    ints = ("ids", "assigned", "predicted", "feature_predicted")
+    cols = {}
+    for f in fields(TaskScores):
+        dtype = np.int64 if f.name in ints else np.float32
+        cols[f.name] = (np.concatenate([b[f.name] for b in batches]) if batches else np.zeros(0)).astype(dtype)
+    return TaskScores(**cols)
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def run_outliers(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: str, device: torch.device,
+                 amp_dtype: torch.dtype | None, writer: Any = None) -> dict | None:
+    """Score `split`, rank, and write the reports under run_dir/outliers/split (call on every rank).
+
+    Two passes: the training split for the class Gaussians, then `split`. Returns the summary on rank 0
+    and None on the others as soon as scores are gathered.
+    """
+    planted = read_planted(cfg.outliers.planted) if cfg.outliers.planted else None  # a bad path fails first
+    gaussians = fit_class_gaussians(model, cfg, manifest, device, amp_dtype)
+    per_task = score_split(model, cfg, manifest, split, device, amp_dtype, gaussians)
+    if per_task is None:
+        return None
+    return write_reports(per_task, cfg, manifest, split, planted, writer,
+                         {t: g.shrinkage for t, g in gaussians.items()})
+
+
+def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: dict, split: str,
+                  planted: set[tuple[str, str]] | None = None, writer: Any = None,
+                  shrinkage: dict[str, float] | None = None) -> dict:
+    """Rank each task, write CSV/JSON/index.html/summary.json (+ TensorBoard grids); with `planted`
+    (read_planted), measure every score against the planted label noise."""
+    out_dir = RunDir(cfg.run_dir).outliers(split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = read_sample_index(Path(cfg.data.shards), manifest, split)
+    summary: dict[str, Any] = {
+        "split": split, "num_samples": manifest["splits"][split]["num_samples"],
+        "threshold": cfg.outliers.threshold, "flag_fraction": cfg.outliers.flag_fraction,
+        "combined": COMBINED_DESCRIPTION, "tasks": {},
+    }
+    pages: dict[str, dict[str, Any]] = {}
+    for task, scores in per_task.items():
+        names = manifest["classes"][task]
+        combined = combined_score(scores)
+        task_summary, rows, typical = _rank_task(task, scores, combined, names, cfg, index, out_dir)
+        if shrinkage is not None:
+            task_summary["shrinkage"] = round(shrinkage[task], 4)
+        if planted is not None:
+            positive = np.array([(task, index[i].path) in planted for i in scores.ids.tolist()], dtype=bool)
+            task_summary["quality"] = detection_quality(oriented_scores(scores, combined), positive,
+                                                        cfg.outliers.top_k)
+        summary["tasks"][task] = task_summary
+        shown = [r for r in rows if r["flagged_combined"]][: cfg.outliers.top_k]
+        pages[task] = {"outliers": shown, "typical": typical,
+                       "summary": (f"{len(scores.ids)} samples scored; {task_summary['flagged_combined']} flagged "
+                                   f"by the combined score (top {len(shown)} shown), "
+                                   f"{task_summary['flagged_seeds']} by the seeds' max-softmax rule.")}
+    intro = (f"<p>Split <b>{split}</b>. Ranked by the {COMBINED_DESCRIPTION}, fitted on "
+             f"'{cfg.data.train_split}'. Green: typical paintings of the class; red: outliers.</p>")
+    write_visuals(pages, index, Path(cfg.data.shards), manifest["image_ext"], out_dir,
+                  f"artdist outliers — {cfg.name}", intro, f"outliers/{split}", writer)
+    if planted is not None:
+        table = quality_table(split, {t: s["quality"] for t, s in summary["tasks"].items()})
+        print(table, flush=True)
+        summary["table"] = table
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"outlier reports: {out_dir}/index.html (+ <task>.csv/.json, summary.json)", flush=True)
+    return summary
+
+
+def _rank_task(task: str, scores: TaskScores, combined: np.ndarray, names: list[str], cfg: JobConfig,
+               index: dict, out_dir: Path
+               ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Rank one task, write its CSV/JSON of flagged samples; return summary, rows, typical per class."""
+    n = len(scores.ids)
+    order = np.lexsort((scores.ids, -combined))  # ties: lower id first, so runs are reproducible
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(1, n + 1)
+    flag_seeds = scores.max_prob < cfg.outliers.threshold
+    flag_combined = rank <= math.ceil(cfg.outliers.flag_fraction * n)
+    maha_z, energy_z = robust_z(scores.mahalanobis), robust_z(scores.energy)
+    rows = []
+    for i in order[(flag_seeds | flag_combined)[order]].tolist():
+        rows.append({
+            "rank": int(rank[i]), "id": int(scores.ids[i]), "path": index[int(scores.ids[i])].path,
+            "assigned": names[scores.assigned[i]], "predicted": names[scores.predicted[i]],
+            **{name: finite_or_none(float(value[i])) for name, value in (
+                ("combined", combined), ("max_prob", scores.max_prob), ("p_assigned", scores.p_assigned),
+                ("margin", scores.margin), ("energy", scores.energy), ("mahalanobis", scores.mahalanobis),
+                ("mahalanobis_z", maha_z))},
+            "feature_predicted": names[scores.feature_predicted[i]],
+            "feature_p_assigned": finite_or_none(math.exp(-float(scores.feature_nll[i]))),
+            "flagged_seeds": bool(flag_seeds[i]), "flagged_combined": bool(flag_combined[i]),
+            "reasons": reasons_for(scores, i, names, cfg.outliers.threshold, maha_z, energy_z)
+            or [f"combined score in the top {cfg.outliers.flag_fraction:.0%}"],
+        })
+    meta = {"task": task, "scored": n, "threshold": cfg.outliers.threshold,
+            "flag_fraction": cfg.outliers.flag_fraction}
+    write_rows(rows, out_dir / f"{task}.csv", out_dir / f"{task}.json", meta)
+    summary = {"scored": n, "flagged_seeds": int(flag_seeds.sum()), "flagged_combined": int(flag_combined.sum()),
+               "csv": str(out_dir / f"{task}.csv")}
+    return summary, rows, _typical(scores, names, flag_combined, index)
+
+
+def _typical(scores: TaskScores, names: list[str], flagged: np.ndarray, index: dict) -> dict[str, list[dict]]:
+    """Per class, the samples nearest its training mean among those the model also puts in that class."""
+    ok = (scores.predicted == scores.assigned) & ~flagged & np.isfinite(scores.mahalanobis)
+    out: dict[str, list[dict]] = {}
+    for c in np.unique(scores.assigned[ok]).tolist():
+        members = np.flatnonzero(ok & (scores.assigned == c))
+        nearest = members[np.argsort(scores.mahalanobis[members], kind="stable")[:TYPICAL_PER_CLASS]]
+        out[names[c]] = [{"id": int(scores.ids[i]), "path": index[int(scores.ids[i])].path} for i in nearest]
+    return out
+
+
+# --------------------------------------------------------------------------- command line

@@ -1,0 +1,1 @@
+"""Training stage: loss, loops, checkpoints, preemption, and the trainer that drives them."""

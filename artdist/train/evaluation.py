@@ -1,0 +1,46 @@
+"""Evaluation of a model on one split: accuracy, top-5, macro-F1, per-class P/R/F1, confusion, and its report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from artdist.config import JobConfig
+from artdist.data.loader import make_eval_loader
+from artdist.data.manifest import num_classes
+from artdist.data.transforms import DeviceTransform
+from artdist.dist import get_rank, get_world_size
+from artdist.metrics import format_confusion, format_table, report_from_confusion
+from artdist.train import engine
+from artdist.train.numerics import use_channels_last
+
+HEADLINE = ("accuracy", "top5", "macro_f1")
+
+
+def evaluate_split(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: str, device: torch.device,
+                   amp_dtype: torch.dtype | None) -> dict:
+    """Every rank: evaluate `model` (unwrapped) on `split`; every rank gets the same report.
+
+    -> {"split", "num_samples", "tasks": {task: metrics.report_from_confusion(...) + "top5"}}
+    """
+    loader = make_eval_loader(cfg.data, manifest, split, get_rank(), get_world_size())
+    transform = DeviceTransform(cfg.data, device, train=False, channels_last=use_channels_last(cfg, device))
+    result = engine.evaluate(model, loader, transform, device, amp_dtype, cfg.model.tasks, num_classes(manifest))
+    tasks = {task: report_from_confusion(result["confusion"][task], manifest["classes"][task],
+                                         result["top5_correct"][task])
+             for task in cfg.model.tasks}
+    return {"split": split, "num_samples": result["num_samples"], "tasks": tasks}
+
+
+def headline(report: dict) -> dict[str, float]:
+    """{"style/accuracy": ..., "style/top5": ..., "style/macro_f1": ..., ...} of an evaluate_split report."""
+    return {f"{task}/{key}": r[key] for task, r in report["tasks"].items() for key in HEADLINE}
+
+
+def write_report(report: dict, path: Path, checkpoint: str) -> None:
+    """Rank 0: print the per-task tables and write the report as JSON."""
+    for task, r in report["tasks"].items():
+        print(format_table(r, title=f"{report['split']} {task}"), format_confusion(r), sep="\n", flush=True)
+    path.write_text(json.dumps({"checkpoint": checkpoint, **report}, indent=1))
+    print(f"wrote {path}", flush=True)
