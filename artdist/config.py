@@ -38,6 +38,9 @@ class ShardConfig:
     test_fraction: float = 0.1  # artgan: share of train carved out as test
     seed: int = 0  # random split / test carving salt; deterministic from the path either way
     max_short_side: int = 448  # shorter side at most this many px: serves 224-448 px training
+    # Filter of the downscale after the JPEG draft; lanczos costs ~2x for a difference at 224 px the
+    # size of the q85 JPEG error (docs/benchmarks.md).
+    resample: Literal["lanczos", "bicubic", "hamming", "bilinear", "box"] = "hamming"
     format: Literal["jpeg", "webp", "png"] = "jpeg"
     quality: int = 85  # 90 -> 85: decode 0.2 ms/img faster, shards ~25% smaller (docs/benchmarks.md)
     samples_per_shard: int = 1000
