@@ -17,7 +17,7 @@ from artdist.errors import UserError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
-        "Measure, in one run: (a) shard loading (the real TrainLoader) and (b) the seeds' ImageFolder "
+        "Measure, in one run: sharding per CPU second against a naive way and the decode floor; (a) shard loading (the real TrainLoader) and (b) the seeds' ImageFolder "
         "loading of full-size JPEGs, images/s per worker count and their ratio; (c) the model's train step "
         "on synthetic tensors; (d) end-to-end training from shards with the data-wait fraction; (e) on CUDA, "
         "AMP dtype / channels_last / torch.compile variants and GPU JPEG decode. Prints a table, then the "
@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="full-size JPEGs in the bench corpus; also the images timed per loader setting (default 400)")
     p.add_argument("--full-size", type=int, default=800, metavar="PX",
                    help="width of the corpus pictures; height is 3/4 of it (default 800: 800x600, WikiArt's median)")
+    p.add_argument("--images-dir", metavar="DIR",
+                   help="time the shard, loader and imagefolder parts on the image files under DIR (any layout, "
+                        "e.g. ../shared/wikiart_sample) instead of the synthetic corpus")
     p.add_argument("--workers", default="0,1,2", help="loader worker counts to time for (a) and (b) (default 0,1,2)")
     p.add_argument("--steps", type=int, help=f"timed train steps for model/e2e/gpu after the warm-up ones "
                                              f"(default {DEFAULT_STEPS['cpu']} on CPU, {DEFAULT_STEPS['cuda']} on CUDA)")
@@ -47,11 +50,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--images {args.images}: the corpus needs at least {MIN_IMAGES} pictures")
     if args.full_size < 32:
         raise UserError(f"--full-size {args.full_size}: must be >= 32 px")
+    if args.images_dir is not None and not Path(args.images_dir).is_dir():
+        raise UserError(f"--images-dir {args.images_dir} is not a folder")
     cpu_defaults = list(CPU_DEFAULTS) if args.config is None and not torch.cuda.is_available() else []
     cfg = load_config(args.config, cpu_defaults + args.overrides)
     device = init_distributed(cfg.train.device)
     result = run_bench(cfg, workdir=Path(args.workdir), images=args.images, full_size=args.full_size,
-                       workers=workers, steps=args.steps, only=only, cpu_defaults=cpu_defaults, device=device)
+                       workers=workers, steps=args.steps, only=only, cpu_defaults=cpu_defaults, device=device,
+                       images_dir=Path(args.images_dir) if args.images_dir else None)
     print(format_table(result), flush=True)
     text = json.dumps(result)
     if args.json:

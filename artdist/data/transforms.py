@@ -108,14 +108,10 @@ def apply_geometry_tensor(img: torch.Tensor, geom: Geometry, size: int) -> torch
     return out.flip(-1) if geom.flip else out
 
 
-def decode_image(data: bytes, augment: str, data_cfg: DataConfig, rng: np.random.Generator | None) -> np.ndarray:
-    """Encoded image -> uint8 [S, S, 3] with PIL.
-
-    PIL is the faster CPU path here (597x448 JPEG -> 224 px, one thread, dev machine): 1.7 ms
-    (none) / 2.0 ms (crop_flip) / 3.2 ms (rrc) per image against 3.1-3.2 ms for
-    torchvision.io.decode_jpeg + the tensor resize, because JPEG draft mode lets libjpeg decode
-    at 1/2-1/8 scale whenever the crop needs fewer pixels than the file holds.
-    """
+def decode_drafted(data: bytes, augment: str, data_cfg: DataConfig,
+                   rng: np.random.Generator | None) -> tuple[Image.Image, Geometry]:
+    """Encoded image -> (RGB picture, its crop for `augment` in that picture's pixels), decoded by
+    libjpeg at 1/2-1/8 scale whenever the crop needs fewer pixels than the file holds."""
     size = data_cfg.image_size
     img = Image.open(io.BytesIO(data))
     width, height = img.size
@@ -124,10 +120,32 @@ def decode_image(data: bytes, augment: str, data_cfg: DataConfig, rng: np.random
     # Rounded down: draft only reduces by 2/4/8 when the file is at least that many times the
     # request, and 597x448 -> 298.5x224 must still allow 1/2. At worst this upsamples by < 1 px.
     img.draft("RGB", (max(1, int(width * size / (right - left))), max(1, int(height * size / (bottom - top)))))
-    img = img.convert("RGB")
+    if img.mode == "RGB":
+        img.load()  # convert("RGB") would copy the decoded picture
+    else:
+        img = img.convert("RGB")
     fx, fy = img.width / width, img.height / height
-    geom = Geometry((left * fx, top * fy, right * fx, bottom * fy), geom.flip)
-    return np.asarray(apply_geometry_pil(img, geom, size))
+    return img, Geometry((left * fx, top * fy, right * fx, bottom * fy), geom.flip)
+
+
+def decode_image(data: bytes, augment: str, data_cfg: DataConfig, rng: np.random.Generator | None) -> np.ndarray:
+    """Encoded image -> uint8 [S, S, 3] with PIL, possibly a strided view: the loader's np.stack
+    into the batch is the one copy it needs (a flip or crop here would be another).
+
+    PIL is the faster CPU path here: JPEG draft mode lets libjpeg decode at 1/2-1/8 scale whenever
+    the crop needs fewer pixels than the file holds (docs/benchmarks.md).
+    """
+    size = data_cfg.image_size
+    img, geom = decode_drafted(data, augment, data_cfg, rng)
+    left, top, right, bottom = geom.box
+    x, y = round(left), round(top)
+    if (abs(right - left - size) < 1 and abs(bottom - top - size) < 1 and x >= 0 and y >= 0
+            and x + size <= img.width and y + size <= img.height):
+        # The box is at output scale (as after a JPEG draft) and inside the picture: a view.
+        pixels = np.asarray(img)[y:y + size, x:x + size]
+    else:
+        pixels = np.asarray(apply_geometry_pil(img, Geometry(geom.box), size))
+    return pixels[:, ::-1] if geom.flip else pixels
 
 
 
