@@ -129,23 +129,14 @@ def decode_drafted(data: bytes, augment: str, data_cfg: DataConfig,
 
 
 def decode_image(data: bytes, augment: str, data_cfg: DataConfig, rng: np.random.Generator | None) -> np.ndarray:
-    """Encoded image -> uint8 [S, S, 3] with PIL, possibly a strided view: the loader's np.stack
-    into the batch is the one copy it needs (a flip or crop here would be another).
+    """Encoded image -> uint8 [S, S, 3] with PIL.
 
     PIL is the faster CPU path here: JPEG draft mode lets libjpeg decode at 1/2-1/8 scale whenever
-    the crop needs fewer pixels than the file holds (docs/benchmarks.md).
+    the crop needs fewer pixels than the file holds. Crop and flip stay in PIL: a numpy view of the
+    picture instead (cropped or reversed) made the batch stack 1.2-1.5x slower (docs/benchmarks.md).
     """
-    size = data_cfg.image_size
     img, geom = decode_drafted(data, augment, data_cfg, rng)
-    left, top, right, bottom = geom.box
-    x, y = round(left), round(top)
-    if (abs(right - left - size) < 1 and abs(bottom - top - size) < 1 and x >= 0 and y >= 0
-            and x + size <= img.width and y + size <= img.height):
-        # The box is at output scale (as after a JPEG draft) and inside the picture: a view.
-        pixels = np.asarray(img)[y:y + size, x:x + size]
-    else:
-        pixels = np.asarray(apply_geometry_pil(img, Geometry(geom.box), size))
-    return pixels[:, ::-1] if geom.flip else pixels
+    return np.asarray(apply_geometry_pil(img, geom, data_cfg.image_size))
 
 
 
