@@ -18,7 +18,8 @@ from PIL import Image, JpegImagePlugin
 from artdist.data.catalog import assign_splits, load_catalog
 from artdist.cli import main
 from artdist.config import TASKS, DataConfig, ShardConfig, SynthConfig
-from artdist.data.image import BadImage, eval_pixels, prepare_image
+from artdist.config import JobConfig
+from artdist.data.image import BadImage, eval_pixels, prepare_image, shard_options, to_rgb, upright
 from artdist.data.shard import sample_key, shard_dataset, shard_ranges
 from artdist.data.transforms import decode_image
 from artdist.data.synth import make_corpus
@@ -195,6 +196,25 @@ def test_predict_and_the_eval_loader_see_the_same_pixels(odd_corpus, odd_shards,
     loader = decode_image(data, "none", data_cfg, None)
     shard = ShardConfig(**{k: v for k, v in manifest["options"].items() if k in ShardConfig.__dataclass_fields__})
     assert np.array_equal(eval_pixels(root / "images" / cases[case], shard, data_cfg), loader)
+
+
+def test_upright_rgb_pictures_are_not_copied():
+    im = Image.new("RGB", (8, 6), (1, 2, 3))
+    assert to_rgb(im) is im and upright(im) is im
+    assert to_rgb(Image.new("L", (8, 6))) is not im
+
+
+def test_predict_takes_the_shard_options_from_the_runs_manifest(odd_shards, tmp_path):
+    out, manifest = odd_shards
+    cfg = JobConfig()
+    cfg.data.shards = str(out)
+    assert (shard_options(cfg).max_short_side, shard_options(cfg).resample) == (SHORT_SIDE, "hamming")
+    old = {**manifest, "options": {k: v for k, v in manifest["options"].items() if k != "resample"}}
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    cfg.data.shards = str(tmp_path)
+    assert shard_options(cfg).resample == "lanczos"  # written before shard.resample existed
+    cfg.data.shards = str(tmp_path / "elsewhere")
+    assert shard_options(cfg) == cfg.shard  # no shards here: the run config's own shard section
 
 
 def _png_bytes(im: Image.Image) -> bytes:
