@@ -53,7 +53,8 @@ from artdist.data.loader import TrainLoader
 from artdist.data.manifest import label_counts, num_classes
 from artdist.data.shard import shard_dataset
 from artdist.data.synth import JPEG_QUALITY, MIN_IMAGES, make_corpus
-from artdist.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, decode_drafted, sample_geometry
+from artdist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, decode_drafted, decode_image,
+                                     sample_geometry)
 from artdist.errors import UserError
 from artdist.train.engine import train_one_epoch
 from artdist.train.numerics import resolve_amp, use_channels_last
@@ -371,7 +372,8 @@ def shard_members(shards: Path, manifest: dict, split: str, count: int) -> list[
 
 def loader_floors(cfg: JobConfig, shards: Path, manifest: dict, images: int) -> dict:
     """CPU ms per image of the least work the loader could do on the same shard members: a bare full
-    decode; the draft decode its crops allow; a full decode plus one box resize of its crops."""
+    decode; the draft decode its crops allow; a full decode plus one box resize of its crops; and
+    decode_image alone (the loader's per-image work, without tar reading, labels and batching)."""
     data_cfg, size = cfg.data, cfg.data.image_size
     members = shard_members(shards, manifest, data_cfg.train_split, images)
     rng = np.random.default_rng(cfg.train.seed)
@@ -386,7 +388,8 @@ def loader_floors(cfg: JobConfig, shards: Path, manifest: dict, images: int) -> 
     return {"augment": data_cfg.augment, "images": len(members),
             "decode": cpu_ms(lambda data: Image.open(io.BytesIO(data)).load(), members),
             "draft_decode": cpu_ms(lambda data: decode_drafted(data, data_cfg.augment, data_cfg, rng), members),
-            "decode_box_resize": cpu_ms(box_resize, members)}
+            "decode_box_resize": cpu_ms(box_resize, members),
+            "decode_image": cpu_ms(lambda data: decode_image(data, data_cfg.augment, data_cfg, rng), members)}
 
 
 def bench_imagefolder(cfg: JobConfig, root: Path, workers: list[int], images: int, cpus: int) -> list[dict]:
@@ -572,7 +575,8 @@ def format_table(result: dict) -> str:
                      f"{fl['decode_box_resize']:.2f}" + (
                          f"; loader (workers 0) {fl['loader_ms']:.2f} = {fl['ratio']['decode']:.2f}x bare decode, "
                          f"{fl['ratio']['draft_decode']:.2f}x draft decode, {fl['ratio']['decode_box_resize']:.2f}x "
-                         "decode + box resize" if "ratio" in fl else ""))
+                         f"decode + box resize, {fl['ratio']['decode_image']:.2f}x its own decode_image "
+                         f"({fl['decode_image']:.2f})" if "ratio" in fl else ""))
     for key, title in (("shard", "sharding"), ("loader", "(a) loader"), ("imagefolder", "(b) imagefolder")):
         if "skipped" in result[key]:
             lines.append(f"{title}: skipped: {result[key]['skipped']}")
@@ -646,7 +650,8 @@ def run_bench(cfg: JobConfig, *, workdir: Path, images: int, full_size: int, wor
         if in_process:
             loader_ms = 1000 / in_process[0]["images_per_cpu_s"]
             floors["loader_ms"] = loader_ms
-            floors["ratio"] = {k: loader_ms / floors[k] for k in ("decode", "draft_decode", "decode_box_resize")}
+            floors["ratio"] = {k: loader_ms / floors[k]
+                               for k in ("decode", "draft_decode", "decode_box_resize", "decode_image")}
         result["loader_floor"] = floors
     if "imagefolder" in only:
         result["imagefolder"] = bench_imagefolder(cfg, Path(corpus["dir"]) / "images", workers, images, info["cores"])
