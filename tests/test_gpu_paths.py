@@ -45,7 +45,7 @@ def amp_runs(small_shards, tmp_path_factory) -> dict:
         jobs += [Job(amp_config(demo_shards, dirs[amp]["full"], amp)),
                  Job(amp_config(demo_shards, dirs[amp]["cut"], amp), touch_stop_file_at=2),
                  Job(amp_config(demo_shards, dirs[amp]["cut"], amp))]
-    records = run_ranks(jobs, out / "ranks")
+    records = run_ranks(jobs, out / "ranks", timeout_s=1800)  # six runs under slow CPU autocast
     return {"dirs": dirs, "records": {"bf16": records[:3], "fp16": records[3:]}}
 
 
