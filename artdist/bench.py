@@ -47,12 +47,12 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, RandomSampler
 from torchvision import transforms
 
-from artdist.config import TASKS, JobConfig, SynthConfig
+from artdist.config import MIN_SYNTH_IMAGES, TASKS, JobConfig, SynthConfig
 from artdist.data.image import prepare_image, short_side_size
 from artdist.data.loader import TrainLoader
 from artdist.data.manifest import label_counts, num_classes
 from artdist.data.shard import shard_dataset
-from artdist.data.synth import JPEG_QUALITY, MIN_IMAGES, make_corpus
+from artdist.data.synth import JPEG_QUALITY, make_corpus
 from artdist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, decode_drafted, decode_image,
                                      sample_geometry)
 from artdist.errors import UserError
@@ -186,9 +186,9 @@ def build_real_corpus(out: Path, images_dir: Path) -> dict:
     if marker.is_file():
         return json.loads(marker.read_text())
     files = image_files(images_dir)
-    if len(files) < MIN_IMAGES:
+    if len(files) < MIN_SYNTH_IMAGES:
         raise UserError(f"--images-dir {images_dir}: {len(files)} image files found, the bench needs at least "
-                        f"{MIN_IMAGES}")
+                        f"{MIN_SYNTH_IMAGES}")
     shutil.rmtree(out, ignore_errors=True)  # an interrupted build: start over
     make_corpus(SynthConfig(out=str(out), images=len(files), seed=0, size=16))
     for dest, src in zip(sorted((out / "images").rglob("*.jpg")), files):
