@@ -16,7 +16,7 @@ from artdist.errors import ConfigError
 TASKS = ("style", "artist", "genre")
 HEADLINE = ("accuracy", "top5", "macro_f1")  # the metrics reported per task; train.best_metric picks one
 MAX_IMAGE_SIZE = 2048  # px; the spatial LSTM's positional embedding covers 2048 / 32 = 64 feature-map cells
-MAX_SEED = 2**32 - 1  # numpy's seed range
+SEED_RANGE = (-2**63, 2**63 - 1)  # what torch.manual_seed accepts; numpy and the loader reduce it
 MIN_SYNTH_IMAGES = 8  # room for every planted quirk of the synthetic corpus
 INF = math.inf
 
@@ -89,7 +89,7 @@ class SynthConfig(Section):
     SECTION: ClassVar[str] = "synth"
     out: str = "data/synth"
     images: int = ranged(1200, MIN_SYNTH_IMAGES, 10_000_000)
-    seed: int = ranged(0, 0, MAX_SEED)
+    seed: int = ranged(0, 0, SEED_RANGE[1])  # numpy's SeedSequence takes no negative seed
     noise: float = fraction(0.0)  # fraction of images given a deliberately wrong label
     size: int = ranged(128, 16, 4096)  # side of the generated pictures, px
 
@@ -104,7 +104,7 @@ class ShardConfig(Section):
     out: str = "shards/demo"
     split: Literal["artgan", "random"] = "artgan"
     test_fraction: float = fraction(0.1)  # artgan: share of train carved out as test
-    seed: int = ranged(0, 0, MAX_SEED)  # random split / test carving salt; deterministic from the path either way
+    seed: int = ranged(0, *SEED_RANGE)  # random split / test carving salt; deterministic from the path either way
     max_short_side: int = positive(448, 16384)  # shorter side at most this many px: serves 224-448 px training
     format: Literal["jpeg", "webp", "png"] = "jpeg"
     quality: int = ranged(85, 1, 100, interval=True)  # docs/benchmarks.md: why 85
@@ -168,7 +168,7 @@ class TrainConfig(Section):
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 if supported, fp16 on older GPUs, off on CPU
     channels_last: bool = True
     compile: bool = False  # torch.compile the backbone only (dynamo graph-breaks on nn.LSTM)
-    seed: int = ranged(0, 0, MAX_SEED)
+    seed: int = ranged(0, *SEED_RANGE)
     deterministic: bool = False
     device: Literal["auto", "cuda", "cpu"] = "auto"
     best_metric: str = ""  # TASK/METRIC, e.g. "style/macro_f1"; empty: macro-F1 of model.primary_task
@@ -192,11 +192,11 @@ class SlurmConfig(Section):
     """Defaults for `artdist submit` (each also a command-line flag)."""
 
     SECTION: ClassVar[str] = "slurm"
+    nodes: int = positive(1, 4096)
+    gpus_per_node: int = ranged(1, 0, 256)  # with train.device=cpu: CPU processes per node
     partition: str = ""
     account: str = ""
     qos: str = ""
-    nodes: int = positive(1, 4096)
-    gpus_per_node: int = ranged(1, 0, 256)  # with train.device=cpu: CPU processes per node
     cpus_per_task: int = positive(8, 1024)
     mem_gb: int = ranged(0, 0, 65536)  # 0: SLURM's default
     time_min: int = positive(240, 525_600)  # at most a year
@@ -392,7 +392,8 @@ def best_metric(cfg: JobConfig, source: str = "config") -> tuple[str, str]:
     task, _, key = name.partition("/")
     if task not in cfg.model.tasks or key not in HEADLINE:
         raise ConfigError(f"{source}: train.best_metric={name!r}: expected TASK/METRIC with TASK one of "
-                          f"{cfg.model.tasks} and METRIC one of {list(HEADLINE)}, e.g. {cfg.model.primary_task}/macro_f1")
+                          f"{cfg.model.tasks} and METRIC one of {list(HEADLINE)}, "
+                          f"e.g. {cfg.model.primary_task}/macro_f1")
     return task, key
 
 

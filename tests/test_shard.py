@@ -16,6 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from artdist.data.catalog import assign_splits, load_catalog
+from artdist.data.manifest import read_manifest
 from artdist.cli import main
 from artdist.config import TASKS, ShardConfig, SynthConfig
 from artdist.data.shard import _decode, sample_key, shard_dataset, shard_ranges
@@ -184,6 +185,7 @@ def test_manifest_matches_the_files(odd_corpus, odd_shards):
     out, manifest = odd_shards
     catalog = load_catalog(root / "labels")
     assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert read_manifest(out).to_json() == manifest  # the typed reader keeps every key
     assert manifest["format"] == "artdist-shards/1" and manifest["image_ext"] == "jpg"
     assert manifest["classes"] == catalog.classes
     assert manifest["anomalies"] == catalog.anomalies

@@ -1,4 +1,4 @@
-"""Training and evaluation loops only: TrainState, train_one_epoch, run_inference, evaluate."""
+"""Training and evaluation loops only: TrainState, train_one_epoch, run_inference, count_predictions."""
 from __future__ import annotations
 
 import contextlib
@@ -163,9 +163,9 @@ def run_inference(model: torch.nn.Module, loader: Iterable, transform: Callable[
             yield (ids.to(device), labels.to(device), {t: v.float() for t, v in logits.items()}, embedding.float())
 
 
-def evaluate(model: torch.nn.Module, loader: Iterable, transform: Callable[[torch.Tensor], torch.Tensor],
-             device: torch.device, amp_dtype: torch.dtype | None, tasks: list[str],
-             num_classes: dict[str, int]) -> dict:
+def count_predictions(model: torch.nn.Module, loader: Iterable, transform: Callable[[torch.Tensor], torch.Tensor],
+                      device: torch.device, amp_dtype: torch.dtype | None, tasks: list[str],
+                      num_classes: dict[str, int]) -> dict:
     """Confusion matrices, top-5 hits and sample counts over a split, summed over ranks.
 
     Every rank gets the same result: {"num_samples": samples seen (labelled or not),

@@ -29,7 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from artdist.config import JobConfig, best_metric, save_config, to_dict
 from artdist.data.loader import TrainLoader
-from artdist.data.manifest import label_counts, num_classes, read_manifest
+from artdist.data.manifest import Manifest, read_manifest
 from artdist.data.transforms import DeviceTransform
 from artdist.dist import (all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup, get_rank,
                           get_world_size, init_distributed, is_dist, is_main_process)
@@ -47,7 +47,7 @@ from artdist.train.preempt import PreemptionWatch, requeue_slurm_job
 
 # Called on every rank with the best model after the test evaluation: (model, cfg, manifest, device,
 # amp dtype, TensorBoard writer or None); the job passes the outlier reports (a higher layer).
-AfterTest = Callable[[CNNLSTM, JobConfig, dict, torch.device, "torch.dtype | None", "SummaryWriter | None"], object]
+AfterTest = Callable[[CNNLSTM, JobConfig, Manifest, torch.device, "torch.dtype | None", "SummaryWriter | None"], object]
 
 
 def main(cfg: JobConfig, after_test: AfterTest | None = None) -> str:
@@ -77,7 +77,7 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
 
     # ---- data: every rank gets len(loader) batches per epoch
     manifest = read_manifest(cfg.data.shards)
-    classes = num_classes(manifest)
+    num_classes = manifest.num_classes
     loader = TrainLoader(cfg.data, manifest, rank, world, tcfg.seed, tcfg.accum_steps)
     steps_per_epoch = len(loader) // tcfg.accum_steps  # exact: the loader rounds up to whole steps
     total_steps = steps_per_epoch * tcfg.epochs
@@ -98,8 +98,8 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
         counts, failure = None, None
         if master:
             try:
-                counts = train_class_counts(cfg, manifest, classes)
-            except (OSError, tarfile.TarError, ValueError, KeyError) as exc:
+                counts = train_class_counts(cfg, manifest)
+            except (UserError, OSError, tarfile.TarError, ValueError, KeyError) as exc:
                 failure = (f"cannot count the class labels of the '{cfg.data.train_split}' shards in "
                            f"{cfg.data.shards} ({type(exc).__name__}: {exc}); re-run `artdist shard`")
         counts, failure = broadcast_object((counts, failure))
@@ -107,10 +107,10 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
             raise UserError(failure)
     barrier()
 
-    # ---- model (same init on every rank), optimizer, LR schedule, loss
+    # ---- model (same init on every rank), optimizer, loss; the LR is lr_factor of the step (TrainState)
     seed_all(tcfg.seed)
-    model, optimizer, scaler, loss_fn = build_training(cfg, classes, counts, device, amp_dtype, channels_last)
-    checkpointer = Checkpointer(run_dir, model, optimizer, scaler, cfg, manifest["classes"], layout)
+    model, optimizer, scaler, loss_fn = build_training(cfg, num_classes, counts, device, amp_dtype, channels_last)
+    checkpointer = Checkpointer(run_dir, model, optimizer, scaler, cfg, manifest.classes, layout)
 
     # ---- resume from model_last.pt if there is one; else per-rank streams for dropout/augmentation
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": -math.inf, "metrics": {}}
@@ -178,7 +178,7 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
     barrier()
     model.load_state_dict(load_checkpoint(run_dir.best)["model"])
     test = None
-    if manifest["splits"].get(cfg.data.test_split, {}).get("num_samples", 0) > 0:
+    if manifest.num_samples(cfg.data.test_split) > 0:
         test = evaluate_split(model, cfg, manifest, cfg.data.test_split, device, amp_dtype)
         if master:
             write_report(test, run_dir.eval_report(cfg.data.test_split), str(run_dir.best))
@@ -197,18 +197,18 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
 # --------------------------------------------------------------------------- helpers, in order of use
 
 
-def train_class_counts(cfg: JobConfig, manifest: dict, classes: dict[str, int]) -> dict[str, list[int]]:
+def train_class_counts(cfg: JobConfig, manifest: Manifest) -> dict[str, list[int]]:
     """Rank 0: samples per class of the train split, cached in the run dir (a large split takes a while to read)."""
     path = RunDir(cfg.run_dir).class_counts
     key = {"shards": str(Path(cfg.data.shards).resolve()), "split": cfg.data.train_split,
-           "num_samples": manifest["splits"][cfg.data.train_split]["num_samples"]}
+           "num_samples": manifest.num_samples(cfg.data.train_split)}
     try:
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached["counts"]
     except (OSError, ValueError, AttributeError):
         pass  # absent, or cut short by a kill mid-write (never valid JSON then): count again
-    counts = label_counts(cfg.data.shards, manifest, cfg.data.train_split, classes)
+    counts = manifest.label_counts(cfg.data.train_split)
     path.write_text(json.dumps({"key": key, "counts": counts}))
     return counts
 
@@ -284,12 +284,12 @@ def hparams(cfg: JobConfig, world: int) -> dict:
     return {**flat, "model.tasks": ",".join(cfg.model.tasks), "world_size": world}
 
 
-def build_training(cfg: JobConfig, classes: dict[str, int], counts: dict[str, list[int]] | None,
+def build_training(cfg: JobConfig, num_classes: dict[str, int], counts: dict[str, list[int]] | None,
                    device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool) -> tuple:
     """(model, optimizer, scaler, loss_fn) as a run trains them: AdamW over the model's param groups
     (each with the `base_lr` the LR schedule scales), a GradScaler for fp16, class-weighted loss."""
     tcfg = cfg.train
-    model: CNNLSTM = build_model(cfg.model, classes).to(device)
+    model: CNNLSTM = build_model(cfg.model, num_classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.param_groups(tcfg.lr, tcfg.backbone_lr, tcfg.weight_decay))
