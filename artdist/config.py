@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,9 +22,9 @@ MAX_IMAGE_SIZE = 2048  # px; the spatial LSTM's positional embedding covers 2048
 class SynthConfig:
     """`artdist synth`: a synthetic WikiArt-like corpus in the ArtGAN layout."""
 
-    out: str = "data/synth"
-    images: int = 1200
-    seed: int = 0
+    out: str = "data/synth"  # output folder: images/, labels/ and planted_noise.csv
+    images: int = 1200  # number of pictures
+    seed: int = 0  # random seed; the same seed gives byte-identical files
     noise: float = 0.0  # fraction of images given a deliberately wrong label
     size: int = 128  # side of the generated pictures, px
 
@@ -31,18 +33,18 @@ class SynthConfig:
 class ShardConfig:
     """`artdist shard`: label files + image folder -> WebDataset tar shards."""
 
-    images: str = "data/synth/images"
-    labels: str = "data/synth/labels"
-    out: str = "shards/demo"
-    split: Literal["artgan", "random"] = "artgan"
+    images: str = "data/synth/images"  # folder holding the style folders of images
+    labels: str = "data/synth/labels"  # folder holding the nine ArtGAN label files
+    out: str = "shards/demo"  # output folder for the tar shards and manifest.json
+    split: Literal["artgan", "random"] = "artgan"  # artgan: official train/val + test from train; random: 60/20/20
     test_fraction: float = 0.1  # artgan: share of train carved out as test
     seed: int = 0  # random split / test carving salt; deterministic from the path either way
     max_short_side: int = 448  # shorter side at most this many px: serves 224-448 px training
-    format: Literal["jpeg", "webp", "png"] = "jpeg"
-    quality: int = 85  # 90 -> 85: decode 0.2 ms/img faster, shards ~25% smaller (docs/benchmarks.md)
-    samples_per_shard: int = 1000
+    format: Literal["jpeg", "webp", "png"] = "jpeg"  # image encoding inside the shards
+    quality: int = 85  # jpeg/webp quality 1..100 (85: see docs/benchmarks.md)
+    samples_per_shard: int = 1000  # target images per tar shard
     min_shards: int = 8  # per split, a floor for small splits: shuffling mixes whole shards
-    workers: int = 0  # 0: all CPU cores
+    workers: int = 0  # processes writing shards; 0: all CPU cores
     max_pixels: int = 200_000_000  # decompression-bomb guard; larger images are skipped and reported
 
 
@@ -50,55 +52,55 @@ class ShardConfig:
 class DataConfig:
     """The training/evaluation input pipeline read from shards."""
 
-    shards: str = "shards/demo"
-    image_size: int = 224
-    batch_size: int = 64  # per rank
+    shards: str = "shards/demo"  # folder of shards + manifest.json written by `artdist shard`
+    image_size: int = 224  # side of the square training/evaluation input, px
+    batch_size: int = 64  # images per process and micro-step (global: x processes x accum_steps)
     num_workers: int = 4  # loader processes per rank
-    shuffle_buffer: int = 2000
-    augment: Literal["crop_flip", "rrc", "none"] = "crop_flip"
-    crop_padding: int = 16  # crop_flip: pad before the random crop, as the seeds do
+    shuffle_buffer: int = 2000  # samples held by each loader worker's shuffle buffer (train split)
+    augment: Literal["crop_flip", "rrc", "none"] = "crop_flip"  # crop_flip: pad, crop, flip; rrc: random resized crop, flip
+    crop_padding: int = 16  # crop_flip: zero padding before the random crop, px
     rrc_scale_min: float = 0.35  # rrc: smallest crop area fraction
-    decode: Literal["cpu", "gpu"] = "cpu"
-    train_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"
+    decode: Literal["cpu", "gpu"] = "cpu"  # JPEG decoding in loader workers, or nvjpeg on the GPU
+    train_split: str = "train"  # split of the shards trained on
+    val_split: str = "val"  # split evaluated after each epoch (picks model_best.pt) and audited for outliers
+    test_split: str = "test"  # split evaluated once with model_best.pt at the end
 
 
 @dataclass
 class ModelConfig:
     """ResNet backbone + LSTM over a sequence read from the feature map + one head per task."""
 
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet50"
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet50"  # torchvision ResNet trunk
     weights: str = "none"  # none | imagenet | path to a state_dict file
-    sequence: Literal["pooled", "spatial", "rows", "columns"] = "spatial"
-    lstm_hidden: int = 512
-    lstm_layers: int = 2
-    bidirectional: bool = True
-    dropout: float = 0.1
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    primary_task: str = "style"
+    sequence: Literal["pooled", "spatial", "rows", "columns"] = "spatial"  # LSTM input: pooled vector, or feature-map cells/rows/columns
+    lstm_hidden: int = 512  # LSTM hidden units per direction
+    lstm_layers: int = 2  # stacked LSTM layers
+    bidirectional: bool = True  # LSTM reads the sequence both ways
+    dropout: float = 0.1  # dropout before each task head
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # heads to train, any of style, artist, genre
+    primary_task: str = "style"  # task whose macro-F1 picks model_best.pt unless train.best_metric says otherwise
 
 
 @dataclass
 class TrainConfig:
     """Optimisation and run control."""
 
-    epochs: int = 10
+    epochs: int = 10  # passes over the train split
     lr: float = 1e-3  # head + LSTM, for the global batch of batch_size*world*accum_steps
-    backbone_lr: float = 1e-4
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01
-    grad_clip: float = 1.0  # 0 disables
-    accum_steps: int = 1
-    label_smoothing: float = 0.1
-    class_weighting: Literal["none", "inverse", "inverse_sqrt"] = "inverse_sqrt"
+    backbone_lr: float = 1e-4  # peak LR of the ResNet trunk
+    weight_decay: float = 0.05  # AdamW weight decay (not on biases and norms)
+    warmup_epochs: float = 1.0  # linear LR warm-up length, then cosine decay
+    min_lr_ratio: float = 0.01  # final LR as a fraction of the peak
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
+    accum_steps: int = 1  # micro-batches accumulated per optimizer step
+    label_smoothing: float = 0.1  # cross-entropy label smoothing
+    class_weighting: Literal["none", "inverse", "inverse_sqrt"] = "inverse_sqrt"  # class loss weight: 1, 1/n or 1/sqrt(n) of train counts
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 if supported, fp16 on older GPUs, off on CPU
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC memory layout on CUDA (faster convolutions with AMP)
     compile: bool = False  # torch.compile the backbone only (dynamo graph-breaks on nn.LSTM)
-    seed: int = 0
-    deterministic: bool = False
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    seed: int = 0  # seed of model init, shuffling and augmentation
+    deterministic: bool = False  # deterministic kernels only (slower; bit-identical reruns on the same hardware)
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when available, else CPU
     best_metric: str = ""  # e.g. "style/macro_f1"; empty: macro-F1 of model.primary_task
     log_every: int = 20  # steps between console/TensorBoard train logs
     stop_after_steps: int = 0  # testing aid: exit (as if killed) after this many global steps; 0 = never
@@ -109,7 +111,7 @@ class OutlierConfig:
     """Outlier scoring and reports."""
 
     enabled: bool = True  # write val-split reports at the end of training
-    threshold: float = 0.6  # the seeds' max-softmax rule
+    threshold: float = 0.6  # max_softmax flags a sample whose top probability is below this
     top_k: int = 50  # outliers per task shown in HTML/TensorBoard
     flag_fraction: float = 0.05  # share of samples flagged by the combined score
     planted: str = ""  # planted_noise.csv from `artdist synth --noise`: measure AUROC/precision@k against it
@@ -119,32 +121,32 @@ class OutlierConfig:
 class SlurmConfig:
     """Defaults for `artdist submit` (each also a command-line flag)."""
 
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    nodes: int = 1
-    gpus_per_node: int = 1
-    cpus_per_task: int = 8
-    mem_gb: int = 0  # 0: SLURM's default
-    time_min: int = 240
-    signal_delay_s: int = 120
-    max_num_timeout: int = 20
-    constraint: str = ""
+    partition: str = ""  # SLURM partition; empty: the cluster's default
+    account: str = ""  # SLURM account; empty: none given
+    qos: str = ""  # SLURM quality of service; empty: none given
+    nodes: int = 1  # number of nodes
+    gpus_per_node: int = 1  # GPUs per node = training processes per node
+    cpus_per_task: int = 8  # CPU cores per training process (loader workers + 1)
+    mem_gb: int = 0  # memory per node, GB; 0: SLURM's default
+    time_min: int = 240  # time limit, minutes
+    signal_delay_s: int = 120  # USR2 this many seconds before the time limit: save and requeue
+    max_num_timeout: int = 20  # requeues after a time limit or preemption, at most
+    constraint: str = ""  # SLURM node constraint, e.g. a100; empty: none
 
 
 @dataclass
 class JobConfig:
     """One training job: everything a run needs, saved into its run directory."""
 
-    name: str = "demo"
-    out_dir: str = ""  # empty: runs/<name>
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    outliers: OutlierConfig = field(default_factory=OutlierConfig)
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    synth: SynthConfig = field(default_factory=SynthConfig)
-    shard: ShardConfig = field(default_factory=ShardConfig)
+    name: str = "demo"  # run name: the run dir is runs/<name> and TensorBoard shows it
+    out_dir: str = ""  # run directory; empty: runs/<name>
+    data: DataConfig = field(default_factory=DataConfig)  # input pipeline
+    model: ModelConfig = field(default_factory=ModelConfig)  # network
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation and run control
+    outliers: OutlierConfig = field(default_factory=OutlierConfig)  # outlier scoring and reports
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # `artdist submit` resources
+    synth: SynthConfig = field(default_factory=SynthConfig)  # `artdist synth` corpus
+    shard: ShardConfig = field(default_factory=ShardConfig)  # `artdist shard` packing
 
     @property
     def run_dir(self) -> Path:
@@ -380,6 +382,64 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(to_yaml(cfg))
 
 
+# --------------------------------------------------------------------------- reference (docs/config.md)
+
+_FIELD_LINE = re.compile(r"^    (\w+): [^#]*?(?:#\s*(.*))?$")
+
+
+def _meanings(cls: type) -> dict[str, str]:
+    """field -> the comment on its line in this file's source: the schema's one-line documentation."""
+    found = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = _FIELD_LINE.match(line)
+        if m:
+            found[m.group(1)] = (m.group(2) or "").strip()
+    return found
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " \\| ".join(str(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, str):
+        return f'`"{value}"`' if value == "" else f"`{value}`"
+    return "`" + yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...") + "`"
+
+
+def reference() -> str:
+    """The config reference as Markdown: every key with its type, default and meaning (docs/config.md)."""
+    out = ["# Config reference", "",
+           "Generated from the schema in `artdist/config.py` by `artdist config --reference`; "
+           "a test checks that this file is current.",
+           "A job YAML sets any of these keys; `--set section.key=value` overrides one on the command line.", ""]
+    top = JobConfig()
+    hints, meanings = typing.get_type_hints(JobConfig), _meanings(JobConfig)
+    plain = [f for f in dataclasses.fields(JobConfig) if not _is_dataclass_type(hints[f.name])]
+    sections = [f for f in dataclasses.fields(JobConfig) if _is_dataclass_type(hints[f.name])]
+    rows = [(f.name, hints[f.name], getattr(top, f.name), meanings.get(f.name, "")) for f in plain]
+    out += _table(rows)
+    for f in sections:
+        cls = hints[f.name]
+        out += ["", f"## `{f.name}`: {(cls.__doc__ or '').strip()}", ""]
+        sub_hints, sub_meanings, default = typing.get_type_hints(cls), _meanings(cls), getattr(top, f.name)
+        out += _table([(f"{f.name}.{g.name}", sub_hints[g.name], getattr(default, g.name), sub_meanings.get(g.name, ""))
+                       for g in dataclasses.fields(cls)])
+    return "\n".join(out) + "\n"
+
+
+def _table(rows: list[tuple[str, Any, Any, str]]) -> list[str]:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, value, meaning in rows:
+        lines.append(f"| `{key}` | {_type_name(tp)} | {_default_text(value)} | {meaning.replace('|', chr(92) + '|')} |")
+    return lines
+
+
 def from_dict(tree: dict, source: str = "saved config") -> JobConfig:
     """Rebuild a JobConfig saved with a run (e.g. inside a checkpoint)."""
     cfg = _build(JobConfig, tree, "", source)
@@ -404,4 +464,5 @@ __all__ = [
     "to_dict",
     "to_yaml",
     "from_dict",
+    "reference",
 ]
