@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -219,8 +220,9 @@ def test_evaluate_command_reports_a_split_of_a_run(runs, manifest, capsys):
     for task in TASKS:  # the checkpoint's own validation numbers, recomputed
         for key in ("accuracy", "top5", "macro_f1"):
             assert report["tasks"][task][key] == pytest.approx(best[f"{task}/{key}"])
-    out = capsys.readouterr().out
-    assert f"val style: {report['tasks']['style']['num_labelled']} labelled samples" in out
+    captured = capsys.readouterr()
+    assert f"val style: {report['tasks']['style']['num_labelled']} labelled samples" in captured.out
+    assert re.search(r"^evaluate val: (\d+)/\1 batches .* images/s", captured.err, re.M)  # progress, ends at total
     assert cli.main(["evaluate", "--run", str(run_dir), "--split", "nosuch"]) == 2
     assert "split 'nosuch' is not in" in capsys.readouterr().err
 
