@@ -49,6 +49,16 @@ class RunDir:
         return self.path / "class_counts.json"
 
     @property
+    def changes(self) -> Path:
+        """The history of config changes a resume was allowed to make (--resume-with-changes)."""
+        return self.path / "config_changes.yaml"
+
+    @property
+    def finished(self) -> Path:
+        """Written last, when training, test evaluation and reports are done: a rerun then does nothing."""
+        return self.path / "finished.json"
+
+    @property
     def stop_file(self) -> Path:
         return self.path / STOP_FILE
 

@@ -166,10 +166,10 @@ def test_only_rank_0_writes(runs):
     assert list((runs["out"] / "cwd1").iterdir()) == [] and list((runs["out"] / "cwd0").iterdir()) == []
     run_dir = runs["dirs"]["baseline"]
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
-        ["config.yaml", "class_counts.json", LAST, BEST, "metrics.jsonl", "eval_test.json", "tb"])
+        ["config.yaml", "class_counts.json", LAST, BEST, "metrics.jsonl", "eval_test.json", "tb", "finished.json"])
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]  # one line per epoch, not one per rank
-    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 2  # the writer's + add_hparams'
+    assert len(list((run_dir / "tb" / run_dir.name).glob("events.out.tfevents.*"))) == 1  # one writer, one run
     ckpt = torch.load(run_dir / LAST, weights_only=True)
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (2, 0) and len(ckpt["rng"]) == WORLD
 

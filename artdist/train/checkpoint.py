@@ -101,8 +101,9 @@ def save_training_checkpoint(run_dir: Path | RunDir, model: torch.nn.Module, opt
                              scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                              cfg: JobConfig, class_names: dict[str, list[str]], layout: dict, position: dict,
                              best: bool) -> None:
-    """Call on every rank (each rank's RNG state is gathered); rank 0 writes model_last.pt and, when
-    `best`, the same state to model_best.pt.
+    """Call on every rank (each rank's RNG state is gathered); rank 0 writes model_last.pt (the whole
+    training state) and, when `best`, model_best.pt (weights_only_checkpoint: what evaluate, outliers
+    and predict read, without the optimizer state that would triple its size).
 
     `position` = {"epoch", "step_in_epoch", "global_step", "best_metric", "metrics"}: the next step
     to run (step_in_epoch 0 of epoch+1 after a whole epoch), the best validation value so far, and
@@ -128,8 +129,17 @@ def save_training_checkpoint(run_dir: Path | RunDir, model: torch.nn.Module, opt
     # BEST first: killed between the two writes, the resumed run finds the old model_last.pt and
     # redoes this epoch, whereas the other order would leave a best_metric that model_best.pt lacks.
     if best:
-        save_atomic(ckpt, run_dir.best)
+        save_atomic(weights_only_checkpoint(ckpt), run_dir.best)
     save_atomic(ckpt, run_dir.last)
+
+
+BEST_KEYS = ("format", "model", "epoch", "step_in_epoch", "global_step", "best_metric", "metrics", "config",
+             "class_names")
+
+
+def weights_only_checkpoint(ckpt: dict) -> dict:
+    """A training checkpoint without optimizer, scheduler, scaler, RNG and layout: model_best.pt."""
+    return {key: ckpt[key] for key in BEST_KEYS if key in ckpt}
 
 
 def resume_training(ckpt: dict, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
