@@ -50,6 +50,16 @@ def describe(changes: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
 
 
+def accepted_config(run_dir: RunDir, checkpoint: dict) -> dict:
+    """The config a rerun is compared with: RUN_DIR/config.yaml, written only once a start accepted it
+    (so it holds the changes --resume-with-changes made), else the checkpoint's."""
+    try:
+        tree = yaml.safe_load(run_dir.config.read_text())
+    except (OSError, yaml.YAMLError):
+        tree = None
+    return tree if isinstance(tree, dict) else checkpoint["config"]
+
+
 def check_resume(saved_config: dict, cfg: JobConfig, run_dir: RunDir, checkpoint: Path,
                  policy: Policy) -> dict[str, tuple[Any, Any]]:
     """The changes a resume from `checkpoint` makes; a UserError unless `policy` allows them."""

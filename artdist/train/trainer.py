@@ -43,8 +43,8 @@ from artdist.train.evaluation import HEADLINE, evaluate_split, headline, write_r
 from artdist.train.loss import MultiTaskLoss, class_weights
 from artdist.train.numerics import resolve_amp, use_channels_last
 from artdist.train.preempt import PreemptionWatch, requeue_slurm_job
-from artdist.train.resume import (Policy, check_resume, describe, finished, mark_finished, record_changes,
-                                  set_aside)
+from artdist.train.resume import (Policy, accepted_config, check_resume, describe, finished, mark_finished,
+                                  record_changes, set_aside)
 from artdist.train.tensorboard import log_config, log_final, log_train, log_validation, open_writer
 
 
@@ -58,6 +58,11 @@ def main(cfg: JobConfig, after_test: AfterTest | None = None, policy: Policy = "
     finished run), or 'preempted'. `policy` says what a rerun may change (train.resume)."""
     device = init_distributed(cfg.train.device)
     run_dir = RunDir(cfg.run_dir)
+    if policy == "fresh" and is_main_process():
+        old = set_aside(run_dir)
+        if old is not None:
+            print(f"--fresh: the previous run in {run_dir} is kept as {old}", flush=True)
+    barrier()
     created = is_main_process() and not run_dir.path.exists()
     try:
         return train(cfg, device, after_test, policy)
@@ -77,12 +82,7 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
     best_task, best_key = best_metric(cfg)
     check_weights(cfg.model)  # before any loader starts: a missing ImageNet cache is a one-line error
 
-    # ---- an existing run: start over (--fresh), or check what resuming it would change
-    if policy == "fresh" and master:
-        old = set_aside(run_dir)
-        if old is not None:
-            print(f"--fresh: the previous run in {run_dir} is kept as {old}", flush=True)
-    barrier()
+    # ---- an existing run: check what resuming it would change
     last = latest_checkpoint(run_dir)
     found = torch.tensor([float(last is not None)], device=device)
     all_reduce_sum(found)  # every rank learns whether all agree, so none is left waiting in a collective
@@ -90,7 +90,7 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
         raise UserError(f"{int(found.item())} of {world} processes see {run_dir.last}: the run dir must be on a "
                         "file system that every node sees (set out_dir to a shared path)")
     saved = load_checkpoint(last) if last is not None else None
-    changes = check_resume(saved["config"], cfg, run_dir, last, policy) if saved is not None else {}
+    changes = check_resume(accepted_config(run_dir, saved), cfg, run_dir, last, policy) if saved is not None else {}
     if saved is not None and not changes and saved["epoch"] >= tcfg.epochs and finished(run_dir):
         if master:
             print(f"{run_dir} is finished ({saved['epoch']} of {tcfg.epochs} epochs, test and reports done): "
