@@ -16,7 +16,7 @@ from artdist.config import save_config
 from artdist.data.manifest import num_classes, read_manifest
 from artdist.rundir import RunDir
 from artdist.train import trainer
-from artdist.train.checkpoint import save_training_checkpoint
+from artdist.train.checkpoint import Checkpointer
 from test_train import tiny_config
 
 STEPS = 16  # the global step the crafted run stopped at
@@ -33,13 +33,12 @@ def stopped_run(demo_shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     cfg = tiny_config(demo_shards, run_dir, "train.epochs=1")
     manifest = read_manifest(demo_shards)
-    model, optimizer, scheduler, scaler, _ = trainer.build_training(cfg, num_classes(manifest), None,
-                                                                    torch.device("cpu"), None, False, lambda s: 1.0)
+    model, optimizer, scaler, _ = trainer.build_training(cfg, num_classes(manifest), None, torch.device("cpu"),
+                                                         None, False)
     run_dir.mkdir()
     position = {"epoch": 1, "step_in_epoch": 0, "global_step": STEPS, "best_metric": 0.1, "metrics": {}}
     layout = {"steps_per_epoch": STEPS, "world_size": 1, "workers": 0, "batch_size": 16, "accum_steps": 1}
-    save_training_checkpoint(run_dir, model, optimizer, scheduler, scaler, cfg, manifest["classes"], layout,
-                             position, best=True)
+    Checkpointer(run_dir, model, optimizer, scaler, cfg, manifest["classes"], layout).save(position, best=True)
     save_config(cfg, RunDir(run_dir).config)
     save_config(cfg, _config_file(run_dir))
     return run_dir

@@ -9,8 +9,7 @@ import torch
 
 from artdist.bench import CPU_DEFAULTS, DEFAULT_STEPS, PARTS, format_table, run_bench
 from artdist.commands.common import add_config_arguments
-from artdist.config import load_config
-from artdist.data.synth import MIN_IMAGES
+from artdist.config import MIN_SYNTH_IMAGES, load_config
 from artdist.dist import init_distributed
 from artdist.errors import UserError
 
@@ -43,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     only = _parts(args.only)
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps}: must be >= 1")
-    if args.images < MIN_IMAGES:
-        raise UserError(f"--images {args.images}: the corpus needs at least {MIN_IMAGES} pictures")
+    if args.images < MIN_SYNTH_IMAGES:
+        raise UserError(f"--images {args.images}: the corpus needs at least {MIN_SYNTH_IMAGES} pictures")
     if args.full_size < 32:
         raise UserError(f"--full-size {args.full_size}: must be >= 32 px")
     cpu_defaults = list(CPU_DEFAULTS) if args.config is None and not torch.cuda.is_available() else []

@@ -7,10 +7,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from artdist.config import JobConfig, to_dict, to_yaml
+from artdist.config import HEADLINE, JobConfig, to_dict, to_yaml
 from artdist.rundir import RunDir
-from artdist.train.evaluation import HEADLINE
-
 
 # the knobs worth comparing runs by, for the HPARAMS tab
 HPARAM_KEYS = {"model": ("backbone", "weights", "sequence", "lstm_hidden", "lstm_layers"),
