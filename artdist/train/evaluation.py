@@ -32,6 +32,8 @@ def evaluate_split(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split
     tasks = {task: report_from_confusion(result["confusion"][task], manifest["classes"][task],
                                          result["top5_correct"][task])
              for task in cfg.model.tasks}
+    for task, report in tasks.items():  # mean cross-entropy of the labelled samples (no smoothing or weights)
+        report["loss"] = result["loss_sum"][task] / max(report["num_labelled"], 1)
     return {"split": split, "num_samples": result["num_samples"], "tasks": tasks}
 
 

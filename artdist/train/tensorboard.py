@@ -35,11 +35,11 @@ def log_config(writer: SummaryWriter, cfg: JobConfig, world: int) -> None:
 
 
 def log_train(writer: SummaryWriter, stats: dict, step: int, device: torch.device) -> None:
-    """Every train.log_every steps: train/* loss per task, accuracy per task, LR, throughput."""
+    """Every train.log_every steps: train/loss, train/<task>/{loss,accuracy} (beside val/<task>/...), LR, throughput."""
     writer.add_scalar("train/loss", stats["loss"], step)
     for task, value in stats["task_loss"].items():
-        writer.add_scalar(f"train/loss_{task}", value, step)
-    for task, value in stats.get("task_accuracy", {}).items():
+        writer.add_scalar(f"train/{task}/loss", value, step)
+    for task, value in stats["task_accuracy"].items():
         writer.add_scalar(f"train/{task}/accuracy", value, step)
     writer.add_scalar("train/lr", stats["lr"], step)
     writer.add_scalar("train/images_per_sec", stats["images_per_sec"], step)

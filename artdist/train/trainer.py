@@ -278,6 +278,7 @@ def log_epoch(writer: SummaryWriter, run_dir: RunDir, epoch: int, epochs: int, s
     metrics = headline(val)
     log_validation(writer, val, step)
     line = {"epoch": epoch + 1, "step": step, "train_loss": stats["loss"], "train_task_loss": stats["task_loss"],
+            "train_task_accuracy": stats["task_accuracy"], "val_task_loss": {t: r["loss"] for t, r in val["tasks"].items()},
             "lr": stats["lr"], "images_per_sec": stats["images_per_sec"], "data_wait_frac": stats["data_wait_frac"],
             "val": metrics, "best": is_best, "time_s": seconds}
     with open(run_dir.metrics, "a") as f:
