@@ -3,7 +3,7 @@
 What each part times (images/s over the batches after the warm-up ones):
   loader       shards -> the real TrainLoader (decode + augment) -> uint8 batches, per worker count;
                normalizing is DeviceTransform's job on the training device, so it is not CPU work here
-  imagefolder  the seeds' way: loose full-size JPEGs -> torchvision ImageFolder + Resize/RandomCrop(padding)/
+  imagefolder  the usual way: loose full-size JPEGs -> torchvision ImageFolder + Resize/RandomCrop(padding)/
                flip/ToTensor/Normalize -> DataLoader, per worker count; (loader / imagefolder) at equal
                workers is the per-core ratio, and for workers=0 also per CPU second (robust to other load)
   model        engine.train_one_epoch on one synthetic batch held on the device (no loading)
@@ -180,7 +180,7 @@ def tiled(manifest: dict, split: str, samples: int) -> dict:
 
 
 def seeds_transform(data_cfg: Any) -> transforms.Compose:
-    """The seeds' CPU pipeline: shorter side to image_size, padded random crop, flip, to float, normalize."""
+    """The usual ImageFolder CPU pipeline: shorter side to image_size, padded random crop, flip, to float, normalize."""
     size = data_cfg.image_size
     return transforms.Compose([
         transforms.Resize(size),
@@ -223,7 +223,7 @@ def bench_loader(cfg: JobConfig, shards: Path, manifest: dict, workers: list[int
 
 
 def bench_imagefolder(cfg: JobConfig, root: Path, workers: list[int], images: int, cpus: int) -> list[dict]:
-    """(b) the seeds' way: ImageFolder over the loose full-size JPEGs, per worker count."""
+    """(b) the usual way: ImageFolder over the loose full-size JPEGs, per worker count."""
     dataset = torchvision.datasets.ImageFolder(str(root), transform=seeds_transform(cfg.data))
     batch = cfg.data.batch_size
     rows = []
@@ -362,7 +362,7 @@ def format_table(result: dict) -> str:
         ratio = {r["workers"]: r["ratio"] for r in result.get("ratio", [])}
         by_w = {r["workers"]: r for r in loader} if isinstance(loader, list) else {}
         fby_w = {r["workers"]: r for r in folder} if isinstance(folder, list) else {}
-        lines += ["", "(a) shards -> TrainLoader (uint8 batches) vs (b) seeds' ImageFolder (normalized float batches)",
+        lines += ["", "(a) shards -> TrainLoader (uint8 batches) vs (b) ImageFolder (normalized float batches)",
                   f"{'workers':>7} {'cores':>5} {'(a) img/s':>10} {'per core':>9} {'1st batch':>9} "
                   f"{'(b) img/s':>10} {'per core':>9} {'1st batch':>9} {'(a)/(b)':>8}"]
         for w in sorted(set(by_w) | set(fby_w)):

@@ -71,7 +71,7 @@ class CNNLSTM(nn.Module):
             _, (h_n, _) = self.lstm(self._tokens(fmap.float()))
             # Last hidden state of each direction of the top layer: each has read the whole
             # sequence (the backward one ending at the first token), so their concatenation
-            # summarises all of it, and it equals the seeds' vector for pooled (length 1).
+            # summarises all of it, and for pooled (length 1) it is the LSTM's output of the pooled vector.
             directions = 2 if self.lstm.bidirectional else 1
             embedding = torch.cat(list(h_n[-directions:]), dim=1)
             logits = {task: head(self.dropout(embedding)) for task, head in self.heads.items()}

@@ -16,7 +16,7 @@ from artdist.errors import UserError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
-        "Measure, in one run: (a) shard loading (the real TrainLoader) and (b) the seeds' ImageFolder "
+        "Measure, in one run: (a) shard loading (the real TrainLoader) and (b) the usual ImageFolder "
         "loading of full-size JPEGs, images/s per worker count and their ratio; (c) the model's train step "
         "on synthetic tensors; (d) end-to-end training from shards with the data-wait fraction; (e) on CUDA, "
         "AMP dtype / channels_last / torch.compile variants and GPU JPEG decode. Prints a table, then the "
