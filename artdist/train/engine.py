@@ -158,8 +158,8 @@ def _non_finite_message(tasks: list[str], step_loss: torch.Tensor, global_step: 
     return (f"non-finite training loss at global step {global_step} (step {step + 1} of this epoch) in task "
             f"{', '.join(bad)} (loss per task, mean over ranks: {values}); the weights were not updated. "
             f"Try a lower train.lr / train.backbone_lr, train.amp=off (or bf16 instead of fp16), a smaller "
-            f"train.grad_clip, or check the data; a rerun with the changed config resumes from model_last.pt, "
-            f"if one was saved")
+            f"train.grad_clip, or check the data; `artdist train --resume-with-changes` with the changed config "
+            f"resumes from model_last.pt, if one was saved")
 
 
 # --------------------------------------------------------------------------- inference
