@@ -97,6 +97,7 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
                   f"nothing to do. Evaluate it with `artdist evaluate --run {run_dir}`; train it longer with "
                   f"--set train.epochs=N --resume-with-changes, or start over with --fresh", flush=True)
         return "done"
+    barrier()  # every rank has read the run dir before rank 0 writes to it
 
     # ---- numerics: deterministic kernels on request, AMP dtype, memory layout
     if tcfg.deterministic:
