@@ -39,3 +39,14 @@ def test_the_quick_start_says_how_to_reach_artdist_and_tensorboard():
     quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     assert "source .venv/bin/activate" in quick_start
     assert ".venv/bin/artdist" in quick_start
+
+
+def test_user_facing_text_has_no_project_history_words():
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "README.md", *sorted((root / "docs").glob("*.md")), *sorted((root / "jobs").glob("*.yaml")),
+             *sorted((root / "artdist").rglob("*.py"))]
+    words = ("seed 000", "seed-000", "from the issue", "seeds' way", "seeds' imagefolder", "seeds' recipe",
+             "seeds' transforms", "seeds' pipeline", "seeds' cpu pipeline")
+    found = [f"{path.relative_to(root)}: {word}" for path in files for word in words
+             if word in path.read_text().lower()]
+    assert not found, found

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.multiprocessing import ProcessExitedException
 
 from _ddp import Job, reshard_uneven, run_ranks
@@ -170,6 +171,9 @@ def test_only_rank_0_writes(runs):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]  # one line per epoch, not one per rank
     assert len(list((run_dir / "tb" / run_dir.name).glob("events.out.tfevents.*"))) == 1  # one writer, one run
+    scalars = EventAccumulator(str(run_dir / "tb" / run_dir.name)).Reload().Tags()["scalars"]
+    for task in TASKS:  # validation loss beside training loss, training accuracy beside validation accuracy
+        assert {f"val/{task}/loss", f"train/{task}/loss", f"val/{task}/accuracy", f"train/{task}/accuracy"} <= set(scalars)
     ckpt = torch.load(run_dir / LAST, weights_only=True)
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (2, 0) and len(ckpt["rng"]) == WORLD
 
