@@ -176,7 +176,9 @@ def run_inference(model: torch.nn.Module, loader: Iterable, transform: Callable[
     with torch.no_grad():
         for images, labels, ids in loader:
             x = transform(images)
-            with autocast(device, amp_dtype):
+            # Eager even when train.compile is on: no_grad and the ragged last batch would each recompile
+            # the backbone, and dynamo gives up after 8 recompiles (seen on an H200, docs/benchmarks.md).
+            with autocast(device, amp_dtype), torch.compiler.set_stance("force_eager"):
                 logits, embedding = model.forward_features(x)
             yield (ids.to(device), labels.to(device), {t: v.float() for t, v in logits.items()}, embedding.float())
 
