@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch._dynamo
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
@@ -65,7 +66,15 @@ def main(cfg: JobConfig, after_test: AfterTest | None = None, policy: Policy = "
     barrier()
     created = is_main_process() and not run_dir.path.exists()
     try:
-        return train(cfg, device, after_test, policy)
+        try:
+            return train(cfg, device, after_test, policy)
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            if not cfg.train.compile:
+                raise
+            # Compilation happens at the first step, deep inside dynamo/inductor: say what to change instead.
+            detail = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:300]
+            raise UserError(f"train.compile: torch.compile of the backbone failed ({detail}); set "
+                            f"train.compile=false, or fix the compiler toolchain it names") from exc
     except BaseException as exc:
         # A failed start (bad shards, weights, config...) leaves no run dir behind; a run that saved
         # a checkpoint, or whose loss diverged, keeps what it wrote.
