@@ -3,7 +3,7 @@
 What each part times (images/s over the batches after the warm-up ones):
   loader       shards -> the real TrainLoader (decode + augment) -> uint8 batches, per worker count;
                normalizing is DeviceTransform's job on the training device, so it is not CPU work here
-  imagefolder  the seed projects' way: loose full-size JPEGs -> torchvision ImageFolder + Resize/RandomCrop(padding)/
+  imagefolder  the usual way: loose full-size JPEGs -> torchvision ImageFolder + Resize/RandomCrop(padding)/
                flip/ToTensor/Normalize -> DataLoader, per worker count; (loader / imagefolder) at equal
                workers is the per-core ratio, and for workers=0 also per CPU second (robust to other load)
   model        engine.train_one_epoch on one synthetic batch held on the device (no loading)
@@ -177,7 +177,7 @@ def tiled(manifest: Manifest, split: str, samples: int) -> Manifest:
 
 
 def imagefolder_transform(data_cfg: Any) -> transforms.Compose:
-    """The seed projects' CPU pipeline: shorter side to image_size, padded random crop, flip, to float, normalize."""
+    """The usual ImageFolder CPU pipeline: shorter side to image_size, padded random crop, flip, to float, normalize."""
     size = data_cfg.image_size
     return transforms.Compose([
         transforms.Resize(size),
@@ -220,7 +220,7 @@ def bench_loader(cfg: JobConfig, shards: Path, manifest: Manifest, workers: list
 
 
 def bench_imagefolder(cfg: JobConfig, root: Path, workers: list[int], images: int, cpus: int) -> list[dict]:
-    """(b) the seed projects' way: ImageFolder over the loose full-size JPEGs, per worker count."""
+    """(b) the usual way: ImageFolder over the loose full-size JPEGs, per worker count."""
     dataset = torchvision.datasets.ImageFolder(str(root), transform=imagefolder_transform(cfg.data))
     batch = cfg.data.batch_size
     rows = []

@@ -8,6 +8,7 @@ from artdist.data.manifest import Manifest
 from artdist.model import CNNLSTM
 from artdist.outliers.pipeline import run_outliers
 from artdist.train import trainer
+from artdist.train.resume import Policy
 
 
 def audit(model: CNNLSTM, cfg: JobConfig, manifest: Manifest, device: torch.device, amp_dtype: torch.dtype | None,
@@ -17,6 +18,7 @@ def audit(model: CNNLSTM, cfg: JobConfig, manifest: Manifest, device: torch.devi
         run_outliers(model, cfg, manifest, cfg.data.val_split, device, amp_dtype, writer)
 
 
-def main(cfg: JobConfig) -> str:
-    """Train (or resume) `cfg`: 'done' after the test evaluation and outlier reports, or 'preempted'."""
-    return trainer.main(cfg, after_test=audit)
+def main(cfg: JobConfig, policy: Policy = "check") -> str:
+    """Train (or resume) `cfg`: 'done' after the test evaluation and outlier reports, or 'preempted'.
+    `policy`: what a rerun of an existing run may change (artdist.train.resume)."""
+    return trainer.main(cfg, after_test=audit, policy=policy)

@@ -34,6 +34,8 @@ class RunDir:
     metrics = _entry("metrics.jsonl")
     tensorboard = _entry("tb")
     class_counts = _entry("class_counts.json")  # train-split class counts for the loss weights, cached
+    changes = _entry("config_changes.yaml")  # config changes a resume was allowed to make (--resume-with-changes)
+    finished = _entry("finished.json")  # written last, when training, test and reports are done
     stop_file = _entry(STOP_FILE)
     slurm = _entry("slurm")
 

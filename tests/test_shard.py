@@ -360,7 +360,7 @@ def test_cli_flags_and_help(odd_corpus, tmp_path, capsys):
                  "--out", str(tmp_path), "--max-short-side", "32", "--samples-per-shard", "100",
                  "--workers", "1", "--set", "shard.min_shards=2", "--set", f"shard.max_pixels={MAX_PIXELS}"]) == 0
     err = capsys.readouterr().err
-    assert "anomalies:" in err and "shards" in err and "skipped 5: empty 1, missing 1" in err
+    assert "label-file anomalies" in err and "shards" in err and "skipped 5: empty 1, missing 1" in err
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert [len(manifest["splits"][s]["shards"]) for s in ("train", "val")] == [2, 2]
     assert manifest["options"]["max_short_side"] == 32

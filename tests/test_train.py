@@ -6,11 +6,13 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.multiprocessing import ProcessExitedException
 
 from _ddp import Job, reshard_uneven, run_ranks
@@ -164,10 +166,13 @@ def test_only_rank_0_writes(runs):
     assert list((runs["out"] / "cwd1").iterdir()) == [] and list((runs["out"] / "cwd0").iterdir()) == []
     run_dir = runs["dirs"]["baseline"]
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
-        ["config.yaml", "class_counts.json", LAST, BEST, "metrics.jsonl", "eval_test.json", "tb"])
+        ["config.yaml", "class_counts.json", LAST, BEST, "metrics.jsonl", "eval_test.json", "tb", "finished.json"])
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]  # one line per epoch, not one per rank
-    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 2  # the writer's + add_hparams'
+    assert len(list((run_dir / "tb" / run_dir.name).glob("events.out.tfevents.*"))) == 1  # one writer, one run
+    scalars = EventAccumulator(str(run_dir / "tb" / run_dir.name)).Reload().Tags()["scalars"]
+    for task in TASKS:  # validation loss beside training loss, training accuracy beside validation accuracy
+        assert {f"val/{task}/loss", f"train/{task}/loss", f"val/{task}/accuracy", f"train/{task}/accuracy"} <= set(scalars)
     ckpt = torch.load(run_dir / LAST, weights_only=True)
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (2, 0) and len(ckpt["rng"]) == WORLD
 
@@ -218,8 +223,9 @@ def test_evaluate_command_reports_a_split_of_a_run(runs, manifest, capsys):
     for task in TASKS:  # the checkpoint's own validation numbers, recomputed
         for key in ("accuracy", "top5", "macro_f1"):
             assert report["tasks"][task][key] == pytest.approx(best[f"{task}/{key}"])
-    out = capsys.readouterr().out
-    assert f"val style: {report['tasks']['style']['num_labelled']} labelled samples" in out
+    captured = capsys.readouterr()
+    assert f"val style: {report['tasks']['style']['num_labelled']} labelled samples" in captured.out
+    assert re.search(r"^evaluate val: (\d+)/\1 batches .* images/s", captured.err, re.M)  # progress, ends at total
     assert cli.main(["evaluate", "--run", str(run_dir), "--split", "nosuch"]) == 2
     assert "split 'nosuch' is not in" in capsys.readouterr().err
 

@@ -17,7 +17,7 @@ from artdist.errors import UserError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
-        "Measure (a) shard loading, (b) ImageFolder loading of full-size JPEGs (the seed projects' way), "
+        "Measure (a) shard loading, (b) ImageFolder loading of full-size JPEGs (the usual way), "
         "(c) the train step on synthetic tensors, (d) end-to-end training from shards, (e) on CUDA, AMP / "
         "channels_last / compile variants and GPU decode; prints a table and one JSON line "
         "(docs/benchmarks.md). Without --config on a CPU-only machine it applies "

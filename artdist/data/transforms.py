@@ -40,7 +40,7 @@ def sample_geometry(augment: str, width: int, height: int, data_cfg: DataConfig,
         left, top = (width - side) / 2, (height - side) / 2
         return Geometry((left, top, left + side, top + side))
     if augment == "crop_flip":
-        # The seeds' recipe: resize shorter side to size, zero-pad by crop_padding, random crop.
+        # The usual recipe: resize shorter side to size, zero-pad by crop_padding, random crop.
         scale = size / min(width, height)
         pad = data_cfg.crop_padding
         x = int(rng.integers(round(width * scale) + 2 * pad - size + 1)) - pad

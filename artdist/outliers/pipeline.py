@@ -12,7 +12,6 @@ import torch
 
 from artdist import dist
 from artdist.config import TASKS, JobConfig
-from artdist.data.loader import make_eval_loader
 from artdist.data.manifest import Manifest
 from artdist.data.transforms import DeviceTransform
 from artdist.errors import UserError
@@ -22,6 +21,7 @@ from artdist.outliers.report import quality_table, read_sample_index, write_rows
 from artdist.outliers.scores import ClassGaussian, GaussianAccumulator, TaskScores, softmax_scores
 from artdist.rundir import RunDir
 from artdist.train.engine import run_inference
+from artdist.train.evaluation import eval_batches
 from artdist.train.numerics import use_channels_last
 
 TYPICAL_PER_CLASS = 4  # central samples shown beside a class's outliers
@@ -35,7 +35,7 @@ COMBINED_DESCRIPTION = ("-log p(assigned) of the classifier + -log p(assigned) o
 def _batches(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, split: str, device: torch.device,
              amp_dtype: torch.dtype | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]]:
     """This rank's share of a split through the model: (ids, labels, logits per task, embedding)."""
-    loader = make_eval_loader(cfg.data, manifest, split, dist.get_rank(), dist.get_world_size())
+    loader = eval_batches(cfg, manifest, split, progress="outliers")
     transform = DeviceTransform(cfg.data, device, train=False, channels_last=use_channels_last(cfg, device))
     yield from run_inference(model, loader, transform, device, amp_dtype)
 

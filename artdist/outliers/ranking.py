@@ -116,7 +116,7 @@ def read_planted(path: str | Path) -> set[tuple[str, str]]:
         missing = {"path", "task"} - set(reader.fieldnames or ())
         if missing:
             raise UserError(f"{path} lacks column(s) {sorted(missing)}; expected the header "
-                            "path,task,true_label,assigned_label as written by `artdist synth`")
+                            "path,task,true_label,assigned_label,true_class,assigned_class as written by `artdist synth`")
         return {(row["task"], row["path"]) for row in reader}
 
 
