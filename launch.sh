@@ -76,10 +76,71 @@ last = latest_checkpoint(sys.argv[1])
 sys.exit(0 if last and load_checkpoint(last)["epoch"] >= int(sys.argv[2]) else 1)' "$1" "$2"
 }
 
+# torchrun's agents share one TCPStore with their workers and keep it across restarts, without a
+# per-restart key prefix: restarted workers read the dead workers' gloo addresses from it and fail
+# with "Gloo connectFullMesh failed ... Connection refused" (or hang). Without the sharing, every
+# restart round gets a fresh store on a new port (docs/cluster.md, "Restarts"). Both torchrun
+# commands below run under `env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` for this reason.
+
 train_local() {  # train_local CONFIG [--set ...]
     local nproc=${ARTDIST_NPROC:-$(python -c 'import torch; print(torch.cuda.device_count())')}
     ((nproc > 0)) || nproc=2  # no GPU: 2 CPU processes (gloo), so DDP is exercised anyway
-    run torchrun --standalone --nproc_per_node="$nproc" -m artdist train --config "$@"
+    run env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc_per_node="$nproc" \
+        --max-restarts="${ARTDIST_MAX_RESTARTS:-0}" -m artdist train --config "$@"
+}
+
+# node_main HOST PORT NPROC CONFIG [--set ...]: one per node (srun task). Checks that the rendezvous
+# HOST:PORT can be reached, picks the network interface for gloo, runs this node's torchrun, and
+# turns a failure into one line naming the node and the rank.
+node_main() {
+    local host=$1 port=$2 nproc=$3
+    shift 3
+    local node addr ifname timeout=${ARTDIST_RDZV_TIMEOUT:-600}
+    node=$(hostname -s)
+    addr=$(getent ahostsv4 "$host" | awk 'NR == 1 {print $1}')
+    [[ -n $addr ]] || die "$node: cannot resolve the rendezvous host '$host'; set ARTDIST_RDZV_HOST to an" \
+        "address of the job's first node that every node can reach"
+    if [[ -z ${GLOO_SOCKET_IFNAME:-} ]]; then
+        # The interface this node reaches the rendezvous host through (on that host: the one that
+        # holds its address). gloo's default, the address of this node's host name, is loopback on
+        # many installs (127.0.1.1), which other nodes cannot connect to.
+        ifname=$(python -c 'import sys; from artdist.dist import route_interface; print(route_interface(sys.argv[1]) or "")' "$addr")
+        [[ -n $ifname && $ifname != lo ]] && export GLOO_SOCKET_IFNAME=$ifname
+    fi
+    say "$node (node ${SLURM_NODEID:-0}): rendezvous $host:$port ($addr), gloo interface" \
+        "${GLOO_SOCKET_IFNAME:-from the host name}, $nproc process(es)"
+    if ((${SLURM_NODEID:-0} != 0)); then
+        # The first node hosts the rendezvous; the others wait for it, then give up with one line.
+        local deadline=$((SECONDS + timeout))
+        until timeout 5 bash -c ": >/dev/tcp/$addr/$port" 2>/dev/null; do
+            ((SECONDS < deadline)) || die "$node: the rendezvous $host:$port ($addr) did not answer within" \
+                "${timeout} s (ARTDIST_RDZV_TIMEOUT): is the first node up, and is the port open between nodes?"
+            sleep 1
+        done
+    fi
+    local errors status=0
+    errors=$(mktemp)
+    env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes="$SLURM_NNODES" --nproc_per_node="$nproc" \
+        --max-restarts="${ARTDIST_MAX_RESTARTS:-0}" --rdzv_backend=c10d --rdzv_endpoint="$host:$port" \
+        --rdzv_id="$SLURM_JOB_ID" --rdzv_conf="is_host=$((${SLURM_NODEID:-0} == 0)),join_timeout=$timeout" \
+        -m artdist train --config "$@" 2> >(tee "$errors" >&2) || status=$?
+    wait $! 2>/dev/null || true  # the tee
+    if ((status != 0)); then
+        # torchrun's failure summary ("Root Cause" block) names the first rank that failed.
+        awk -F' *: ' -v node="$node" -v status="$status" '
+            /Root Cause/ {cause = 1}
+            cause && $1 ~ /^ *host$/ {host = $2}
+            cause && $1 ~ /^ *rank$/ {rank = $2}
+            cause && $1 ~ /^ *exitcode$/ {code = $2}
+            cause && $1 ~ /^ *traceback$/ {how = $2 ($3 ? ": " $3 : ""); exit}
+            END {
+                if (rank == "") { printf "launch.sh: error: %s: torchrun exited with status %s (see above)\n", node, status; exit }
+                if (how !~ /^Signal/) how = "exit code " code
+                printf "launch.sh: error: %s: rank %s failed (%s); torchrun exited with status %s\n", host, rank, how, status
+            }' "$errors" >&2
+    fi
+    rm -f "$errors"
+    return "$status"
 }
 
 # train_slurm RUN_DIR EPOCHS MAX_REQUEUES CONFIG [--set ...]: one torchrun per node; on USR2, ask
@@ -100,11 +161,11 @@ train_slurm() {
 
     local notice=0 pid status=0
     trap 'notice=1; say "USR2: asking training to save and stop"' USR2
+    export -f node_main say die
     # srun does not pass the job's --cpus-per-task on to the step (SLURM 22.05+): say it again.
     run srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
-        --kill-on-bad-exit=1 \
-        torchrun --nnodes="$SLURM_NNODES" --nproc_per_node="$nproc" --rdzv_backend=c10d \
-        --rdzv_endpoint="$head:$port" --rdzv_id="$SLURM_JOB_ID" -m artdist train --config "$@" &
+        --kill-on-bad-exit=1 bash -c 'node_main "$@"' node_main \
+        "${ARTDIST_RDZV_HOST:-$head}" "$port" "$nproc" "$@" &
     pid=$!
     # Poll instead of blocking on srun: the trap runs between polls, and the stop file is touched
     # again on every poll after a notice, because a trainer that is still starting up deletes it.

@@ -101,6 +101,7 @@ class TrainConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     best_metric: str = ""  # e.g. "style/macro_f1"; empty: macro-F1 of model.primary_task
     log_every: int = 20  # steps between console/TensorBoard train logs
+    checkpoint_every: int = 0  # steps between mid-epoch saves of model_last.pt (a failure loses at most these); 0: epoch ends only
     stop_after_steps: int = 0  # testing aid: exit (as if killed) after this many global steps; 0 = never
 
 
@@ -332,6 +333,7 @@ def validate(cfg: JobConfig, source: str = "config") -> None:
         "train.warmup_epochs": cfg.train.warmup_epochs,
         "train.grad_clip": cfg.train.grad_clip,
         "train.stop_after_steps": cfg.train.stop_after_steps,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
         "slurm.gpus_per_node": cfg.slurm.gpus_per_node,
         "slurm.mem_gb": cfg.slurm.mem_gb,
         "slurm.signal_delay_s": cfg.slurm.signal_delay_s,
