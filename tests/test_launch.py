@@ -61,6 +61,22 @@ def test_artdist_nproc_overrides_the_process_count():
     assert "torchrun --standalone --nproc_per_node=3 --max-restarts=2 " in commands(res.stdout)[0]
 
 
+def test_sbatch_mode_asks_for_the_config_slurm_resources():
+    """./launch.sh --sbatch: what artdist submit would ask for; slurm.cpus_per_task is per process."""
+    res = launch("--sbatch", "jobs/wikiart_style_r50.yaml", "--set", "slurm.nodes=2", "--set", "slurm.partition=gpu",
+                 "--set", "slurm.mem_gb=200", ARTDIST_DRY_RUN="1")
+    assert res.returncode == 0, res.stderr
+    assert commands(res.stdout) == [
+        f"sbatch --nodes=2 --gpus-per-node=4 --cpus-per-task=40 --time=720 --signal=B:USR2@120 --partition=gpu "
+        rf"--mem=200G --export=ALL\,ARTDIST_NPROC=4 {LAUNCH} jobs/wikiart_style_r50.yaml --set slurm.nodes=2 "
+        "--set slurm.partition=gpu --set slurm.mem_gb=200"]
+    # On CPU nodes gpus_per_node counts processes and no GPU is asked for.
+    res = launch("--sbatch", "jobs/demo.yaml", "--set", "train.device=cpu", "--set", "slurm.gpus_per_node=2",
+                 "--set", "slurm.cpus_per_task=3", ARTDIST_DRY_RUN="1")
+    assert commands(res.stdout)[0].startswith(
+        r"sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=6 --time=240 --signal=B:USR2@120 --export=ALL\,ARTDIST_NPROC=2 ")
+
+
 def test_demo_prepares_data_once_then_trains(tmp_path):
     (tmp_path / "jobs").mkdir()
     shutil.copy(REPO / "jobs" / "demo.yaml", tmp_path / "jobs" / "demo.yaml")

@@ -142,9 +142,19 @@ def sbatch_launch(tmp: Path, shards: Path, planted: Path, outliers: bool = False
 
 @pytest.fixture(scope="module")
 def sbatch_reference(tmp_path_factory, demo_shards, synth_corpus) -> tuple[str, Path, Path, str]:
-    """An uninterrupted 2-node sbatch launch.sh run: (job id, run dir, log, final state)."""
-    job_id, run_dir, log = sbatch_launch(tmp_path_factory.mktemp("sbatch"), demo_shards,
-                                         synth_corpus / "planted_noise.csv", outliers=True)
+    """An uninterrupted 2-node run submitted by `./launch.sh --sbatch` with the same resources, from
+    the config's slurm: section: (job id, run dir, log, final state)."""
+    tmp = tmp_path_factory.mktemp("sbatch")
+    run_dir = tmp / "run"
+    slurm = {"slurm.nodes": 2, "slurm.gpus_per_node": 1, "slurm.cpus_per_task": min(2, os.cpu_count() or 1),
+             "slurm.time_min": 30}
+    res = subprocess.run(
+        ["bash", str(REPO / "launch.sh"), "--sbatch", str(REPO / "jobs" / "demo.yaml"),
+         *tiny(demo_shards, synth_corpus / "planted_noise.csv", run_dir, outliers=True),
+         *[arg for key, value in slurm.items() for arg in ("--set", f"{key}={value}")]],
+        cwd=tmp, env=job_env(), capture_output=True, text=True, check=True)
+    job_id = re.search(r"Submitted batch job (\d+)", res.stdout).group(1)
+    log = tmp / f"slurm-artdist-{job_id}.out"
     return job_id, run_dir, log, wait_for_job(job_id, log)
 
 
@@ -154,6 +164,7 @@ def test_sbatch_launch_trains_on_both_nodes(sbatch_reference):
     assert_finished_run(run_dir)
     text = log.read_text()
     assert f"launch.sh: job {job_id} (restart 0): 2 node(s) x 1 process(es)" in text
+    assert "differs from the config" not in text  # --sbatch asked for the config's resources
     # One torchrun per node, both pointed at the first node's address, gloo on the node's own interface.
     port = 20000 + int(job_id) % 20000
     for i, node in enumerate(NODES):
@@ -199,6 +210,9 @@ def test_killed_rank_on_node_2_ends_the_job_with_its_node_and_rank(tmp_path, dem
     text = log.read_text()
     assert f"launch.sh: error: {NODES[1]}: rank 1 (local_rank: 0) failed (Signal 9 (SIGKILL)" in text, text
     assert "not requeued" in text
+    # Submitted with sbatch options instead of the config's slurm: section (1 node, 1 GPU, 8 CPUs): said.
+    assert ("launch.sh: note: this job differs from the config's slurm: section: 2 node(s) (config: 1), "
+            "2 CPUs per node (config: 8 = slurm.cpus_per_task x processes);") in text
 
 
 def test_torchrun_restart_resumes_from_the_last_checkpoint_and_matches_uninterrupted(sbatch_reference, tmp_path,
