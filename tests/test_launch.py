@@ -17,7 +17,7 @@ from submitit.local.local import LocalJob
 
 from artdist import submit
 from artdist.cli import main
-from artdist.config import JobConfig
+from artdist.config import JobConfig, load_config
 from artdist.dist import route_interface
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,3 +269,15 @@ def test_train_task_picks_the_gloo_interface_towards_the_master(slurm_task_env, 
     assert submit.TrainTask(JobConfig())() == "done"
     assert os.environ.get("GLOO_SOCKET_IFNAME") == expected
     assert asked == ([] if given else ["node1"])
+
+
+def test_eight_gpu_config_follows_the_lr_scaling_rule():
+    """jobs/wikiart_style_r50_2x8gpu.yaml: the LRs of wikiart_style_r50 scaled with the global batch."""
+    def global_batch(cfg):
+        return cfg.data.batch_size * cfg.slurm.nodes * cfg.slurm.gpus_per_node * cfg.train.accum_steps
+
+    base = load_config(REPO / "jobs" / "wikiart_style_r50.yaml")
+    big = load_config(REPO / "jobs" / "wikiart_style_r50_2x8gpu.yaml")
+    assert (big.slurm.nodes, big.slurm.gpus_per_node, global_batch(base), global_batch(big)) == (2, 8, 256, 1024)
+    for key in ("lr", "backbone_lr"):
+        assert getattr(big.train, key) == pytest.approx(getattr(base.train, key) * global_batch(big) / global_batch(base))
