@@ -148,12 +148,15 @@ node_main() {
     wait $! 2>/dev/null || true  # the tee
     if ((status != 0)); then
         # torchrun's failure summary ("Root Cause" block) names the first rank that failed.
-        awk -F' *: ' -v node="$node" -v status="$status" '
+        awk -v node="$node" -v status="$status" '
             /Root Cause/ {cause = 1}
-            cause && $1 ~ /^ *host$/ {host = $2}
-            cause && $1 ~ /^ *rank$/ {rank = $2}
-            cause && $1 ~ /^ *exitcode$/ {code = $2}
-            cause && $1 ~ /^ *traceback$/ {how = $2 ($3 ? ": " $3 : ""); exit}
+            cause && match($0, /^ *[a-z_]+ *: /) {
+                key = $0; sub(/ *: .*/, "", key); gsub(/ /, "", key); value = substr($0, RLENGTH + 1)
+                if (key == "host") host = value
+                if (key == "rank") rank = value
+                if (key == "exitcode") code = value
+                if (key == "traceback") { how = value; exit }
+            }
             END {
                 if (rank == "") { printf "launch.sh: error: %s: torchrun exited with status %s (see above)\n", node, status; exit }
                 if (how !~ /^Signal/) how = "exit code " code

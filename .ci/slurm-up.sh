@@ -224,7 +224,11 @@ if ((NODES > 1)); then
     command -v ip >/dev/null || die "--nodes $NODES needs the ip command (Debian: apt-get install iproute2)"
     {
         printf '127.0.0.1\tlocalhost\n::1\tlocalhost\n%s\tartdist-ctl\n' "$CTL_ADDR"
-        for ((i = 1; i <= NODES; i++)); do printf '%s\t%s\n' "$(node_addr "$i")" "$(node_name "$i")"; done
+        # The ::ffff: forms: a TCPStore server sees its IPv4 clients as IPv4-mapped IPv6 addresses
+        # and looks their names up (a warning per connection when that fails).
+        for ((i = 1; i <= NODES; i++)); do
+            printf '%s\t%s\n::ffff:%s\t%s\n' "$(node_addr "$i")" "$(node_name "$i")" "$(node_addr "$i")" "$(node_name "$i")"
+        done
     } >"$ETC/hosts"
     if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
         ip link add "$BRIDGE" type bridge || die "cannot create the bridge $BRIDGE (needs CAP_NET_ADMIN)"
