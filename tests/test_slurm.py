@@ -246,30 +246,35 @@ def test_unreachable_rendezvous_is_one_line_naming_host_and_port(tmp_path, demo_
 # --------------------------------------------------------------------------- artdist submit (submitit)
 
 
-def test_submit_two_nodes_preempted_requeues_and_matches_sbatch(sbatch_reference, tmp_path, demo_shards,
-                                                                synth_corpus):
-    """`artdist submit --nodes 2`: one task per node; USR2 to every task stops both nodes at one step."""
-    run_dir = tmp_path / "run"
+def submit(run_dir: Path, shards: Path, planted: Path) -> tuple[str, Path]:
+    """`artdist submit --nodes 2`, one CPU task per node; (job id, rank 0's log)."""
     res = subprocess.run(
         [sys.executable, "-m", "artdist", "submit", "--config", str(REPO / "jobs" / "demo.yaml"),
          "--nodes", "2", "--gpus-per-node", "1", "--cpus-per-task", "1", "--time", "30",
-         *tiny(demo_shards, synth_corpus / "planted_noise.csv", run_dir)],
+         *tiny(shards, planted, run_dir)],
         env=job_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     job_id = re.search(r"submitted job (\d+) to SLURM: 2 node\(s\) x 1 task\(s\) on CPU", res.stdout).group(1)
     log = run_dir / "slurm" / job_id / f"{job_id}_0_log.out"
     assert f"tail -f {log}" in res.stdout and f"squeue -j {job_id}" in res.stdout
-    job = submitit.SlurmJob(run_dir / "slurm" / "%j", job_id, tasks=(0, 1))
+    return job_id, log
 
+
+def test_submit_two_nodes_preempted_requeues_and_matches_uninterrupted(tmp_path, demo_shards, synth_corpus):
+    """`artdist submit --nodes 2`: one task per node; USR2 to every task stops both nodes at one step.
+    The uninterrupted twin runs alongside (1 CPU per task: both jobs fit on the two nodes at once)."""
+    planted = synth_corpus / "planted_noise.csv"
+    ref_id, ref_log = submit(tmp_path / "ref", demo_shards, planted)
+    job_id, log = submit(tmp_path / "run", demo_shards, planted)
     wait_for_text(log, r"epoch 1/2 step 4/", job_id)
     # USR2 to every task, as SLURM does signal_delay_s before the time limit of a submitit job.
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    assert wait_for_job(job_id, log) == "COMPLETED"
-    assert job.results() == ["done", "done"]
+    for jid, jlog, run_dir in ((ref_id, ref_log, tmp_path / "ref"), (job_id, log, tmp_path / "run")):
+        assert wait_for_job(jid, jlog) == "COMPLETED", f"job {jid}: log {jlog}"
+        assert submitit.SlurmJob(run_dir / "slurm" / "%j", jid, tasks=(0, 1)).results() == ["done", "done"]
+        assert_finished_run(run_dir)
+        assert_two_node_run(jlog.read_text(), run_dir)
     text = log.read_text()
     assert f"requeued SLURM job {job_id}" in text
     assert re.search(r"resuming from .*model_last.pt: epoch \d+, step \d+", text)
-    assert_finished_run(run_dir)
-    assert_two_node_run(text, run_dir)
-    # One thread per process in both launchers: the same 2-rank run, bit for bit.
-    assert_same_weights(final_weights(run_dir), final_weights(sbatch_reference[1]))
+    assert_same_weights(final_weights(tmp_path / "run"), final_weights(tmp_path / "ref"))
