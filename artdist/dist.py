@@ -37,6 +37,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now, for a rendezvous this process starts itself."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(device: str = "auto") -> torch.device:
     """Join the process group if launched by torchrun/srun/submitit, pick this rank's device.
 
