@@ -178,6 +178,7 @@ class TrainConfig(Section):
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when available, else CPU
     best_metric: str = ""  # TASK/METRIC, e.g. "style/macro_f1"; empty: macro-F1 of model.primary_task
     log_every: int = positive(20, 10**9)  # steps between console/TensorBoard train logs
+    checkpoint_every: int = ranged(0, 0, 10**9)  # steps between mid-epoch saves of model_last.pt (a failure loses at most these); 0: epoch ends only
 
 
 @dataclass

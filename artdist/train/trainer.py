@@ -14,10 +14,12 @@ or SIGUSR2 makes all ranks stop after the current step, save, and return 'preemp
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
+import socket
 import tarfile
 import time
 from collections.abc import Callable
@@ -33,8 +35,8 @@ from artdist.config import JobConfig, best_metric, save_config
 from artdist.data.loader import TrainLoader
 from artdist.data.manifest import Manifest, read_manifest
 from artdist.data.transforms import DeviceTransform
-from artdist.dist import (all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup, get_rank,
-                          get_world_size, init_distributed, is_dist, is_main_process)
+from artdist.dist import (all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup, gather_objects,
+                          get_rank, get_world_size, init_distributed, is_dist, is_main_process)
 from artdist.errors import NonFiniteLossError, UserError
 from artdist.model import CNNLSTM, build_model, check_weights
 from artdist.rundir import RunDir
@@ -184,15 +186,18 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
                        lr_factor=partial(lr_factor, warmup_steps=round(tcfg.warmup_epochs * steps_per_epoch),
                                          total_steps=total_steps, min_ratio=tcfg.min_lr_ratio))
 
+    hosts = gather_objects(socket.gethostname())  # every rank says where it runs (multi-node placement)
     if master:
         print(f"artdist train {cfg.name}: {world} process(es) on {device.type}, amp {amp_dtype or 'off'}, "
               f"{steps_per_epoch} steps/epoch x {tcfg.epochs} epochs, global batch "
               f"{cfg.data.batch_size * world * tcfg.accum_steps}, run dir {run_dir}", flush=True)
+        print("ranks by host: " + "; ".join(f"{host}: {' '.join(str(r) for r, h in enumerate(hosts) if h == host)}"
+                                            for host in dict.fromkeys(hosts)), flush=True)
         if last is not None:
             print(f"resuming from {last}: epoch {position['epoch'] + 1}, step {position['step_in_epoch']}, "
                   f"global step {position['global_step']}", flush=True)
 
-    # ---- train: one validation and one model_last.pt per epoch
+    # ---- train: one validation and one model_last.pt per epoch, and every train.checkpoint_every steps
     step_in_epoch = position["step_in_epoch"]
     clock = (time.perf_counter(), state.global_step)
     for epoch in range(position["epoch"], tcfg.epochs):
@@ -201,7 +206,9 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
         log = partial(log_step, writer, device, epoch=epoch, epochs=tcfg.epochs, steps_per_epoch=steps_per_epoch,
                       total_steps=total_steps, clock=clock) if master else None
         stats = train_one_epoch(state, loader, steps=steps_per_epoch, start_step=step_in_epoch,
-                                should_stop=watch.should_stop, log_every=tcfg.log_every, log=log)
+                                should_stop=watch.should_stop, log_every=tcfg.log_every, log=log,
+                                after_step=partial(checkpoint_mid_epoch, checkpointer.save, tcfg.checkpoint_every,
+                                                   steps_per_epoch, {**position, "epoch": epoch}))
         step_in_epoch = stats["step"]
         if step_in_epoch < steps_per_epoch:  # preempted mid-epoch: save the exact position
             checkpointer.save({**position, "epoch": epoch, "step_in_epoch": step_in_epoch,
@@ -220,6 +227,8 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
             log_epoch(writer, run_dir, epoch, tcfg.epochs, stats, val, is_best, time.perf_counter() - epoch_start)
         if stats["stopped"]:
             return preempted(run_dir, writer)
+
+    check_replicas(model)
 
     # ---- the best model on the test split, then the outlier reports on the validation split
     barrier()
@@ -295,6 +304,25 @@ def log_epoch(writer: SummaryWriter, run_dir: RunDir, epoch: int, epochs: int, s
         f.write(json.dumps(line) + "\n")
     shown = " ".join(f"{key} {value:.3f}" for key, value in metrics.items())
     print(f"epoch {epoch + 1}/{epochs} done in {seconds:.0f} s: val {shown}{' (best)' if is_best else ''}", flush=True)
+
+
+def checkpoint_mid_epoch(save: Callable[..., None], every: int, steps_per_epoch: int, position: dict, step: int,
+                         global_step: int) -> None:
+    """Every rank, after each step: save model_last.pt every `every` global steps (the epoch end saves anyway)."""
+    if every and global_step % every == 0 and step < steps_per_epoch:
+        save({**position, "step_in_epoch": step, "global_step": global_step}, best=False)
+
+
+def check_replicas(model: torch.nn.Module) -> None:
+    """Every rank, after training: rank 0 says whether all ranks ended with the same parameters (DDP's promise)."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digests = gather_objects(digest.hexdigest())
+    if is_main_process():
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        print(f"final parameters identical on all {len(digests)} ranks" if not differ else
+              f"warning: final parameters of rank(s) {differ} differ from rank 0's", flush=True)
 
 
 def preempted(run_dir: RunDir, writer: SummaryWriter | None) -> str:
