@@ -160,7 +160,7 @@ def shard_options(cfg: JobConfig) -> ShardConfig:
     """The options a run's training pictures were prepared with: those in its shards' manifest when
     the folder is readable here, else the run config's shard section."""
     try:
-        options = read_manifest(cfg.data.shards).get("options", {})
+        options = read_manifest(cfg.data.shards).extra.get("options", {})
     except UserError:
         return cfg.shard
     # Manifests written before shard.resample existed were made with LANCZOS.

@@ -40,7 +40,7 @@ def sample_geometry(augment: str, width: int, height: int, data_cfg: DataConfig,
         left, top = (width - side) / 2, (height - side) / 2
         return Geometry((left, top, left + side, top + side))
     if augment == "crop_flip":
-        # The seeds' recipe: resize shorter side to size, zero-pad by crop_padding, random crop.
+        # The usual recipe: resize shorter side to size, zero-pad by crop_padding, random crop.
         scale = size / min(width, height)
         pad = data_cfg.crop_padding
         x = int(rng.integers(round(width * scale) + 2 * pad - size + 1)) - pad
@@ -80,8 +80,7 @@ def apply_geometry_pil(img: Image.Image, geom: Geometry, size: int) -> Image.Ima
     left, top, right, bottom = geom.box
     if abs(right - left - size) < 1 and abs(bottom - top - size) < 1:
         # After a JPEG draft the box is often at output scale already: a crop (zero-filled outside
-        # the image, like the padding below) replaces a near no-op resample that cost ~0.6 ms/img
-        # (docs/benchmarks.md).
+        # the image, like the padding below) replaces a near no-op resample (docs/benchmarks.md).
         x, y = round(left), round(top)
         out = img.crop((x, y, x + size, y + size))
         return out.transpose(Image.FLIP_LEFT_RIGHT) if geom.flip else out
@@ -141,9 +140,10 @@ def decode_drafted(data: bytes, augment: str, data_cfg: DataConfig,
 def decode_image(data: bytes, augment: str, data_cfg: DataConfig, rng: np.random.Generator | None) -> np.ndarray:
     """Encoded image -> uint8 [S, S, 3] with PIL.
 
-    PIL is the faster CPU path here: JPEG draft mode lets libjpeg decode at 1/2-1/8 scale whenever
-    the crop needs fewer pixels than the file holds. Crop and flip stay in PIL: a numpy view of the
-    picture instead (cropped or reversed) made the batch stack 1.2-1.5x slower (docs/benchmarks.md).
+    PIL, not torchvision.io.decode_jpeg, on the CPU: JPEG draft mode lets libjpeg decode at 1/2-1/8
+    scale whenever the crop needs fewer pixels than the file holds. Crop and flip stay in PIL: a numpy
+    view of the picture instead (cropped or reversed) made the batch stack slower (figures:
+    docs/benchmarks.md).
     """
     img, geom = decode_drafted(data, augment, data_cfg, rng)
     return np.asarray(apply_geometry_pil(img, geom, data_cfg.image_size))
