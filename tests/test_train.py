@@ -6,17 +6,19 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.multiprocessing import ProcessExitedException
 
 from _ddp import Job, reshard_uneven, run_ranks
 from artdist import cli
 from artdist.config import TASKS, load_config
-from artdist.data.manifest import label_counts
+from artdist.data.manifest import read_manifest
 from artdist.data.shard import shard_dataset
 from artdist.data.synth import make_corpus
 from artdist.errors import UserError
@@ -62,7 +64,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def majority_rates(shards: Path, split: str) -> dict[str, float]:
     """Accuracy of always answering the split's most frequent class, per task."""
     manifest = json.loads((shards / "manifest.json").read_text())
-    counts = label_counts(shards, manifest, split, {t: len(manifest["classes"][t]) for t in TASKS})
+    counts = read_manifest(shards).label_counts(split)
     return {t: max(c) / sum(c) for t, c in counts.items()}
 
 
@@ -152,11 +154,10 @@ def test_gradient_accumulation_steps_once_per_accumulated_batch(runs, manifest):
 
 
 def test_evaluation_counts_every_sample_exactly_once(runs, shards, manifest):
-    classes = {t: len(manifest["classes"][t]) for t in TASKS}
     for r in runs["baseline"]:  # every rank gets the all-reduced totals
         assert [e["split"] for e in r["evals"]] == ["val", "val", "test"]
         for e in r["evals"]:
-            counts = label_counts(shards, manifest, e["split"], classes)
+            counts = read_manifest(shards).label_counts(e["split"])
             assert e["num_samples"] == manifest["splits"][e["split"]]["num_samples"]
             assert e["labelled"] == {t: sum(c) for t, c in counts.items()}
     report = json.loads((runs["dirs"]["baseline"] / "eval_test.json").read_text())
@@ -168,10 +169,13 @@ def test_only_rank_0_writes(runs):
     assert list((runs["out"] / "cwd1").iterdir()) == [] and list((runs["out"] / "cwd0").iterdir()) == []
     run_dir = runs["dirs"]["baseline"]
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
-        ["config.yaml", "class_counts.json", LAST, BEST, "metrics.jsonl", "eval_test.json", "tb"])
+        ["config.yaml", "class_counts.json", LAST, BEST, "metrics.jsonl", "eval_test.json", "tb", "finished.json"])
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]  # one line per epoch, not one per rank
-    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 2  # the writer's + add_hparams'
+    assert len(list((run_dir / "tb" / run_dir.name).glob("events.out.tfevents.*"))) == 1  # one writer, one run
+    scalars = EventAccumulator(str(run_dir / "tb" / run_dir.name)).Reload().Tags()["scalars"]
+    for task in TASKS:  # validation loss beside training loss, training accuracy beside validation accuracy
+        assert {f"val/{task}/loss", f"train/{task}/loss", f"val/{task}/accuracy", f"train/{task}/accuracy"} <= set(scalars)
     ckpt = torch.load(run_dir / LAST, weights_only=True)
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (2, 0) and len(ckpt["rng"]) == WORLD
 
@@ -226,8 +230,9 @@ def test_evaluate_command_reports_a_split_of_a_run(runs, manifest, capsys):
     for task in TASKS:  # the checkpoint's own validation numbers, recomputed
         for key in ("accuracy", "top5", "macro_f1"):
             assert report["tasks"][task][key] == pytest.approx(best[f"{task}/{key}"])
-    out = capsys.readouterr().out
-    assert f"val style: {report['tasks']['style']['num_labelled']} labelled samples" in out
+    captured = capsys.readouterr()
+    assert f"val style: {report['tasks']['style']['num_labelled']} labelled samples" in captured.out
+    assert re.search(r"^evaluate val: (\d+)/\1 batches .* images/s", captured.err, re.M)  # progress, ends at total
     assert cli.main(["evaluate", "--run", str(run_dir), "--split", "nosuch"]) == 2
     assert "split 'nosuch' is not in" in capsys.readouterr().err
 
