@@ -21,7 +21,7 @@ from artdist.errors import ConfigError
 TASKS = ("style", "artist", "genre")
 HEADLINE = ("accuracy", "top5", "macro_f1")  # the metrics reported per task; train.best_metric picks one
 MAX_IMAGE_SIZE = 2048  # px; the spatial LSTM's positional embedding covers 2048 / 32 = 64 feature-map cells
-MAX_SEED = 2**32 - 1  # numpy's seed range
+SEED_RANGE = (-2**63, 2**63 - 1)  # what torch.manual_seed accepts; numpy and the loader reduce it
 MIN_SYNTH_IMAGES = 8  # room for every planted quirk of the synthetic corpus
 INF = math.inf
 
@@ -94,7 +94,7 @@ class SynthConfig(Section):
     SECTION: ClassVar[str] = "synth"
     out: str = "data/synth"  # output folder: images/, labels/ and planted_noise.csv
     images: int = ranged(1200, MIN_SYNTH_IMAGES, 10_000_000)  # number of pictures
-    seed: int = ranged(0, 0, MAX_SEED)  # random seed; the same seed gives byte-identical files
+    seed: int = ranged(0, 0, SEED_RANGE[1])  # random seed; the same seed gives byte-identical files
     noise: float = fraction(0.0)  # fraction of images given a deliberately wrong label
     size: int = ranged(128, 16, 4096)  # side of the generated pictures, px
 
@@ -109,7 +109,7 @@ class ShardConfig(Section):
     out: str = "shards/demo"  # output folder for the tar shards and manifest.json
     split: Literal["artgan", "random"] = "artgan"  # artgan: official train/val + test from train; random: 60/20/20
     test_fraction: float = fraction(0.1)  # artgan: share of train carved out as test
-    seed: int = ranged(0, 0, MAX_SEED)  # random split / test carving salt; deterministic from the path either way
+    seed: int = ranged(0, *SEED_RANGE)  # random split / test carving salt; deterministic from the path either way
     max_short_side: int = positive(448, 16384)  # shorter side at most this many px: serves 224-448 px training
     format: Literal["jpeg", "webp", "png"] = "jpeg"  # image encoding inside the shards
     quality: int = ranged(85, 1, 100, interval=True)  # jpeg/webp quality (why 85: docs/benchmarks.md)
@@ -173,11 +173,12 @@ class TrainConfig(Section):
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 if supported, fp16 on older GPUs, off on CPU
     channels_last: bool = True  # NHWC memory layout on CUDA (faster convolutions with AMP)
     compile: bool = False  # torch.compile the backbone only (dynamo graph-breaks on nn.LSTM)
-    seed: int = ranged(0, 0, MAX_SEED)  # seed of model init, shuffling and augmentation
+    seed: int = ranged(0, *SEED_RANGE)  # seed of model init, shuffling and augmentation
     deterministic: bool = False  # deterministic kernels only (slower; bit-identical reruns on the same hardware)
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when available, else CPU
     best_metric: str = ""  # TASK/METRIC, e.g. "style/macro_f1"; empty: macro-F1 of model.primary_task
     log_every: int = positive(20, 10**9)  # steps between console/TensorBoard train logs
+    checkpoint_every: int = ranged(0, 0, 10**9)  # steps between mid-epoch saves of model_last.pt (a failure loses at most these); 0: epoch ends only
 
 
 @dataclass
@@ -397,7 +398,8 @@ def best_metric(cfg: JobConfig, source: str = "config") -> tuple[str, str]:
     task, _, key = name.partition("/")
     if task not in cfg.model.tasks or key not in HEADLINE:
         raise ConfigError(f"{source}: train.best_metric={name!r}: expected TASK/METRIC with TASK one of "
-                          f"{cfg.model.tasks} and METRIC one of {list(HEADLINE)}, e.g. {cfg.model.primary_task}/macro_f1")
+                          f"{cfg.model.tasks} and METRIC one of {list(HEADLINE)}, "
+                          f"e.g. {cfg.model.primary_task}/macro_f1")
     return task, key
 
 

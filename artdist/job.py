@@ -4,13 +4,14 @@ from __future__ import annotations
 import torch
 
 from artdist.config import JobConfig
+from artdist.data.manifest import Manifest
 from artdist.model import CNNLSTM
 from artdist.outliers.pipeline import run_outliers
 from artdist.train import trainer
 from artdist.train.resume import Policy
 
 
-def audit(model: CNNLSTM, cfg: JobConfig, manifest: dict, device: torch.device, amp_dtype: torch.dtype | None,
+def audit(model: CNNLSTM, cfg: JobConfig, manifest: Manifest, device: torch.device, amp_dtype: torch.dtype | None,
           writer) -> None:
     """Every rank, after the test evaluation: the outlier reports on the validation split (outliers.enabled)."""
     if cfg.outliers.enabled:

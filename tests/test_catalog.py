@@ -10,7 +10,6 @@ import pytest
 from artdist.data.catalog import (
     LABEL_FILES,
     Catalog,
-    Record,
     assign_splits,
     load_catalog,
     split_counts,

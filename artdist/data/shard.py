@@ -21,7 +21,7 @@ from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from artdist.config import TASKS, ShardConfig, to_dict
 from artdist.data.catalog import SPLITS, Catalog, assign_splits, load_catalog, path_key
-from artdist.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME
+from artdist.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
 from artdist.errors import UserError
 from artdist.progress import Progress
 
@@ -330,22 +330,14 @@ def shard_dataset(cfg: ShardConfig, progress: bool = True) -> dict:
         _write_atomic(out / f"class_names_{task}.txt", "".join(f"{name}\n" for name in catalog.classes[task]))
     skipped += [s for job in jobs for s in records[job.name]["skipped"]]
     skipped.sort(key=lambda s: s["path"])
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "splits": {
-            split: {
-                "num_samples": sum(records[j.name]["num_samples"] for j in plan[split]),
-                "shards": [{k: records[j.name][k] for k in ("name", "num_samples", "sha256")} for j in plan[split]],
-            }
-            for split in SPLITS
-        },
-        "classes": catalog.classes,
-        "image_ext": EXTENSIONS[cfg.format],
-        # The output folder is where the manifest lives; leaving it out keeps copies identical.
-        "options": {k: v for k, v in to_dict(cfg).items() if k != "out"},
-        "anomalies": catalog.anomalies,
-        "skipped": skipped,
-    }
+    splits = {split: SplitInfo(sum(records[j.name]["num_samples"] for j in plan[split]),
+                               tuple(ShardInfo(**{k: records[j.name][k] for k in ("name", "num_samples", "sha256")})
+                                     for j in plan[split]))
+              for split in SPLITS}
+    # The output folder is where the manifest lives; leaving it out of the options keeps copies identical.
+    extra = {"options": {k: v for k, v in to_dict(cfg).items() if k != "out"}, "anomalies": catalog.anomalies,
+             "skipped": skipped}
+    manifest = Manifest(out, splits, catalog.classes, EXTENSIONS[cfg.format], extra).to_json()
     # No indent: json's C encoder only runs without one, and 80k skipped entries take seconds else.
     _write_atomic(out / MANIFEST_NAME, json.dumps(manifest) + "\n")
 

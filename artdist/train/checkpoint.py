@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save (tmp + fsync + os.replace), checked load, and the Checkpointer that saves and resumes a run."""
+"""Checkpoints: atomic save (tmp + fsync + os.replace), checked load, the Checkpointer that saves and resumes a run."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from artdist.config import JobConfig, to_dict
+from artdist.data.manifest import Manifest
 from artdist.dist import gather_objects, get_rank, get_world_size, is_main_process
 from artdist.errors import UserError
 from artdist.model import CNNLSTM, build_model
@@ -209,9 +210,9 @@ def load_trained_model(ckpt: dict, cfg: JobConfig, device: torch.device) -> CNNL
     return model.to(device).eval()
 
 
-def check_classes(manifest: dict, ckpt: dict, cfg: JobConfig, path: Path) -> None:
+def check_classes(manifest: Manifest, ckpt: dict, cfg: JobConfig, path: Path) -> None:
     """Refuse shards whose class lists differ from the ones the checkpoint's heads were trained on."""
-    changed = [t for t in cfg.model.tasks if manifest["classes"][t] != ckpt["class_names"][t]]
+    changed = [t for t in cfg.model.tasks if manifest.classes[t] != ckpt["class_names"][t]]
     if changed:
         raise UserError(f"{cfg.data.shards} defines other {'/'.join(changed)} classes than {path} was trained "
                         "with; use shards made from the same label files (--set data.shards=DIR)")

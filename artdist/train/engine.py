@@ -1,4 +1,4 @@
-"""Training and evaluation loops only: TrainState, train_one_epoch, run_inference, evaluate."""
+"""Training and evaluation loops only: TrainState, train_one_epoch, run_inference, count_predictions."""
 from __future__ import annotations
 
 import contextlib
@@ -51,13 +51,15 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
 
 def train_one_epoch(state: TrainState, loader: Iterable, *, steps: int, start_step: int = 0,
                     should_stop: Callable[[], bool] = lambda: False, log_every: int = 0,
-                    log: Callable[[dict], None] | None = None) -> dict:
+                    log: Callable[[dict], None] | None = None,
+                    after_step: Callable[[int, int], None] | None = None) -> dict:
     """Optimizer steps `start_step`..`steps`-1 of one epoch; `loader` must already skip the first ones.
 
     Every rank runs the same number of steps (the loader guarantees equal batches per rank). After
     each step the ranks agree on (1) whether any task's loss was non-finite (-> NonFiniteLossError
     before the weights are touched) and (2) `should_stop()` (preemption): then the epoch ends early.
-    `log` (rank 0 only) gets running stats every `log_every` steps.
+    `log` (rank 0 only) gets running stats every `log_every` steps; `after_step` (every rank) gets
+    (step in the epoch, global step) after each step that does not stop the epoch.
     Returns {"step": position in the epoch, "global_step", "stopped", "loss", "task_loss",
     "task_accuracy", "images_per_sec", "data_wait_frac", "lr"} (losses averaged over ranks and steps;
     accuracy over the labelled training samples of all ranks, as the model predicted them while it learned).
@@ -113,6 +115,8 @@ def train_one_epoch(state: TrainState, loader: Iterable, *, steps: int, start_st
         epoch_sums += sums
         window_sums += sums
         stopped = should_stop()
+        if after_step is not None and not stopped:
+            after_step(step, state.global_step)
         if log_every and state.global_step % log_every == 0:
             now = time.perf_counter()
             if log is not None:
@@ -183,9 +187,9 @@ def run_inference(model: torch.nn.Module, loader: Iterable, transform: Callable[
             yield (ids.to(device), labels.to(device), {t: v.float() for t, v in logits.items()}, embedding.float())
 
 
-def evaluate(model: torch.nn.Module, loader: Iterable, transform: Callable[[torch.Tensor], torch.Tensor],
-             device: torch.device, amp_dtype: torch.dtype | None, tasks: list[str],
-             num_classes: dict[str, int]) -> dict:
+def count_predictions(model: torch.nn.Module, loader: Iterable, transform: Callable[[torch.Tensor], torch.Tensor],
+                      device: torch.device, amp_dtype: torch.dtype | None, tasks: list[str],
+                      num_classes: dict[str, int]) -> dict:
     """Confusion matrices, top-5 hits and sample counts over a split, summed over ranks.
 
     Every rank gets the same result: {"num_samples": samples seen (labelled or not),

@@ -9,7 +9,7 @@ import torch
 
 from artdist.config import HEADLINE, JobConfig
 from artdist.data.loader import make_eval_loader
-from artdist.data.manifest import num_classes
+from artdist.data.manifest import Manifest
 from artdist.data.transforms import DeviceTransform
 from artdist.dist import get_rank, get_world_size, is_main_process
 from artdist.metrics import format_confusion, format_table, report_from_confusion
@@ -19,7 +19,7 @@ from artdist.train.numerics import use_channels_last
 
 
 
-def evaluate_split(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: str, device: torch.device,
+def evaluate_split(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, split: str, device: torch.device,
                    amp_dtype: torch.dtype | None, progress: str = "") -> dict:
     """Every rank: evaluate `model` (unwrapped) on `split`; every rank gets the same report.
 
@@ -28,8 +28,9 @@ def evaluate_split(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split
     """
     loader = eval_batches(cfg, manifest, split, progress)
     transform = DeviceTransform(cfg.data, device, train=False, channels_last=use_channels_last(cfg, device))
-    result = engine.evaluate(model, loader, transform, device, amp_dtype, cfg.model.tasks, num_classes(manifest))
-    tasks = {task: report_from_confusion(result["confusion"][task], manifest["classes"][task],
+    result = engine.count_predictions(model, loader, transform, device, amp_dtype, cfg.model.tasks,
+                                      manifest.num_classes)
+    tasks = {task: report_from_confusion(result["confusion"][task], manifest.classes[task],
                                          result["top5_correct"][task])
              for task in cfg.model.tasks}
     for task, report in tasks.items():  # mean cross-entropy of the labelled samples (no smoothing or weights)

@@ -14,10 +14,12 @@ or SIGUSR2 makes all ranks stop after the current step, save, and return 'preemp
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
+import socket
 import tarfile
 import time
 from collections.abc import Callable
@@ -31,10 +33,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from artdist.config import JobConfig, best_metric, save_config
 from artdist.data.loader import TrainLoader
-from artdist.data.manifest import label_counts, num_classes, read_manifest
+from artdist.data.manifest import Manifest, read_manifest
 from artdist.data.transforms import DeviceTransform
-from artdist.dist import (all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup, get_rank,
-                          get_world_size, init_distributed, is_dist, is_main_process)
+from artdist.dist import (all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup, gather_objects,
+                          get_rank, get_world_size, init_distributed, is_dist, is_main_process)
 from artdist.errors import NonFiniteLossError, UserError
 from artdist.model import CNNLSTM, build_model, check_weights
 from artdist.rundir import RunDir
@@ -51,7 +53,7 @@ from artdist.train.tensorboard import log_config, log_final, log_train, log_vali
 
 # Called on every rank with the best model after the test evaluation: (model, cfg, manifest, device,
 # amp dtype, TensorBoard writer or None); the job passes the outlier reports (a higher layer).
-AfterTest = Callable[[CNNLSTM, JobConfig, dict, torch.device, "torch.dtype | None", "SummaryWriter | None"], object]
+AfterTest = Callable[[CNNLSTM, JobConfig, Manifest, torch.device, "torch.dtype | None", "SummaryWriter | None"], object]
 
 
 def main(cfg: JobConfig, after_test: AfterTest | None = None, policy: Policy = "check") -> str:
@@ -121,7 +123,7 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
 
     # ---- data: every rank gets len(loader) batches per epoch
     manifest = read_manifest(cfg.data.shards)
-    classes = num_classes(manifest)
+    num_classes = manifest.num_classes
     loader = TrainLoader(cfg.data, manifest, rank, world, tcfg.seed, tcfg.accum_steps)
     steps_per_epoch = len(loader) // tcfg.accum_steps  # exact: the loader rounds up to whole steps
     total_steps = steps_per_epoch * tcfg.epochs
@@ -146,8 +148,8 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
         counts, failure = None, None
         if master:
             try:
-                counts = train_class_counts(cfg, manifest, classes)
-            except (OSError, tarfile.TarError, ValueError, KeyError) as exc:
+                counts = train_class_counts(cfg, manifest)
+            except (UserError, OSError, tarfile.TarError, ValueError, KeyError) as exc:
                 failure = (f"cannot count the class labels of the '{cfg.data.train_split}' shards in "
                            f"{cfg.data.shards} ({type(exc).__name__}: {exc}); re-run `artdist shard`")
         counts, failure = broadcast_object((counts, failure))
@@ -155,10 +157,10 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
             raise UserError(failure)
     barrier()
 
-    # ---- model (same init on every rank), optimizer, LR schedule, loss
+    # ---- model (same init on every rank), optimizer, loss; the LR is lr_factor of the step (TrainState)
     seed_all(tcfg.seed)
-    model, optimizer, scaler, loss_fn = build_training(cfg, classes, counts, device, amp_dtype, channels_last)
-    checkpointer = Checkpointer(run_dir, model, optimizer, scaler, cfg, manifest["classes"], layout)
+    model, optimizer, scaler, loss_fn = build_training(cfg, num_classes, counts, device, amp_dtype, channels_last)
+    checkpointer = Checkpointer(run_dir, model, optimizer, scaler, cfg, manifest.classes, layout)
 
     # ---- resume from model_last.pt if there is one; else per-rank streams for dropout/augmentation
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": -math.inf, "metrics": {}}
@@ -184,15 +186,18 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
                        lr_factor=partial(lr_factor, warmup_steps=round(tcfg.warmup_epochs * steps_per_epoch),
                                          total_steps=total_steps, min_ratio=tcfg.min_lr_ratio))
 
+    hosts = gather_objects(socket.gethostname())  # every rank says where it runs (multi-node placement)
     if master:
         print(f"artdist train {cfg.name}: {world} process(es) on {device.type}, amp {amp_dtype or 'off'}, "
               f"{steps_per_epoch} steps/epoch x {tcfg.epochs} epochs, global batch "
               f"{cfg.data.batch_size * world * tcfg.accum_steps}, run dir {run_dir}", flush=True)
+        print("ranks by host: " + "; ".join(f"{host}: {' '.join(str(r) for r, h in enumerate(hosts) if h == host)}"
+                                            for host in dict.fromkeys(hosts)), flush=True)
         if last is not None:
             print(f"resuming from {last}: epoch {position['epoch'] + 1}, step {position['step_in_epoch']}, "
                   f"global step {position['global_step']}", flush=True)
 
-    # ---- train: one validation and one model_last.pt per epoch
+    # ---- train: one validation and one model_last.pt per epoch, and every train.checkpoint_every steps
     step_in_epoch = position["step_in_epoch"]
     clock = (time.perf_counter(), state.global_step)
     for epoch in range(position["epoch"], tcfg.epochs):
@@ -201,7 +206,9 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
         log = partial(log_step, writer, device, epoch=epoch, epochs=tcfg.epochs, steps_per_epoch=steps_per_epoch,
                       total_steps=total_steps, clock=clock) if master else None
         stats = train_one_epoch(state, loader, steps=steps_per_epoch, start_step=step_in_epoch,
-                                should_stop=watch.should_stop, log_every=tcfg.log_every, log=log)
+                                should_stop=watch.should_stop, log_every=tcfg.log_every, log=log,
+                                after_step=partial(checkpoint_mid_epoch, checkpointer.save, tcfg.checkpoint_every,
+                                                   steps_per_epoch, {**position, "epoch": epoch}))
         step_in_epoch = stats["step"]
         if step_in_epoch < steps_per_epoch:  # preempted mid-epoch: save the exact position
             checkpointer.save({**position, "epoch": epoch, "step_in_epoch": step_in_epoch,
@@ -221,11 +228,13 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
         if stats["stopped"]:
             return preempted(run_dir, writer)
 
+    check_replicas(model)
+
     # ---- the best model on the test split, then the outlier reports on the validation split
     barrier()
     model.load_state_dict(load_checkpoint(run_dir.best)["model"])
     test = None
-    if manifest["splits"].get(cfg.data.test_split, {}).get("num_samples", 0) > 0:
+    if manifest.num_samples(cfg.data.test_split) > 0:
         test = evaluate_split(model, cfg, manifest, cfg.data.test_split, device, amp_dtype)
         if master:
             write_report(test, run_dir.eval_report(cfg.data.test_split), str(run_dir.best))
@@ -244,18 +253,18 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
 # --------------------------------------------------------------------------- helpers, in order of use
 
 
-def train_class_counts(cfg: JobConfig, manifest: dict, classes: dict[str, int]) -> dict[str, list[int]]:
+def train_class_counts(cfg: JobConfig, manifest: Manifest) -> dict[str, list[int]]:
     """Rank 0: samples per class of the train split, cached in the run dir (a large split takes a while to read)."""
     path = RunDir(cfg.run_dir).class_counts
     key = {"shards": str(Path(cfg.data.shards).resolve()), "split": cfg.data.train_split,
-           "num_samples": manifest["splits"][cfg.data.train_split]["num_samples"]}
+           "num_samples": manifest.num_samples(cfg.data.train_split)}
     try:
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached["counts"]
     except (OSError, ValueError, AttributeError):
         pass  # absent, or cut short by a kill mid-write (never valid JSON then): count again
-    counts = label_counts(cfg.data.shards, manifest, cfg.data.train_split, classes)
+    counts = manifest.label_counts(cfg.data.train_split)
     path.write_text(json.dumps({"key": key, "counts": counts}))
     return counts
 
@@ -297,6 +306,25 @@ def log_epoch(writer: SummaryWriter, run_dir: RunDir, epoch: int, epochs: int, s
     print(f"epoch {epoch + 1}/{epochs} done in {seconds:.0f} s: val {shown}{' (best)' if is_best else ''}", flush=True)
 
 
+def checkpoint_mid_epoch(save: Callable[..., None], every: int, steps_per_epoch: int, position: dict, step: int,
+                         global_step: int) -> None:
+    """Every rank, after each step: save model_last.pt every `every` global steps (the epoch end saves anyway)."""
+    if every and global_step % every == 0 and step < steps_per_epoch:
+        save({**position, "step_in_epoch": step, "global_step": global_step}, best=False)
+
+
+def check_replicas(model: torch.nn.Module) -> None:
+    """Every rank, after training: rank 0 says whether all ranks ended with the same parameters (DDP's promise)."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digests = gather_objects(digest.hexdigest())
+    if is_main_process():
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        print(f"final parameters identical on all {len(digests)} ranks" if not differ else
+              f"warning: final parameters of rank(s) {differ} differ from rank 0's", flush=True)
+
+
 def preempted(run_dir: RunDir, writer: SummaryWriter | None) -> str:
     """After the stop was saved: every rank returns 'preempted'; rank 0 requeues when asked to (SLURM)."""
     barrier()
@@ -309,12 +337,12 @@ def preempted(run_dir: RunDir, writer: SummaryWriter | None) -> str:
     return "preempted"
 
 
-def build_training(cfg: JobConfig, classes: dict[str, int], counts: dict[str, list[int]] | None,
+def build_training(cfg: JobConfig, num_classes: dict[str, int], counts: dict[str, list[int]] | None,
                    device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool) -> tuple:
     """(model, optimizer, scaler, loss_fn) as a run trains them: AdamW over the model's param groups
     (each with the `base_lr` the LR schedule scales), a GradScaler for fp16, class-weighted loss."""
     tcfg = cfg.train
-    model: CNNLSTM = build_model(cfg.model, classes).to(device)
+    model: CNNLSTM = build_model(cfg.model, num_classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.param_groups(tcfg.lr, tcfg.backbone_lr, tcfg.weight_decay))
