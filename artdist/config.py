@@ -113,6 +113,8 @@ class OutlierConfig:
     top_k: int = 50  # outliers per task shown in HTML/TensorBoard
     flag_fraction: float = 0.05  # share of samples flagged by the combined score
     planted: str = ""  # planted_noise.csv from `artdist synth --noise`: measure AUROC/precision@k against it
+    page_rows: int = 1000  # rows per task in index.html, best combined ranks first (the CSV keeps every flagged row)
+    projector: int = 1000  # embeddings in TensorBoard's projector (half top outliers, half a fixed sample); 0: none
 
 
 @dataclass
@@ -316,6 +318,7 @@ def validate(cfg: JobConfig, source: str = "config") -> None:
         "model.lstm_layers": cfg.model.lstm_layers,
         "train.log_every": cfg.train.log_every,
         "outliers.top_k": cfg.outliers.top_k,
+        "outliers.page_rows": cfg.outliers.page_rows,
         "slurm.nodes": cfg.slurm.nodes,
         "slurm.cpus_per_task": cfg.slurm.cpus_per_task,
         "slurm.time_min": cfg.slurm.time_min,
@@ -328,6 +331,7 @@ def validate(cfg: JobConfig, source: str = "config") -> None:
         "data.crop_padding": cfg.data.crop_padding,
         "train.lr": cfg.train.lr,
         "train.backbone_lr": cfg.train.backbone_lr,
+        "outliers.projector": cfg.outliers.projector,
         "train.weight_decay": cfg.train.weight_decay,
         "train.warmup_epochs": cfg.train.warmup_epochs,
         "train.grad_clip": cfg.train.grad_clip,
