@@ -410,15 +410,17 @@ from artdist.data.manifest import num_classes
 model = build_model(cfg.model, num_classes(manifest)).eval()
 model.load_state_dict(torch.load(state_path))
 gaussians = pipeline.fit_class_gaussians(model, cfg, manifest, device, None)
-scores = pipeline.score_split(model, cfg, manifest, "val", device, None, gaussians)
+projected = []
+scores = pipeline.score_split(model, cfg, manifest, "val", device, None, gaussians, projected)
 if dist.is_main_process():
-    pickle.dump((scores, {t: g.means for t, g in gaussians.items()}), open(out_path, "wb"))
+    pickle.dump((scores, {t: g.means for t, g in gaussians.items()}, projected), open(out_path, "wb"))
 dist.cleanup()
 """
 
 
 def test_two_ranks_give_the_same_scores_and_ids_as_one(probed, tmp_path):
-    cfg, _, model, gaussians, scores = probed
+    cfg, manifest, model, gaussians, scores = probed
+    cfg = dataclasses.replace(cfg, outliers=dataclasses.replace(cfg.outliers, projector=15))
     torch.save(model.state_dict(), tmp_path / "model.pt")
     with open(tmp_path / "args.pkl", "wb") as f:
         pickle.dump((cfg, str(tmp_path / "model.pt"), str(tmp_path / "out.pkl")), f)
@@ -434,7 +436,11 @@ def test_two_ranks_give_the_same_scores_and_ids_as_one(probed, tmp_path):
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     with open(tmp_path / "out.pkl", "rb") as f:
-        two, two_means = pickle.load(f)
+        two, two_means, two_projected = pickle.load(f)
+    one_projected: list = []
+    pipeline.score_split(model, cfg, manifest, SPLIT, torch.device("cpu"), None, gaussians, one_projected)
+    np.testing.assert_array_equal(two_projected[0][0], one_projected[0][0])  # the same paintings chosen
+    np.testing.assert_allclose(two_projected[0][1], one_projected[0][1], rtol=1e-4, atol=1e-5)
     for task, one in scores.items():
         np.testing.assert_array_equal(two[task].ids, one.ids)
         np.testing.assert_array_equal(two[task].assigned, one.assigned)

@@ -37,6 +37,7 @@ REASON_KINDS = (
 )
 # Lead byte of a two-byte UTF-8 sequence read as Latin-1, possibly lower-cased (WikiArt's names: Ã -> ã).
 _MOJIBAKE_PAIR = re.compile("[\u00c2-\u00df\u00e2-\u00f6\u00f8-\u00fe][\u0080-\u00bf]")
+_INITIAL = re.compile(r"(?:^|(?<=[\s.]))\w")  # first letter of each name and initial: m.c. escher -> M.C. Escher
 _POSSESSIVE = re.compile(r"(?<=[a-z])-s(?=-|$)")  # WikiArt writes "artist's son" as artist-s-son
 _YEAR = re.compile(r"-(1[0-9]{3}|20[0-9]{2})(?:-[0-9]{1,2})?$")
 
@@ -77,7 +78,7 @@ def parse_wikiart_name(path: str) -> dict[str, str]:
         title = title[:year.start()]
     words = _POSSESSIVE.sub("'s", title).replace("-", " ").strip()
     return {
-        "artist": " ".join(w.capitalize() for w in artist.replace("-", " ").split()),
+        "artist": _INITIAL.sub(lambda m: m.group().upper(), " ".join(artist.replace("-", " ").split())),
         "title": words[:1].upper() + words[1:],
         "year": year.group(1) if year else "",
     }
