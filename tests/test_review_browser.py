@@ -20,6 +20,7 @@ from artdist.outliers import pipeline, ranking
 pytestmark = pytest.mark.browser
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+MAX_SOFTMAX = ranking.RANKED_SCORES[0]  # 1 - max softmax, the seed projects' rule
 if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
     pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver; "
                 ".ci/run installs them)", allow_module_level=True)
@@ -89,12 +90,12 @@ def test_page_filters_decides_exports_and_the_decisions_relabel_the_shards(repor
     assert count(browser)[0] == sum(r["assigned"] == cls for r in style)
     Select(browser.find_element(By.ID, "f-assigned")).select_by_value("")
     # ranking + score range: max-softmax score (1 - max p) at least 0.5
-    Select(browser.find_element(By.ID, "f-ranking")).select_by_value("seeds")
+    Select(browser.find_element(By.ID, "f-ranking")).select_by_value(MAX_SOFTMAX)
     browser.find_element(By.ID, "f-min").send_keys("0.5")
-    assert count(browser)[0] == sum(r["scores"]["seeds"] >= 0.5 for r in style)
+    assert count(browser)[0] == sum(r["scores"][MAX_SOFTMAX] >= 0.5 for r in style)
     shown = [int(c.get_attribute("data-id")) for c in cards(browser)]
     by_id = {r["id"]: r for r in style}
-    assert [by_id[i]["ranks"]["seeds"] for i in shown] == sorted(by_id[i]["ranks"]["seeds"] for i in shown)
+    assert [by_id[i]["ranks"][MAX_SOFTMAX] for i in shown] == sorted(by_id[i]["ranks"][MAX_SOFTMAX] for i in shown)
     browser.find_element(By.ID, "f-min").send_keys(Keys.CONTROL, "a", Keys.BACKSPACE)  # fires 'input', as typing does
     assert count(browser)[0] == len(style)
     planted = browser.find_element(By.ID, "f-planted")

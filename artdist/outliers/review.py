@@ -19,6 +19,7 @@ DATA_TOKEN = "__ARTDIST_DATA__"
 RANKING_LABELS = {  # the page's ranking menu, in RANKED_SCORES' names
     "combined": "combined (classifier + embedding surprisal)",
     "seeds": "max-softmax (1 − max p)",
+    "max_softmax": "max-softmax (1 − max p)",
     "nll": "−log p(assigned)",
     "margin": "margin (best other p − p(assigned))",
     "energy": "energy",
@@ -169,7 +170,7 @@ def write_page(out_dir: Path, pages: dict[str, dict[str, Any]], per_task: dict[s
         "num_samples": summary["num_samples"], "threshold": summary["threshold"],
         "flag_fraction": summary["flag_fraction"], "combined": summary["combined"],
         "tasks": list(pages), "classes": {t: manifest["classes"][t] for t in pages},
-        "rankings": [[name, RANKING_LABELS[name]] for name in RANKED_SCORES],
+        "rankings": [[name, RANKING_LABELS.get(name, name)] for name in RANKED_SCORES],
         "reason_kinds": [[kind, label] for kind, label, _ in REASON_KINDS],
         "summaries": {t: pages[t]["summary"] for t in pages},
         "flagged": {t: len(pages[t]["rows"]) for t in pages},
