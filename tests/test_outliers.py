@@ -337,6 +337,9 @@ def test_csv_json_page_and_tensorboard_show_exactly_the_flagged_samples(probed, 
         with Image.open(out / data["large"][i]) as img:  # the shard's own picture: 64 px square here
             assert img.format == "JPEG" and img.size == (64, 64)
     assert "http" not in (out / "index.html").read_text()
+    for i, uri in data["originals"].items():  # the synthetic images are reachable: each links its original
+        assert uri == (Path(manifest["options"]["images"]) / data["paths"][i]).resolve().as_uri()
+    assert set(data["originals"]) == set(data["paths"])
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
     events.Reload()
     assert set(events.Tags()["images"]) == {f"outliers/{SPLIT}/{t}" for t in cfg.model.tasks}
