@@ -79,7 +79,7 @@ def shard_labels(shards: Path) -> dict[str, dict]:
 def test_relabel_applies_the_wrong_labels_with_a_suggestion_and_records_them(demo_shards, tmp_path, capsys):
     manifest = read_manifest(demo_shards)
     before = shard_labels(demo_shards)
-    classes = manifest["classes"]
+    classes = manifest.classes
     a, b, c = sorted(p for p, m in before.items() if m["genre"] >= 0)[:3]
     new_style = next(x for x in classes["style"] if x != classes["style"][before[a]["style"]])
     new_genre = next(x for x in classes["genre"] if x != classes["genre"][before[b]["genre"]])
@@ -103,17 +103,17 @@ def test_relabel_applies_the_wrong_labels_with_a_suggestion_and_records_them(dem
             expect["genre"] = classes["genre"].index(new_genre)
         assert after[path] == expect
     new_manifest = read_manifest(out)
-    [record] = new_manifest["relabels"]
+    [record] = new_manifest.extra["relabels"]
     assert {(r["path"], r["task"], r["to"]) for r in record["corrections"]} == {(a, "style", new_style),
                                                                               (b, "genre", new_genre)}
     assert record["not_applied"] == {"fine": 1, "unsure": 1, "wrong without a suggested label": 1}
     # images untouched, checksums of the new tars, the source shards unchanged
-    assert new_manifest["splits"]["train"]["num_samples"] == manifest["splits"]["train"]["num_samples"]
+    assert new_manifest.num_samples("train") == manifest.num_samples("train")
     assert shard_labels(demo_shards) == before
 
-    for split in new_manifest["splits"].values():
-        for shard in split["shards"]:
-            assert hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
+    for split in new_manifest.splits.values():
+        for shard in split.shards:
+            assert hashlib.sha256((out / shard.name).read_bytes()).hexdigest() == shard.sha256
     # a second review on the corrected shards adds to the history
     again = write_decisions(tmp_path / "d2.csv", [[a, "style", new_style, "wrong", classes["style"][before[a]["style"]]]])
     assert len(relabel_shards(out, again, tmp_path / "new2")["relabels"]) == 2
@@ -122,8 +122,8 @@ def test_relabel_applies_the_wrong_labels_with_a_suggestion_and_records_them(dem
 def test_relabel_explains_bad_decisions_and_leaves_nothing_behind(demo_shards, tmp_path, capsys):
     manifest = read_manifest(demo_shards)
     path, meta = next(iter(shard_labels(demo_shards).items()))
-    label = manifest["classes"]["style"][meta["style"]]
-    other = next(x for x in manifest["classes"]["style"] if x != label)
+    label = manifest.classes["style"][meta["style"]]
+    other = next(x for x in manifest.classes["style"] if x != label)
 
     def error(rows, out=None) -> str:
         decisions = write_decisions(tmp_path / "d.csv", rows) if rows is not None else tmp_path / "none.csv"

@@ -89,7 +89,7 @@ def test_page_filters_decides_exports_and_the_decisions_relabel_the_shards(repor
     Select(browser.find_element(By.ID, "f-assigned")).select_by_value(cls)
     assert count(browser)[0] == sum(r["assigned"] == cls for r in style)
     Select(browser.find_element(By.ID, "f-assigned")).select_by_value("")
-    # ranking + score range: max-softmax score (1 - max p) at least 0.5
+    # ranking + score range: max_softmax score (1 - max p) at least 0.5
     Select(browser.find_element(By.ID, "f-ranking")).select_by_value(MAX_SOFTMAX)
     browser.find_element(By.ID, "f-min").send_keys("0.5")
     assert count(browser)[0] == sum(r["scores"][MAX_SOFTMAX] >= 0.5 for r in style)
@@ -110,7 +110,7 @@ def test_page_filters_decides_exports_and_the_decisions_relabel_the_shards(repor
     first = cards(browser)
     ids = [int(c.get_attribute("data-id")) for c in first[:4]]
     first[0].find_element(By.CSS_SELECTOR, "button[data-decision=wrong]").click()
-    suggestion = next(c for c in manifest["classes"]["style"] if c not in (by_id[ids[0]]["assigned"],
+    suggestion = next(c for c in manifest.classes["style"] if c not in (by_id[ids[0]]["assigned"],
                                                                            by_id[ids[0]]["predicted"]))
     Select(cards(browser)[0].find_element(By.CSS_SELECTOR, "select.suggest")).select_by_value(suggestion)
     cards(browser)[1].find_element(By.CSS_SELECTOR, "button[data-decision=fine]").click()
@@ -178,6 +178,6 @@ def test_page_filters_decides_exports_and_the_decisions_relabel_the_shards(repor
             for m in tar:
                 if m.name.endswith(".json"):
                     meta = json.loads(tar.extractfile(m).read())
-                    labels[meta["path"]] = manifest["classes"]["style"][meta["style"]]
+                    labels[meta["path"]] = manifest.classes["style"][meta["style"]]
     for path, to in applied:
         assert labels[path] == to

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import tarfile
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from artdist.config import TASKS
-from artdist.data.manifest import MANIFEST_NAME, read_manifest
+from artdist.data.manifest import MANIFEST_NAME, Manifest, SplitInfo, read_manifest
 from artdist.data.shard import _add_member, _sha256, _write_atomic
 from artdist.errors import UserError
 
@@ -67,17 +68,17 @@ def relabel_shards(shards: str | Path, decisions: str | Path, out: str | Path) -
 
     Images are copied byte for byte; only the json members of corrected samples change. The new
     manifest lists every correction (and keeps those of earlier relabels) under "relabels".
-    Returns the new manifest.
+    Returns the new manifest.json tree.
     """
     shards, out = Path(shards), Path(out)
     manifest = read_manifest(shards)
     if out.exists() and (out.resolve() == shards.resolve() or any(out.iterdir())):
         raise UserError(f"--out {out} is not empty; give a new folder (the source shards stay as they are)")
-    corrections, kept = read_decisions(decisions, manifest["classes"])
+    corrections, kept = read_decisions(decisions, manifest.classes)
     todo = {(c.path, c.task): c for c in corrections}
     out.mkdir(parents=True, exist_ok=True)
     try:  # everything in `out` is ours (it was empty): a failure leaves no half-written shard set
-        applied = _copy_shards(shards, out, manifest, todo)
+        splits, applied = _copy_shards(shards, out, manifest, todo)
     except BaseException:
         shutil.rmtree(out)
         raise
@@ -89,31 +90,38 @@ def relabel_shards(shards: str | Path, decisions: str | Path, out: str | Path) -
                         "were the decisions exported from a report on these shards?")
     for task in TASKS:
         shutil.copyfile(shards / f"class_names_{task}.txt", out / f"class_names_{task}.txt")
-    manifest.setdefault("relabels", []).append({
+    relabels = [*manifest.extra.get("relabels", []), {
         "source": str(shards), "decisions": str(decisions), "corrections": applied,
         "not_applied": dict(sorted(kept.items())),
-    })
-    _write_atomic(out / MANIFEST_NAME, json.dumps(manifest) + "\n")
-    return manifest
+    }]
+    tree = dataclasses.replace(manifest, shards_dir=out, splits=splits,
+                               extra={**manifest.extra, "relabels": relabels}).to_json()
+    _write_atomic(out / MANIFEST_NAME, json.dumps(tree) + "\n")
+    return tree
 
 
-def _copy_shards(shards: Path, out: Path, manifest: dict, todo: dict[tuple[str, str], Correction]) -> list[dict]:
-    """Every shard of `manifest` rewritten into `out` with `todo` applied; updates the manifest's sha256s."""
-    applied = []
-    for split, info in manifest["splits"].items():
-        for shard in info["shards"]:
-            src, dst = shards / shard["name"], out / shard["name"]
+def _copy_shards(shards: Path, out: Path, manifest: Manifest, todo: dict[tuple[str, str], Correction]
+                 ) -> tuple[dict[str, SplitInfo], list[dict]]:
+    """Every shard of `manifest` rewritten into `out` with `todo` applied; the splits with the new
+    shards' sha256s, and the record of each correction applied."""
+    applied: list[dict] = []
+    splits = {}
+    for split, info in manifest.splits.items():
+        new_shards = []
+        for shard in info.shards:
+            src, dst = shards / shard.name, out / shard.name
             tmp = dst.with_name(dst.name + ".tmp")
             with tarfile.open(src) as tar_in, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar_out:
                 for member in tar_in:
                     data = tar_in.extractfile(member).read()
                     if member.name.endswith(".json"):
-                        data, changes = _apply(json.loads(data), todo, manifest["classes"], split)
+                        data, changes = _apply(json.loads(data), todo, manifest.classes, split)
                         applied += changes
                     _add_member(tar_out, member.name, data)
             tmp.replace(dst)
-            shard["sha256"] = _sha256(dst)
-    return applied
+            new_shards.append(dataclasses.replace(shard, sha256=_sha256(dst)))
+        splits[split] = dataclasses.replace(info, shards=tuple(new_shards))
+    return splits, applied
 
 
 def _apply(meta: dict, todo: dict[tuple[str, str], Correction], classes: dict[str, list[str]],

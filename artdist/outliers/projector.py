@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from artdist.data.manifest import Manifest
 from artdist.outliers.ranking import combined_score, descending_ranks
 from artdist.outliers.report import SampleRef, read_images
 from artdist.outliers.scores import TaskScores
@@ -93,10 +94,10 @@ def sprites(thumbs: dict[int, bytes], ids: np.ndarray) -> torch.Tensor:
 
 
 def write_projector(writer: Any, ids: np.ndarray, embeddings: np.ndarray, per_task: dict[str, TaskScores],
-                    manifest: dict, index: dict[int, SampleRef], shards_dir: Path, tag: str) -> None:
+                    manifest: Manifest, index: dict[int, SampleRef], shards_dir: Path, tag: str) -> None:
     """The chosen embeddings, sprites and metadata as one TensorBoard projector tensor under `tag`."""
-    thumbs = {i: v[0] for i, v in read_images(shards_dir, index, set(ids.tolist()), manifest["image_ext"]).items()}
-    header, rows = metadata(ids, per_task, manifest["classes"], index)
+    thumbs = {i: v[0] for i, v in read_images(shards_dir, index, set(ids.tolist()), manifest.image_ext).items()}
+    header, rows = metadata(ids, per_task, manifest.classes, index)
     writer.add_embedding(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)), metadata=rows,
                          label_img=sprites(thumbs, ids), metadata_header=header, tag=tag)
     writer.flush()

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from artdist.data.manifest import Manifest
 from artdist.outliers.ranking import RANKED_SCORES, descending_ranks, finite_or_none, oriented_scores
 from artdist.outliers.report import SampleRef, data_uri, read_images
 from artdist.outliers.scores import TaskScores
@@ -18,8 +19,7 @@ TEMPLATE = "review_page.html"
 DATA_TOKEN = "__ARTDIST_DATA__"
 RANKING_LABELS = {  # the page's ranking menu, in RANKED_SCORES' names
     "combined": "combined (classifier + embedding surprisal)",
-    "seeds": "max-softmax (1 − max p)",
-    "max_softmax": "max-softmax (1 − max p)",
+    "max_softmax": "max_softmax (1 − max p)",
     "nll": "−log p(assigned)",
     "margin": "margin (best other p − p(assigned))",
     "energy": "energy",
@@ -33,7 +33,7 @@ REASON_KINDS = (
     ("embedding_class", "embedding nearer another class", re.compile(r"^embedding nearer|^no .* in training")),
     ("embedding_far", "embedding far from its class", re.compile(r"^embedding .*σ farther")),
     ("energy", "weak response to every class", re.compile(r"^weak response")),
-    ("low_confidence", "below the max-softmax threshold", re.compile(r"^below .* confidence")),
+    ("low_confidence", "below the max_softmax threshold", re.compile(r"^below .* confidence")),
     ("combined_top", "combined score in the top share", re.compile(r"^combined score in the top")),
 )
 # Lead byte of a two-byte UTF-8 sequence read as Latin-1, possibly lower-cased (WikiArt's names: Ã -> ã).
@@ -117,7 +117,7 @@ def page_rows(task: str, rows: list[dict[str, Any]], per_task: dict[str, TaskSco
                 other[t] = [classes[t][per_task[t].assigned[j]], classes[t][per_task[t].predicted[j]]]
         out.append({
             "task": task, "id": row["id"], "assigned": row["assigned"], "predicted": row["predicted"],
-            "max_prob": row["max_prob"], "p_assigned": row["p_assigned"],
+            "max_softmax": row["max_softmax"], "p_assigned": row["p_assigned"],
             "feature_predicted": row["feature_predicted"],
             "scores": {name: finite_or_none(float(oriented[name][i])) for name in RANKED_SCORES},
             "ranks": {name: int(ranks[name][i]) for name in RANKED_SCORES},
@@ -143,7 +143,7 @@ def render_page(data: dict[str, Any]) -> str:
     return template.replace(DATA_TOKEN, blob)
 
 
-def write_page(out_dir: Path, pages: dict[str, dict[str, Any]], per_task: dict[str, TaskScores], manifest: dict,
+def write_page(out_dir: Path, pages: dict[str, dict[str, Any]], per_task: dict[str, TaskScores], manifest: Manifest,
                index: dict[int, SampleRef], shards_dir: Path, planted: set[tuple[str, str]] | None,
                summary: dict[str, Any], title: str, page_rows_max: int, storage_key: str) -> dict[int, bytes]:
     """index.html + images/<id>.jpg (the enlarged views); returns the thumbnails (JPEG bytes) it read.
@@ -153,23 +153,23 @@ def write_page(out_dir: Path, pages: dict[str, dict[str, Any]], per_task: dict[s
     """
     rows = []
     for task, page in pages.items():
-        rows += page_rows(task, page["rows"][:page_rows_max], per_task, page["combined"], manifest["classes"],
+        rows += page_rows(task, page["rows"][:page_rows_max], per_task, page["combined"], manifest.classes,
                           planted)
     typical = {task: {cls: [r["id"] for r in members] for cls, members in page["typical"].items()}
                for task, page in pages.items()}
     ids = {r["id"] for r in rows} | {i for t in typical.values() for members in t.values() for i in members}
-    images = read_images(shards_dir, index, ids, manifest["image_ext"], (LARGE_SIDE,))
+    images = read_images(shards_dir, index, ids, manifest.image_ext, (LARGE_SIDE,))
     large_dir = out_dir / "images"
     large_dir.mkdir(parents=True, exist_ok=True)
     for i, (_, large) in images.items():
         (large_dir / f"{i}.jpg").write_bytes(large)
-    images_dir = manifest.get("options", {}).get("images", "")
+    images_dir = manifest.extra.get("options", {}).get("images", "")
     paths = {i: index[i].path for i in sorted(ids)}
     data = {
         "title": title, "split": summary["split"], "storage_key": storage_key,
         "num_samples": summary["num_samples"], "threshold": summary["threshold"],
         "flag_fraction": summary["flag_fraction"], "combined": summary["combined"],
-        "tasks": list(pages), "classes": {t: manifest["classes"][t] for t in pages},
+        "tasks": list(pages), "classes": {t: manifest.classes[t] for t in pages},
         "rankings": [[name, RANKING_LABELS.get(name, name)] for name in RANKED_SCORES],
         "reason_kinds": [[kind, label] for kind, label, _ in REASON_KINDS],
         "summaries": {t: pages[t]["summary"] for t in pages},
