@@ -190,9 +190,11 @@ class OutlierConfig(Section):
     SECTION: ClassVar[str] = "outliers"
     enabled: bool = True  # write val-split reports at the end of training
     threshold: float = fraction(0.6, hi_open=False)  # flagged when max_softmax < threshold
-    top_k: int = positive(50, 100_000)  # outliers per task shown in HTML/TensorBoard
+    top_k: int = positive(50, 100_000)  # outliers per task in the TensorBoard grid; the second k of precision@k
     flag_fraction: float = fraction(0.05, lo_open=True, hi_open=False)  # share of samples flagged by the combined score
     planted: str = ""  # planted_noise.csv from `artdist synth --noise`: measure AUROC/precision@k against it
+    page_rows: int = positive(1000, 100_000)  # rows per task in index.html, best combined ranks first (CSV: all)
+    projector: int = ranged(1000, 0, 16_384)  # embeddings in TensorBoard's projector (half top outliers, half a fixed sample); 0: none; at most (8192 px sprite sheet / 64 px)^2
 
 
 @dataclass
