@@ -38,7 +38,7 @@ def stopped_run(demo_shards, tmp_path_factory) -> Path:
     run_dir.mkdir()
     position = {"epoch": 1, "step_in_epoch": 0, "global_step": STEPS, "best_metric": 0.1, "metrics": {}}
     layout = {"steps_per_epoch": STEPS, "world_size": 1, "workers": 0, "batch_size": 16, "accum_steps": 1}
-    Checkpointer(run_dir, model, optimizer, scaler, cfg, manifest["classes"], layout).save(position, best=True)
+    Checkpointer(run_dir, model, optimizer, scaler, cfg, manifest.classes, layout).save(position, best=True)
     save_config(cfg, RunDir(run_dir).config)
     save_config(cfg, _config_file(run_dir))
     return run_dir
