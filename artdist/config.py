@@ -133,6 +133,16 @@ class SlurmConfig:
 
 
 @dataclass
+class AuditConfig:
+    """`artdist audit`: K fold trainings that score every painting out of sample."""
+
+    folds: int = 5  # K: each fold's model trains on the other K-1 folds and scores its own
+    splits: list[str] = field(default_factory=list)  # the splits audited together; empty: every split of the shards
+    epochs: int = 0  # train.epochs of each fold run; 0: the job's train.epochs
+    overrides: list[str] = field(default_factory=list)  # more KEY=VALUE for the fold runs, e.g. train.label_smoothing=0
+
+
+@dataclass
 class JobConfig:
     """One training job: everything a run needs, saved into its run directory."""
 
@@ -145,6 +155,7 @@ class JobConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -397,6 +408,7 @@ __all__ = [
     "TrainConfig",
     "OutlierConfig",
     "SlurmConfig",
+    "AuditConfig",
     "JobConfig",
     "load_config",
     "apply_overrides",

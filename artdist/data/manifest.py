@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import tarfile
 from pathlib import Path
+from typing import Iterator
 
 from artdist.config import TASKS
 from artdist.errors import UserError
@@ -33,22 +34,48 @@ def read_manifest(shards_dir: str | Path) -> dict:
     return manifest
 
 
+def split_keep(shards_dir: str | Path, manifest: dict, split: str) -> frozenset[str] | None:
+    """The sample keys a split is restricted to, or None for all its samples.
+
+    A split entry may name, in "keep", a file beside manifest.json with one sample key per line: the
+    split is then those samples of its shards only (its shard "num_samples" count just them). This is
+    how an audit fold trains on some samples of shared shards without re-sharding them.
+    """
+    name = manifest["splits"][split].get("keep")
+    if name is None:
+        return None
+    path = Path(shards_dir) / name
+    try:
+        return frozenset(path.read_text().split())
+    except OSError as exc:
+        raise UserError(f"{path} (the sample keys of split {split!r}) cannot be read ({exc}); "
+                        "re-run the command that wrote it") from None
+
+
 def num_classes(manifest: dict) -> dict[str, int]:
     return {task: len(manifest["classes"][task]) for task in TASKS}
 
 
 
 
-def label_counts(shards_dir: str | Path, manifest: dict, split: str,
-                 num_classes: dict[str, int]) -> dict[str, list[int]]:
-    """Samples per class and task in a split, read from the shards' json members (image bytes are seeked past)."""
-    counts = {task: [0] * n for task, n in num_classes.items()}
+def sample_metas(shards_dir: str | Path, manifest: dict, split: str) -> Iterator[tuple[str, str, dict]]:
+    """(shard name, key, json metadata) of every sample a split keeps, in shard order; image bytes are seeked past."""
+    keep = split_keep(shards_dir, manifest, split)
     for shard in manifest["splits"][split]["shards"]:
         with tarfile.open(Path(shards_dir) / shard["name"]) as tar:
             for member in tar:
-                if member.name.endswith(".json"):
-                    meta = json.load(tar.extractfile(member))
-                    for task, task_counts in counts.items():
-                        if meta[task] >= 0:
-                            task_counts[meta[task]] += 1
+                # WebDataset's rule: the key ends at the first dot of the member's base name.
+                key, _, ext = member.name.rpartition("/")[2].partition(".")
+                if ext == "json" and (keep is None or key in keep):
+                    yield shard["name"], key, json.load(tar.extractfile(member))
+
+
+def label_counts(shards_dir: str | Path, manifest: dict, split: str,
+                 num_classes: dict[str, int]) -> dict[str, list[int]]:
+    """Samples per class and task in a split, read from the shards' json members."""
+    counts = {task: [0] * n for task, n in num_classes.items()}
+    for _, _, meta in sample_metas(shards_dir, manifest, split):
+        for task, task_counts in counts.items():
+            if meta[task] >= 0:
+                task_counts[meta[task]] += 1
     return counts

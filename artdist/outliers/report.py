@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from artdist.data.manifest import sample_metas
+
 THUMB_SIDE = 128  # px, longer side: ~4 KB a JPEG keeps index.html a few MB even for 3 tasks x top 50
 CAPTION_HEIGHT = 34  # px under each TensorBoard grid cell: two lines of PIL's default font
 GRID_COLUMNS = 8
@@ -43,16 +45,8 @@ def _split_member(name: str) -> tuple[str, str]:
 
 def read_sample_index(shards_dir: Path, manifest: dict, split: str) -> dict[int, SampleRef]:
     """id -> (path, shard, key) from the json members of a split's shards; image bytes are skipped."""
-    index: dict[int, SampleRef] = {}
-    for shard in manifest["splits"][split]["shards"]:
-        with tarfile.open(Path(shards_dir) / shard["name"]) as tar:
-            for member in tar:
-                key, ext = _split_member(member.name)
-                if ext != "json":
-                    continue
-                meta = json.loads(tar.extractfile(member).read())
-                index[int(meta["id"])] = SampleRef(meta["path"], shard["name"], key)
-    return index
+    return {int(meta["id"]): SampleRef(meta["path"], shard, key)
+            for shard, key, meta in sample_metas(shards_dir, manifest, split)}
 
 
 def read_thumbnails(shards_dir: Path, index: dict[int, SampleRef], ids: set[int], image_ext: str,
@@ -82,7 +76,7 @@ def write_rows(rows: list[dict[str, Any]], csv_path: Path, json_path: Path, meta
     """One task's ranked rows as CSV (reasons '; '-joined, flags yes/no) and as JSON with `meta`."""
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "w", newline="") as f:
-        out = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        out = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ROW_FIELDS)  # rows may add columns
         out.writeheader()
         for row in rows:
             flat = dict(row)
