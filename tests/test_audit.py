@@ -18,7 +18,7 @@ from artdist.audit.merge import merge, save_fold_scores
 from artdist.audit.run import train_fold
 from artdist.config import load_config
 from artdist.data.loader import TrainLoader, make_eval_loader
-from artdist.data.manifest import read_manifest, sample_metas
+from artdist.data.manifest import label_counts, num_classes, read_manifest, sample_metas
 from artdist.errors import UserError
 from artdist.outliers.scores import TaskScores
 
@@ -91,6 +91,11 @@ def test_plan_views_partition_every_split_and_are_identical_across_runs(plan, de
         assert sorted(train + heldout[k]) == every and not set(train) & set(heldout[k])
         assert view_ids(audit_dir.fold(k) / "shards", INSAMPLE) == heldout[(k + 1) % 3]
     assert sorted(view_ids(audit_dir.shards, ALL)) == every
+    view = audit_dir.fold(0) / "shards"  # class counts (loss weights) see the fold's training samples only
+    counts = label_counts(view, read_manifest(view), TRAIN, num_classes(read_manifest(view)))
+    styles = Counter(m["style"] for _, _, m in sample_metas(view, read_manifest(view), TRAIN) if m["style"] >= 0)
+    assert counts["style"] == [styles[c] for c in range(len(counts["style"]))]
+    assert 0 < sum(counts["style"]) < len(every)
     table = audit_dir.table.read_bytes()
     assert write_plan(cfg)["fingerprint"] == p["fingerprint"] and audit_dir.table.read_bytes() == table
 
