@@ -109,6 +109,9 @@ def merge(cfg: JobConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     audit_dir = AuditDir(run_dir)
     plan = read_plan(run_dir)
+    if plan["folds"] != cfg.audit.folds:
+        raise UserError(f"{run_dir} holds a {plan['folds']}-fold audit but the config asks for {cfg.audit.folds} "
+                        f"folds: pass --folds {plan['folds']}, or set out_dir to a new directory")
     done = check_folds(run_dir, plan)
     planted = read_planted(cfg.outliers.planted) if cfg.outliers.planted else None
     table = read_table(run_dir)
