@@ -15,7 +15,7 @@ LAYERS = [
     ("artdist.data", "artdist.audit.folds", "artdist.audit"),
     ("artdist.model",),
     ("artdist.train",),
-    ("artdist.outliers", "artdist.bench", "artdist.audit.merge", "artdist.audit.peer"),
+    ("artdist.outliers", "artdist.bench", "artdist.checklist", "artdist.audit.merge", "artdist.audit.peer"),
     ("artdist.job", "artdist.submit", "artdist.audit.run"),
     ("artdist.commands",),
     ("artdist.cli", "artdist.__main__"),
