@@ -212,7 +212,7 @@ def test_cli_audits_locally_and_a_rerun_keeps_finished_folds(demo_shards, synth_
     run_dir = tmp_path / "run"
     sets = {"out_dir": run_dir, "data.shards": demo_shards, "data.image_size": 32, "data.batch_size": 16,
             "data.num_workers": 0, "data.shuffle_buffer": 50, "data.crop_padding": 2, "model.lstm_hidden": 16,
-            "model.lstm_layers": 1, "model.sequence": "pooled", "model.backbone": "resnet18", "train.epochs": 1,
+            "model.lstm_layers": 1, "model.sequence": "pooled", "model.backbone": "resnet18", "audit.epochs": 1,
             "train.device": "cpu", "outliers.planted": synth_corpus / "planted_noise.csv"}
     cmd = [sys.executable, "-m", "artdist", "audit", "--config", "jobs/audit_demo.yaml", "--folds", "2", "--nproc", "2",
            *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]
