@@ -3,6 +3,7 @@ it scores; merge covers every sample once and refuses a missing or stale fold.""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from artdist.audit.merge import merge, save_fold_scores
 from artdist.audit.run import train_fold
 from artdist.config import load_config
 from artdist.data.loader import TrainLoader, make_eval_loader
-from artdist.data.manifest import label_counts, num_classes, read_manifest, sample_metas
+from artdist.data.manifest import read_manifest
 from artdist.errors import UserError
 from artdist.outliers.scores import TaskScores
 
@@ -75,14 +76,13 @@ def plan(demo_shards, synth_corpus, tmp_path_factory):
 
 
 def view_ids(view: Path, split: str) -> list[int]:
-    return [meta["id"] for _, _, meta in sample_metas(view, read_manifest(view), split)]
+    return [s.meta["id"] for s in read_manifest(view).samples(split)]
 
 
 def test_plan_views_partition_every_split_and_are_identical_across_runs(plan, demo_shards):
     cfg, p = plan
     audit_dir = AuditDir(cfg.run_dir)
-    every = sorted(m["id"] for split in ("train", "val", "test") for _, _, m in
-                   sample_metas(demo_shards, read_manifest(demo_shards), split))
+    every = sorted(s.meta["id"] for split in ("train", "val", "test") for s in read_manifest(demo_shards).samples(split))
     assert p["num_samples"] == len(every) and sum(p["fold_sizes"]) == len(every)
     heldout = [view_ids(audit_dir.fold(k) / "shards", HELDOUT) for k in range(3)]
     assert sorted(i for ids in heldout for i in ids) == every  # disjoint and covering
@@ -92,8 +92,8 @@ def test_plan_views_partition_every_split_and_are_identical_across_runs(plan, de
         assert view_ids(audit_dir.fold(k) / "shards", INSAMPLE) == heldout[(k + 1) % 3]
     assert sorted(view_ids(audit_dir.shards, ALL)) == every
     view = audit_dir.fold(0) / "shards"  # class counts (loss weights) see the fold's training samples only
-    counts = label_counts(view, read_manifest(view), TRAIN, num_classes(read_manifest(view)))
-    styles = Counter(m["style"] for _, _, m in sample_metas(view, read_manifest(view), TRAIN) if m["style"] >= 0)
+    counts = read_manifest(view).label_counts(TRAIN)
+    styles = Counter(s.meta["style"] for s in read_manifest(view).samples(TRAIN) if s.meta["style"] >= 0)
     assert counts["style"] == [styles[c] for c in range(len(counts["style"]))]
     assert 0 < sum(counts["style"]) < len(every)
     table = audit_dir.table.read_bytes()
@@ -145,6 +145,12 @@ def test_a_fold_run_scores_only_samples_its_loader_never_yielded_and_merge_check
     assert scored <= set(view_ids(audit_dir.fold(0) / "shards", HELDOUT))
     done = json.loads(audit_dir.fold_done(0).read_text())
     assert done["fingerprint"] == p["fingerprint"] and done["fold"] == 0
+    # A rerun of the finished fold is a no-op, not a refusal, even when the audit section is spelled
+    # differently (its effect on the fold run is in train.*, which the plan's fingerprint guards).
+    scores_written = audit_dir.fold_scores(0).stat().st_mtime_ns
+    respelled = dataclasses.replace(cfg, audit=dataclasses.replace(cfg.audit, splits=list(p["splits"])))
+    assert train_fold(fold_config(respelled, 0)) == "done"
+    assert audit_dir.fold_scores(0).stat().st_mtime_ns == scores_written
 
     with pytest.raises(UserError, match=r"^fold 1 of 3 has not finished"):
         merge(cfg)
@@ -160,15 +166,15 @@ def fake_fold_scores(cfg, k: int, fingerprint: str, rng: np.random.Generator) ->
     manifest = read_manifest(audit_dir.fold(k) / "shards")
     parts, probs = {}, {}
     for part in (HELDOUT, INSAMPLE):
-        metas = [m for _, _, m in sample_metas(audit_dir.fold(k) / "shards", manifest, part)]
+        metas = [s.meta for s in manifest.samples(part)]
         parts[part] = {}
         for task in cfg.model.tasks:
             rows = sorted((m["id"], m[task]) for m in metas if m[task] >= 0)
-            n, c = len(rows), len(manifest["classes"][task])
+            n, c = len(rows), len(manifest.classes[task])
             p = rng.dirichlet(np.ones(c), size=n).astype(np.float32)
             ids, assigned = (np.array(col, dtype=np.int64) for col in zip(*rows))
             parts[part][task] = TaskScores(
-                ids=ids, assigned=assigned, predicted=p.argmax(1), max_prob=p.max(1),
+                ids=ids, assigned=assigned, predicted=p.argmax(1), max_softmax=p.max(1),
                 nll=-np.log(p[np.arange(n), assigned]), margin=rng.random(n, dtype=np.float32),
                 energy=rng.random(n, dtype=np.float32), mahalanobis=rng.random(n, dtype=np.float32),
                 feature_nll=rng.random(n, dtype=np.float32), feature_predicted=p.argmax(1))
@@ -198,7 +204,7 @@ def test_merge_ranks_every_sample_once_with_its_split_and_fold(demo_shards, synt
     assert stored["quality"]["style"]["out_of_sample"]["planted"] > 0
     assert "AUROC out" in capsys.readouterr().out
     with np.load(audit_dir.probs) as data:
-        assert data["style/probs"].shape == (len(table), len(read_manifest(demo_shards)["classes"]["style"]))
+        assert data["style/probs"].shape == (len(table), len(read_manifest(demo_shards).classes["style"]))
     assert summary["num_samples"] == len(table)
     pytest.importorskip("cleanlab")
     from artdist.audit.peer import compare_cleanlab

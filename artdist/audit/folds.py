@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -9,9 +10,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from artdist.config import TASKS, JobConfig, apply_overrides, from_dict, to_dict
-from artdist.data.manifest import MANIFEST_NAME, read_manifest, sample_metas
-from artdist.errors import ConfigError, UserError
+from artdist.config import JobConfig, apply_overrides, from_dict, to_dict
+from artdist.data.manifest import MANIFEST_NAME, Manifest, SplitInfo, read_manifest
+from artdist.errors import UserError
 
 # The splits of a fold's shard view: what model k trains on, what it scores out of sample (fold k),
 # and what it scores in sample (fold k+1, for the in-sample vs out-of-sample comparison).
@@ -82,15 +83,11 @@ def painting_id(meta: dict) -> int:
     return int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "big") >> 1
 
 
-def read_samples(shards_dir: str | Path, manifest: dict, splits: list[str], primary_task: str) -> list[Sample]:
+def read_samples(manifest: Manifest, splits: list[str], primary_task: str) -> list[Sample]:
     """Every sample of `splits`, in split then shard order."""
-    column = TASKS.index(primary_task)
-    out = []
-    for split in splits:
-        for shard, key, meta in sample_metas(shards_dir, manifest, split):
-            out.append(Sample(split, shard, key, int(meta["id"]), meta["path"], painting_id(meta),
-                              int(meta[TASKS[column]])))
-    return out
+    return [Sample(split, s.shard, s.key, int(s.meta["id"]), s.meta["path"], painting_id(s.meta),
+                   int(s.meta[primary_task]))
+            for split in splits for s in manifest.samples(split)]
 
 
 def assign_folds(samples: list[Sample], k: int) -> list[int]:
@@ -113,9 +110,9 @@ def assign_folds(samples: list[Sample], k: int) -> list[int]:
     return [fold_of[s.painting] for s in samples]
 
 
-def audit_splits(cfg: JobConfig, manifest: dict) -> list[str]:
+def audit_splits(cfg: JobConfig, manifest: Manifest) -> list[str]:
     """audit.splits, or every split of the shards that holds samples."""
-    available = [s for s, entry in manifest["splits"].items() if entry.get("num_samples", 0) > 0]
+    available = [s for s in manifest.splits if manifest.num_samples(s) > 0]
     chosen = cfg.audit.splits or available
     unknown = [s for s in chosen if s not in available]
     if unknown:
@@ -126,10 +123,6 @@ def audit_splits(cfg: JobConfig, manifest: dict) -> list[str]:
 
 def recipe(cfg: JobConfig) -> JobConfig:
     """The job with the audit section's changes for its fold runs (epochs, overrides)."""
-    if cfg.audit.folds < 2:
-        raise ConfigError(f"audit.folds must be >= 2 (each fold's model trains on the others), got {cfg.audit.folds}")
-    if cfg.audit.epochs < 0:
-        raise ConfigError(f"audit.epochs must be >= 0 (0: train.epochs), got {cfg.audit.epochs}")
     changes = [*((f"train.epochs={cfg.audit.epochs}",) if cfg.audit.epochs else ()), *cfg.audit.overrides]
     return from_dict(apply_overrides(to_dict(cfg), changes), "audit.overrides") if changes else cfg
 
@@ -156,26 +149,27 @@ def fingerprint(cfg: JobConfig, samples: list[Sample], folds: list[int]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _view(manifest: dict, shards_dir: Path, members: dict[str, list[Sample]], audit: dict) -> dict:
-    """A manifest over the shared shards: each split keeps only its samples (keys in <split>.keys)."""
-    entries = {(split, s["name"]): s for split, e in manifest["splits"].items() for s in e["shards"]}
+def _view(manifest: Manifest, members: dict[str, list[Sample]], audit: dict) -> Manifest:
+    """A manifest over the shared shards (named by absolute path): each split keeps only its samples
+    (keys in <split>.keys); `extra` records the source folder and the audit (fingerprint, fold)."""
+    entries = {(split, sh.name): sh for split, info in manifest.splits.items() for sh in info.shards}
     splits = {}
     for split, chosen in members.items():
         counts: dict[tuple[str, str], int] = {}
         for s in chosen:
             counts[(s.split, s.shard)] = counts.get((s.split, s.shard), 0) + 1
-        shards = [{**entries[where], "name": str((shards_dir / where[1]).resolve()), "num_samples": n}
-                  for where, n in counts.items()]
-        splits[split] = {"num_samples": len(chosen), "keep": f"{split}.keys", "shards": shards}
-    return {**{k: v for k, v in manifest.items() if k != "splits"}, "splits": splits,
-            "source": str(shards_dir.resolve()), "audit": audit}
+        shards = tuple(dataclasses.replace(entries[where], name=str((manifest.shards_dir / where[1]).resolve()),
+                                           num_samples=n) for where, n in counts.items())
+        splits[split] = SplitInfo(len(chosen), shards, keep=f"{split}.keys")
+    extra = {**manifest.extra, "source": str(manifest.shards_dir.resolve()), "audit": audit}
+    return dataclasses.replace(manifest, splits=splits, extra=extra)
 
 
-def _write_view(out: Path, view: dict, members: dict[str, list[Sample]]) -> None:
+def _write_view(out: Path, view: Manifest, members: dict[str, list[Sample]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for split, chosen in members.items():
         _atomic_write(out / f"{split}.keys", "".join(f"{s.key}\n" for s in chosen))
-    _atomic_write(out / MANIFEST_NAME, json.dumps(view, indent=1))
+    _atomic_write(out / MANIFEST_NAME, json.dumps(view.to_json(), indent=1))
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -192,11 +186,10 @@ def write_plan(cfg: JobConfig) -> dict:
     """
     start = time.perf_counter()
     k, audit_dir = cfg.audit.folds, AuditDir(cfg.run_dir)
-    recipe(cfg)  # checks the audit section before the shards are read
     shards_dir = Path(cfg.data.shards)
     manifest = read_manifest(shards_dir)
     splits = audit_splits(cfg, manifest)
-    samples = read_samples(shards_dir, manifest, splits, cfg.model.primary_task)
+    samples = read_samples(manifest, splits, cfg.model.primary_task)
     folds = assign_folds(samples, k)
     plan = {"fingerprint": fingerprint(cfg, samples, folds), "folds": k, "splits": splits,
             "num_samples": len(samples), "shards": str(shards_dir.resolve()),
@@ -215,12 +208,12 @@ def write_plan(cfg: JobConfig) -> dict:
         out.writerows((s.split, s.id, s.key, s.path, s.painting, fold) for s, fold in zip(samples, folds))
     audit_dir.table.with_suffix(".tmp").replace(audit_dir.table)
     audit = {"fingerprint": plan["fingerprint"], "folds": k}
-    _write_view(audit_dir.shards, _view(manifest, shards_dir, {ALL: samples}, audit), {ALL: samples})
+    _write_view(audit_dir.shards, _view(manifest, {ALL: samples}, audit), {ALL: samples})
     for fold in range(k):
         members = {TRAIN: [s for s, f in zip(samples, folds) if f != fold],
                    HELDOUT: [s for s, f in zip(samples, folds) if f == fold],
                    INSAMPLE: [s for s, f in zip(samples, folds) if f == (fold + 1) % k]}
-        view = _view(manifest, shards_dir, members, {**audit, "fold": fold})
+        view = _view(manifest, members, {**audit, "fold": fold})
         _write_view(audit_dir.fold(fold) / "shards", view, members)
     plan.setdefault("plan_s", round(time.perf_counter() - start, 3))
     _atomic_write(audit_dir.plan, json.dumps(plan, indent=1))

@@ -95,8 +95,7 @@ def comparison_table(quality: dict[str, dict[str, dict]]) -> str:
         for n, name in enumerate(out["scores"]):
             head = f"{task:8s} {str(out['planted']) + '/' + str(out['scored']):>10s}" if n == 0 else " " * 19
             o, i = out["scores"][name], ins["scores"][name]
-            label = "seeds' rule" if name == "seeds" else name
-            lines.append(f"{head}  {label:12s} {fmt(o['auroc']):>9s} {fmt(i['auroc'])}   "
+            lines.append(f"{head}  {name:12s} {fmt(o['auroc']):>9s} {fmt(i['auroc'])}   "
                          f"{fmt(o['precision_at_k']):>7s} {fmt(i['precision_at_k'])}")
     return "\n".join(lines)
 

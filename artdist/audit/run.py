@@ -15,6 +15,7 @@ from artdist.audit.folds import (HELDOUT, INSAMPLE, AuditDir, fold_config, fold_
                                  write_plan)
 from artdist.audit.merge import merge, save_fold_scores
 from artdist.config import JobConfig
+from artdist.data.manifest import Manifest
 from artdist.errors import UserError
 from artdist.outliers.pipeline import fit_class_gaussians, score_split
 from artdist.rundir import RunDir
@@ -31,7 +32,7 @@ def train_fold(cfg: JobConfig) -> str:
     return trainer.main(cfg, after_test=partial(score_fold, started=time.perf_counter()))
 
 
-def score_fold(model: torch.nn.Module, cfg: JobConfig, manifest: dict, device: torch.device,
+def score_fold(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, device: torch.device,
                amp_dtype: torch.dtype | None, writer, started: float) -> None:
     """Every rank: class Gaussians on the fold's training folds, then scores of fold k (out of sample)
     and fold k+1 (in sample); rank 0 writes scores.npz, then done.json."""
@@ -45,14 +46,14 @@ def score_fold(model: torch.nn.Module, cfg: JobConfig, manifest: dict, device: t
     insample = score_split(model, cfg, manifest, INSAMPLE, device, amp_dtype, gaussians)
     if heldout is None:
         return
-    audit, audit_dir = manifest["audit"], AuditDir(Path(cfg.run_dir).parents[1])
+    audit, audit_dir = manifest.extra["audit"], AuditDir(Path(cfg.run_dir).parents[1])
     save_fold_scores(audit_dir.fold_scores(audit["fold"]), {HELDOUT: heldout, INSAMPLE: insample}, probs)
     now = time.perf_counter()
     audit_dir.fold_done(audit["fold"]).write_text(json.dumps({
         "fingerprint": audit["fingerprint"], "fold": audit["fold"],
-        "heldout": manifest["splits"][HELDOUT]["num_samples"], "train_s": round(scoring - started, 1),
+        "heldout": manifest.num_samples(HELDOUT), "train_s": round(scoring - started, 1),
         "score_s": round(now - scoring, 1)}))
-    print(f"fold {audit['fold']}: scored {manifest['splits'][HELDOUT]['num_samples']} held-out samples "
+    print(f"fold {audit['fold']}: scored {manifest.num_samples(HELDOUT)} held-out samples "
           f"-> {audit_dir.fold_scores(audit['fold'])}", flush=True)
 
 
