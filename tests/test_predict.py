@@ -9,6 +9,7 @@ from artdist import cli
 from artdist.config import TASKS, load_config, to_dict
 from artdist.data.manifest import read_manifest
 from artdist.model import build_model
+from artdist.train.checkpoint import FORMAT
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def checkpoint(demo_shards, tmp_path_factory):
     names = read_manifest(demo_shards)["classes"]
     model = build_model(cfg.model, {t: len(names[t]) for t in TASKS})
     path = tmp_path_factory.mktemp("predict") / "model_best.pt"
-    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "class_names": names}, path)
+    torch.save({"format": FORMAT, "model": model.state_dict(), "config": to_dict(cfg), "class_names": names}, path)
     return path
 
 
