@@ -125,7 +125,8 @@ def test_every_good_image_lands_once_with_its_labels(odd_corpus, odd_shards):
         if record.path in bad:
             continue
         s = samples[record.path]
-        assert s["meta"] == {"path": record.path, "id": record.id, **dict(zip(TASKS, record.labels)), "split": split}
+        assert s["meta"] == {"path": record.path, "id": record.id, "painting_id": record.painting_id,
+                             **dict(zip(TASKS, record.labels)), "split": split}
         assert s["shard"].startswith(f"{split}-")
         assert s["key"] == sample_key(record.path) and "." not in s["key"]
         assert s["image"].format == "JPEG" and s["image"].mode == "RGB"

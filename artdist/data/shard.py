@@ -291,7 +291,7 @@ def _plan(cfg: ShardConfig, catalog: Catalog, splits: list[str], present: list[b
     plan = {}
     for split in SPLITS:
         samples = [
-            {"path": r.path, "id": r.id, **dict(zip(TASKS, r.labels)), "split": split}
+            {"path": r.path, "id": r.id, "painting_id": r.painting_id, **dict(zip(TASKS, r.labels)), "split": split}
             for r, s, ok in zip(catalog.records, splits, present) if s == split and ok
         ]
         # Ids follow the sorted paths, i.e. the style folders: in id order a shard would hold one or
