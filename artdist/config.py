@@ -44,6 +44,9 @@ class ShardConfig:
     min_shards: int = 8  # per split, a floor for small splits: shuffling mixes whole shards
     workers: int = 0  # 0: all CPU cores
     max_pixels: int = 200_000_000  # decompression-bomb guard; larger images are skipped and reported
+    dup_hamming: int = 3  # near-duplicates: 64-bit perceptual hashes differing in at most this many bits (0..16)
+    # copies of one picture in several splits: move them to the evaluation side, drop them, or only report
+    duplicate_policy: Literal["move", "drop", "report"] = "move"
 
 
 @dataclass
@@ -116,6 +119,16 @@ class OutlierConfig:
 
 
 @dataclass
+class DuplicatesConfig:
+    """`artdist duplicates`: near-duplicate paintings by embedding cosine similarity."""
+
+    cosine: float = 0.96  # pairs at least this similar are one picture (fastdup's default)
+    chunk: int = 4096  # query rows per similarity block: memory O(chunk x images), never O(images^2)
+    max_neighbours: int = 16  # nearest neighbours kept per image
+    planted: str = ""  # planted_duplicates.csv from `artdist synth --duplicates`: recall/precision per kind
+
+
+@dataclass
 class SlurmConfig:
     """Defaults for `artdist submit` (each also a command-line flag)."""
 
@@ -142,6 +155,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
+    duplicates: DuplicatesConfig = field(default_factory=DuplicatesConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
@@ -316,6 +330,8 @@ def validate(cfg: JobConfig, source: str = "config") -> None:
         "model.lstm_layers": cfg.model.lstm_layers,
         "train.log_every": cfg.train.log_every,
         "outliers.top_k": cfg.outliers.top_k,
+        "duplicates.chunk": cfg.duplicates.chunk,
+        "duplicates.max_neighbours": cfg.duplicates.max_neighbours,
         "slurm.nodes": cfg.slurm.nodes,
         "slurm.cpus_per_task": cfg.slurm.cpus_per_task,
         "slurm.time_min": cfg.slurm.time_min,
@@ -349,6 +365,10 @@ def validate(cfg: JobConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: {key} must be in [0, 1), got {value}")
     if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
         raise ConfigError(f"{source}: train.min_lr_ratio must be in [0, 1], got {cfg.train.min_lr_ratio}")
+    if not 0 <= cfg.shard.dup_hamming <= 16:
+        raise ConfigError(f"{source}: shard.dup_hamming must be 0..16 bits of 64, got {cfg.shard.dup_hamming}")
+    if not 0.0 < cfg.duplicates.cosine <= 1.0:
+        raise ConfigError(f"{source}: duplicates.cosine must be in (0, 1], got {cfg.duplicates.cosine}")
     if not 0.0 <= cfg.outliers.threshold <= 1.0:
         raise ConfigError(f"{source}: outliers.threshold must be in [0, 1], got {cfg.outliers.threshold}")
     if not 0.0 < cfg.data.rrc_scale_min <= 1.0:
@@ -396,6 +416,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "OutlierConfig",
+    "DuplicatesConfig",
     "SlurmConfig",
     "JobConfig",
     "load_config",
