@@ -24,6 +24,7 @@ class SynthConfig:
     images: int = 1200
     seed: int = 0
     noise: float = 0.0  # fraction of images given a deliberately wrong label
+    duplicates: float = 0.0  # fraction of paintings given a planted copy (planted_duplicates.csv)
     size: int = 128  # side of the generated pictures, px
 
 

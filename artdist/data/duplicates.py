@@ -87,7 +87,7 @@ def near_pairs(codes: np.ndarray, max_distance: int) -> np.ndarray:
     return np.unique(np.concatenate(found), axis=0)
 
 
-def _components(n: int, pairs: np.ndarray) -> list[list[int]]:
+def components(n: int, pairs: np.ndarray) -> list[list[int]]:
     """Connected components with more than one member, each sorted, in order of their first member."""
     parent = list(range(n))
 
@@ -110,27 +110,33 @@ def _components(n: int, pairs: np.ndarray) -> list[list[int]]:
 def group_samples(samples: list[dict], max_distance: int) -> list[dict]:
     """Groups of samples that are one picture: same source bytes or perceptual hashes within max_distance bits.
 
-    `samples`: dicts with path, id, split, the TASKS labels, sha256, phash and dhash (flat pictures, whose
+    `samples`: dicts with path, id, painting_id, split, the TASKS labels, sha256, phash and dhash (flat pictures, whose
     phash has fewer than MIN_BITS ones, are matched by bytes only). Each group: kind
     ('exact': one sha256; 'near'), leakage (in more than one split), several_classes (tasks whose
-    known labels differ), members.
+    known labels differ), members. Copies sharing a painting_id (file name) always join one group
+    ('name' when their bytes differ and nothing else joins them).
     """
     codes = np.array([int(s["phash"], 16) for s in samples], dtype=np.uint64)
     by_bytes: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
         by_bytes[s["sha256"]].append(i)
-    exact = [(m[0], j) for m in by_bytes.values() for j in m[1:]]
+    by_painting: dict[int, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        by_painting[s.get("painting_id", -1 - i)].append(i)
+    # Same bytes, or one file name in several style folders (catalog.painting_id): one picture.
+    exact = [(m[0], j) for groups in (by_bytes, by_painting) for m in groups.values() for j in m[1:]]
     informative = np.flatnonzero(np.bitwise_count(codes) >= MIN_BITS)
     near = informative[near_pairs(codes[informative], max_distance)]
     second = np.array([int(s["dhash"], 16) for s in samples], dtype=np.uint64)
     near = near[np.bitwise_count(second[near[:, 0]] ^ second[near[:, 1]]) <= 2 * max_distance]
     pairs = np.concatenate([near, np.array(exact, np.int64).reshape(-1, 2)])
     groups = []
-    for members in _components(len(samples), pairs):
+    for members in components(len(samples), pairs):
         rows = [samples[i] for i in members]
         several = [t for t in TASKS if len({r[t] for r in rows if r[t] >= 0}) > 1]
         groups.append({
-            "kind": "exact" if len({r["sha256"] for r in rows}) == 1 else "near",
+            "kind": "exact" if len({r["sha256"] for r in rows}) == 1
+                    else "name" if len({r.get("painting_id") for r in rows}) == 1 else "near",
             "leakage": len({r["split"] for r in rows}) > 1,
             "several_classes": several,
             "members": [{k: r[k] for k in ("path", "id", "painting_id", "split", *TASKS) if k in r} for r in rows],
@@ -207,8 +213,9 @@ def summarize(report: dict) -> str:
     kinds = Counter(g["kind"] for g in groups)
     leaks = Counter("/".join(sorted({m["split"] for m in g["members"]})) for g in groups if g["leakage"])
     several = sum(bool(g["several_classes"]) for g in groups)
-    lines = [f"content duplicates (same bytes, or pHash within {report['max_distance']} bits): {len(groups):,} groups "
-             f"of {sum(len(g['members']) for g in groups):,} images (exact {kinds['exact']:,}, near {kinds['near']:,}); "
+    lines = [f"duplicates (same bytes or file name, or pHash within {report['max_distance']} bits): {len(groups):,} groups "
+             f"of {sum(len(g['members']) for g in groups):,} images (exact {kinds['exact']:,}, near {kinds['near']:,}, "
+             f"same file name only {kinds['name']:,}); "
              f"filed under several classes {several:,}; leakage {sum(leaks.values()):,}"
              + (" (" + ", ".join(f"{k} {n}" for k, n in sorted(leaks.items())) + ")" if leaks else "")]
     acts = Counter((a["from"], a["to"] or "dropped") for a in report["actions"])
