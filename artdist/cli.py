@@ -15,6 +15,7 @@ COMMANDS = {
     "evaluate": "evaluate a run's model_best.pt on a split",
     "predict": "top-k style, artist and genre for image files",
     "outliers": "rank the paintings that do not fit their assigned labels",
+    "duplicates": "find copies of one painting by embedding similarity, beside the shard-time hash groups",
     "submit": "submit a training job to SLURM through submitit",
     "bench": "measure loader, model and end-to-end throughput",
     "config": "print a job's resolved config (YAML + --set overrides)",

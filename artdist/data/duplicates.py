@@ -133,20 +133,26 @@ def group_samples(samples: list[dict], max_distance: int) -> list[dict]:
     groups = []
     for members in components(len(samples), pairs):
         rows = [samples[i] for i in members]
-        several = [t for t in TASKS if len({r[t] for r in rows if r[t] >= 0}) > 1]
-        groups.append({
-            "kind": "exact" if len({r["sha256"] for r in rows}) == 1
-                    else "name" if len({r.get("painting_id") for r in rows}) == 1 else "near",
-            "leakage": len({r["split"] for r in rows}) > 1,
-            "several_classes": several,
-            "members": [{k: r[k] for k in ("path", "id", "painting_id", "split", *TASKS) if k in r} for r in rows],
-        })
+        groups.append(describe_group(rows, "exact" if len({r["sha256"] for r in rows}) == 1
+                                     else "name" if len({r.get("painting_id") for r in rows}) == 1 else "near"))
     return groups
+
+
+def describe_group(rows: list[dict], kind: str) -> dict:
+    """A group of copies as reported: kind, leakage (more than one split), several_classes (tasks whose
+    known labels differ) and members (path, id, painting_id, split, labels)."""
+    return {
+        "kind": kind,
+        "leakage": len({r["split"] for r in rows}) > 1,
+        "several_classes": [t for t in TASKS if len({r[t] for r in rows if r[t] >= 0}) > 1],
+        "members": [{k: r[k] for k in ("path", "id", "painting_id", "split", *TASKS) if k in r} for r in rows],
+    }
 
 
 def leak_actions(groups: list[dict], policy: str) -> list[dict]:
     """What `policy` does to the copies of each leaking group that are outside the split nearest evaluation:
-    move: {"path", "from", "to": that split}; drop: {"path", "from", "to": ""}; report: nothing."""
+    move: {"path", "from", "to": that split}; drop: {"path", "from", "to": ""}; report: nothing. The
+    members acted on get their new split ("" when dropped) and "moved_from"."""
     if policy not in POLICIES:
         raise UserError(f"shard.duplicate_policy = {policy!r} is not one of {list(POLICIES)}")
     actions = []
@@ -154,9 +160,30 @@ def leak_actions(groups: list[dict], policy: str) -> list[dict]:
         if not group["leakage"] or policy == "report":
             continue
         target = min((m["split"] for m in group["members"]), key=EVALUATION_ORDER.index)
-        actions += [{"path": m["path"], "from": m["split"], "to": target if policy == "move" else ""}
-                    for m in group["members"] if m["split"] != target]
+        for m in group["members"]:
+            if m["split"] != target:
+                actions.append({"path": m["path"], "from": m["split"], "to": target if policy == "move" else ""})
+                m["moved_from"], m["split"] = m["split"], actions[-1]["to"]
     return sorted(actions, key=lambda a: a["path"])
+
+
+def copy_labels(manifest: dict) -> dict[int, dict[str, set[int]]]:
+    """Sample id -> task -> the labels the other copies of its picture carry (the manifest's duplicate groups)."""
+    out: dict[int, dict[str, set[int]]] = {}
+    for group in manifest.get("duplicates", {}).get("groups", []):
+        for m in group["members"]:
+            out[m["id"]] = {t: {o[t] for o in group["members"] if o is not m and o[t] >= 0} for t in TASKS}
+    return out
+
+
+def copies_lost(manifest: dict, split: str, task: str) -> int:
+    """Samples of `split` that a model giving one picture one class must get wrong: of each group of
+    copies there, only those with the group's most common label can be right (the accuracy ceiling)."""
+    lost = 0
+    for group in manifest.get("duplicates", {}).get("groups", []):
+        labels = Counter(m[task] for m in group["members"] if m["split"] == split and m[task] >= 0)
+        lost += sum(labels.values()) - max(labels.values(), default=0)
+    return lost
 
 
 # --------------------------------------------------------------------------- applying the policy to shards

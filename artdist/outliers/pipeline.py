@@ -12,6 +12,7 @@ import torch
 
 from artdist import dist
 from artdist.config import TASKS, JobConfig
+from artdist.data.duplicates import copy_labels
 from artdist.data.loader import make_eval_loader
 from artdist.data.transforms import DeviceTransform
 from artdist.errors import UserError
@@ -37,6 +38,24 @@ def _batches(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: str,
     loader = make_eval_loader(cfg.data, manifest, split, dist.get_rank(), dist.get_world_size())
     transform = DeviceTransform(cfg.data, device, train=False, channels_last=use_channels_last(cfg, device))
     yield from run_inference(model, loader, transform, device, amp_dtype)
+
+
+def gather_embeddings(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: str, device: torch.device,
+                      amp_dtype: torch.dtype | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(ids [N], labels [N, 3], unit-length embeddings [N, D] float16) of a split, sorted by id, on rank 0
+    (None on the others); every rank joins."""
+    parts = [(ids.cpu().numpy(), labels.cpu().numpy(),
+              torch.nn.functional.normalize(emb, dim=1).half().cpu().numpy())
+             for ids, labels, _, emb in _batches(model, cfg, manifest, split, device, amp_dtype)]
+    gathered = dist.gather_objects(parts)
+    if gathered is None:
+        return None
+    flat = [p for rank in gathered for p in rank]
+    if not flat:
+        return np.zeros(0, np.int64), np.zeros((0, len(TASKS)), np.int64), np.zeros((0, 0), np.float16)
+    ids, labels, emb = (np.concatenate([p[k] for p in flat]) for k in range(3))
+    order = np.argsort(ids, kind="stable")
+    return ids[order], labels[order], emb[order]
 
 
 def fit_class_gaussians(model: torch.nn.Module, cfg: JobConfig, manifest: dict, device: torch.device,
@@ -144,10 +163,11 @@ def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: dic
         "combined": COMBINED_DESCRIPTION, "tasks": {},
     }
     pages: dict[str, dict[str, Any]] = {}
+    copies = copy_labels(manifest)
     for task, scores in per_task.items():
         names = manifest["classes"][task]
         combined = combined_score(scores)
-        task_summary, rows, typical = _rank_task(task, scores, combined, names, cfg, index, out_dir)
+        task_summary, rows, typical = _rank_task(task, scores, combined, names, cfg, index, out_dir, copies)
         if shrinkage is not None:
             task_summary["shrinkage"] = round(shrinkage[task], 4)
         if planted is not None:
@@ -155,11 +175,17 @@ def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: dic
             task_summary["quality"] = detection_quality(oriented_scores(scores, combined), positive,
                                                         cfg.outliers.top_k)
         summary["tasks"][task] = task_summary
-        shown = [r for r in rows if r["flagged_combined"]][: cfg.outliers.top_k]
+        shown = [r for r in rows if r["flagged_combined"] and not r["several_classes"]][: cfg.outliers.top_k]
         pages[task] = {"outliers": shown, "typical": typical,
                        "summary": (f"{len(scores.ids)} samples scored; {task_summary['flagged_combined']} flagged "
                                    f"by the combined score (top {len(shown)} shown), "
                                    f"{task_summary['flagged_seeds']} by the seeds' max-softmax rule.")}
+        several = [r for r in rows if r["several_classes"]]
+        if several:  # its own section: the predicted class is the label of another copy, not a likely mislabel
+            pages[f"{task}_filed_under_several_classes"] = {
+                "outliers": several[: cfg.outliers.top_k], "typical": {},
+                "summary": f"{len(several)} flagged paintings are predicted as the {task} another copy of them "
+                           "is filed under: filed under several classes, not mislabelled."}
     intro = (f"<p>Split <b>{split}</b>. Ranked by the {COMBINED_DESCRIPTION}, fitted on "
              f"'{cfg.data.train_split}'. Green: typical paintings of the class; red: outliers.</p>")
     write_visuals(pages, index, Path(cfg.data.shards), manifest["image_ext"], out_dir,
@@ -174,9 +200,13 @@ def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: dic
 
 
 def _rank_task(task: str, scores: TaskScores, combined: np.ndarray, names: list[str], cfg: JobConfig,
-               index: dict, out_dir: Path
+               index: dict, out_dir: Path, copies: dict[int, dict[str, set[int]]] | None = None
                ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """Rank one task, write its CSV/JSON of flagged samples; return summary, rows, typical per class."""
+    """Rank one task, write its CSV/JSON of flagged samples; return summary, rows, typical per class.
+
+    A row whose predicted class is the label of another copy of the picture (`copies`: id -> task ->
+    labels) has several_classes set: filed under several classes, not a likely mislabel."""
+    copies = copies or {}
     n = len(scores.ids)
     order = np.lexsort((scores.ids, -combined))  # ties: lower id first, so runs are reproducible
     rank = np.empty(n, dtype=np.int64)
@@ -186,6 +216,7 @@ def _rank_task(task: str, scores: TaskScores, combined: np.ndarray, names: list[
     maha_z, energy_z = robust_z(scores.mahalanobis), robust_z(scores.energy)
     rows = []
     for i in order[(flag_seeds | flag_combined)[order]].tolist():
+        other = sorted(copies.get(int(scores.ids[i]), {}).get(task, set()))
         rows.append({
             "rank": int(rank[i]), "id": int(scores.ids[i]), "path": index[int(scores.ids[i])].path,
             "assigned": names[scores.assigned[i]], "predicted": names[scores.predicted[i]],
@@ -196,6 +227,8 @@ def _rank_task(task: str, scores: TaskScores, combined: np.ndarray, names: list[
             "feature_predicted": names[scores.feature_predicted[i]],
             "feature_p_assigned": finite_or_none(math.exp(-float(scores.feature_nll[i]))),
             "flagged_seeds": bool(flag_seeds[i]), "flagged_combined": bool(flag_combined[i]),
+            "copy_labels": [names[c] for c in other],
+            "several_classes": int(scores.predicted[i]) in other,
             "reasons": reasons_for(scores, i, names, cfg.outliers.threshold, maha_z, energy_z)
             or [f"combined score in the top {cfg.outliers.flag_fraction:.0%}"],
         })
@@ -203,6 +236,7 @@ def _rank_task(task: str, scores: TaskScores, combined: np.ndarray, names: list[
             "flag_fraction": cfg.outliers.flag_fraction}
     write_rows(rows, out_dir / f"{task}.csv", out_dir / f"{task}.json", meta)
     summary = {"scored": n, "flagged_seeds": int(flag_seeds.sum()), "flagged_combined": int(flag_combined.sum()),
+               "several_classes": sum(r["several_classes"] for r in rows),
                "csv": str(out_dir / f"{task}.csv")}
     return summary, rows, _typical(scores, names, flag_combined, index)
 
