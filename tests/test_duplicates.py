@@ -54,7 +54,7 @@ def test_cosine_knn_in_chunks_matches_the_full_similarity_matrix():
 @pytest.fixture(scope="module")
 def copied_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("copies")
-    make_corpus(SynthConfig(out=str(out), images=200, seed=3, size=96, duplicates=0.25))
+    make_corpus(SynthConfig(out=str(out), images=100, seed=3, size=96, duplicates=0.5))
     return out
 
 

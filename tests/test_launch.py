@@ -69,7 +69,8 @@ def test_demo_prepares_data_once_then_trains(tmp_path):
     assert steps[0] == "python -m artdist synth --config jobs/demo.yaml"
     assert steps[1] == "python -m artdist shard --config jobs/demo.yaml"
     assert re.fullmatch(r"torchrun --standalone --nproc_per_node=\d+ -m artdist train --config jobs/demo.yaml", steps[2])
-    assert len(steps) == 3  # training itself ends with the test evaluation and the outlier reports
+    assert steps[3] == "python -m artdist duplicates --run runs/demo"
+    assert len(steps) == 4  # training itself ends with the test evaluation and the outlier reports
     assert "outliers: runs/demo/outliers/val/index.html" in first.stdout
     assert first.stdout.rstrip().endswith("watch it with: tensorboard --logdir runs/demo/tb")
 
@@ -81,7 +82,7 @@ def test_demo_prepares_data_once_then_trains(tmp_path):
     again = launch(cwd=tmp_path, ARTDIST_DRY_RUN="1")
     assert again.returncode == 0, again.stderr
     steps = commands(again.stdout)
-    assert [s.split()[0] for s in steps] == ["torchrun"]
+    assert [s.split()[0] for s in steps] == ["torchrun", "python"]
     assert "skipping artdist synth" in again.stdout and "skipping artdist shard" in again.stdout
 
 

@@ -185,8 +185,7 @@ def _write_shard(job: _ShardJob) -> dict:
                 continue
             key = sample_key(sample["path"])
             im = _resize(im, opts["max_short_side"])
-            hashes[sample["path"]] = [_sha256(Path(opts["images"]) / sample["path"]), duplicates.phash(im),
-                                      duplicates.dhash(im)]
+            hashes[sample["path"]] = [_sha256(Path(opts["images"]) / sample["path"]), *duplicates.perceptual_hashes(im)]
             sample = {**sample, **dict(zip(duplicates.HASH_FIELDS, hashes[sample["path"]]))}
             data = _encode(im, opts["format"], opts["quality"])
             _add_member(tar, f"{key}.{ext}", data)

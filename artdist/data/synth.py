@@ -492,18 +492,18 @@ def make_corpus(cfg: SynthConfig, num_styles: int = DEFAULT_COUNTS["style"],
         stale.unlink()
     _write_labels(out / "labels", images, paths, names, np.random.default_rng(file_seq))
 
+    with open(out / PLANTED_NAME, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(PLANTED_FIELDS)
+        for (i, copy, path, kind), original in sorted(zip(copies, originals), key=lambda c: c[0][2]):
+            writer.writerow([path, original, kind, _split_of(copy), _split_of(images[i])])
+    # planted_noise.csv last: launch.sh takes its presence to mean a complete corpus.
     with open(out / "planted_noise.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["path", "task", "true_label", "assigned_label"])
         for i, task in sorted(planted, key=lambda p: (paths[p[0]], TASKS.index(p[1]))):
             true = to_label[task][(images[i].style, images[i].artist, images[i].genre)[TASKS.index(task)]]
             writer.writerow([paths[i], task, true, images[i].assigned[task]])
-
-    with open(out / PLANTED_NAME, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(PLANTED_FIELDS)
-        for (i, copy, path, kind), original in sorted(zip(copies, originals), key=lambda c: c[0][2]):
-            writer.writerow([path, original, kind, _split_of(copy), _split_of(images[i])])
 
     per_task = {t: {s: sum(img.splits.get(t) == s for img in images) for s in ("train", "val")} for t in TASKS}
     return {
