@@ -173,3 +173,22 @@ def test_copy_labels_and_the_ceiling_they_impose():
     assert labels[1]["style"] == {1} and labels[3]["style"] == {2, 3} and labels[7]["style"] == {0}
     assert duplicates.copies_lost(manifest, "val", "style") == 2  # one of a/b, and e
     assert duplicates.copies_lost(manifest, "val", "genre") == 0
+
+
+class _Predicts(torch.nn.Module):
+    """A 'model' whose style prediction is the image tensor's value: evaluation counting without training."""
+
+    def forward_features(self, x: torch.Tensor):
+        logits = torch.nn.functional.one_hot(x.long(), 6).float()
+        return {"style": logits, "artist": logits, "genre": logits}, x[:, None].float()
+
+
+def test_evaluation_counts_a_prediction_matching_another_copy_s_label():
+    from artdist.train import engine
+    predicted = torch.tensor([1, 1, 0, 3, 5])
+    labels = torch.tensor([[0, -1, -1], [1, -1, -1], [2, -1, -1], [3, -1, -1], [4, -1, -1]])
+    ids = torch.tensor([1, 2, 3, 4, 5])
+    copies = {1: {"style": {1}}, 3: {"style": {5}}, 5: {"style": set()}}  # only id 1's copy is filed as predicted
+    result = engine.evaluate(_Predicts(), [(predicted, labels, ids)], lambda x: x, torch.device("cpu"), None,
+                             ["style"], {"style": 6}, copies)
+    assert int(result["confusion"]["style"].trace()) == 2 and result["copy_label_hits"]["style"] == 1

@@ -299,11 +299,11 @@ def planted_table(scores: dict[str, dict]) -> str:
     names = list(scores)
     kinds = sorted({k for s in scores.values() for k in s["recall"]})
     cell = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = [f"{'planted copies':<22}" + "".join(f"{n:>14}" for n in names)]
+    lines = [f"{'planted copies':<22}" + "".join(f"{n:>20}" for n in names)]
     for kind in kinds:
         counts = next(s["recall"][kind]["planted"] for s in scores.values() if kind in s["recall"])
         lines.append(f"{f'recall {kind} ({counts})':<22}" + "".join(
-            f"{cell(scores[n]['recall'].get(kind, {}).get('recall')):>14}" for n in names))
+            f"{cell(scores[n]['recall'].get(kind, {}).get('recall')):>20}" for n in names))
     lines.append(f"{'precision (pairs)':<22}" + "".join(
-        f"{cell(scores[n]['precision']) + ' (' + str(scores[n]['pairs']) + ')':>14}" for n in names))
+        f"{cell(scores[n]['precision']) + ' (' + format(scores[n]['pairs'], ',') + ')':>20}" for n in names))
     return "\n".join(lines)
