@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch._dynamo
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
@@ -55,6 +56,13 @@ def main(cfg: JobConfig, after_test: AfterTest | None = None) -> str:
     device = init_distributed(cfg.train.device)
     try:
         return train(cfg, device, after_test)
+    except torch._dynamo.exc.TorchDynamoException as exc:
+        if not cfg.train.compile:
+            raise
+        # Compilation happens at the first step, deep inside dynamo/inductor: say what to change instead.
+        detail = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:300]
+        raise UserError(f"train.compile: torch.compile of the backbone failed ({detail}); set "
+                        f"train.compile=false, or fix the compiler toolchain it names") from exc
     finally:
         cleanup()
 
