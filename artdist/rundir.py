@@ -8,6 +8,11 @@ BEST = "model_best.pt"
 STOP_FILE = "PREEMPT"  # its existence asks a running job to save and stop
 
 
+def _entry(name: str) -> property:
+    """A RunDir attribute: the path of `name` inside the run directory."""
+    return property(lambda self: self.path / name)
+
+
 class RunDir:
     """The paths of one run (`cfg.run_dir`, default runs/<name>/)."""
 
@@ -23,38 +28,16 @@ class RunDir:
     def __fspath__(self) -> str:
         return str(self.path)
 
-    @property
-    def config(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def last(self) -> Path:
-        return self.path / LAST
-
-    @property
-    def best(self) -> Path:
-        return self.path / BEST
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.path / "tb"
-
-    @property
-    def class_counts(self) -> Path:
-        """Train-split class counts for the loss weights, cached (a large split takes a while to read)."""
-        return self.path / "class_counts.json"
-
-    @property
-    def stop_file(self) -> Path:
-        return self.path / STOP_FILE
-
-    @property
-    def slurm(self) -> Path:
-        return self.path / "slurm"
+    config = _entry("config.yaml")
+    last = _entry(LAST)
+    best = _entry(BEST)
+    metrics = _entry("metrics.jsonl")
+    tensorboard = _entry("tb")
+    class_counts = _entry("class_counts.json")  # train-split class counts for the loss weights, cached
+    changes = _entry("config_changes.yaml")  # config changes a resume was allowed to make (--resume-with-changes)
+    finished = _entry("finished.json")  # written last, when training, test and reports are done
+    stop_file = _entry(STOP_FILE)
+    slurm = _entry("slurm")
 
     def eval_report(self, split: str) -> Path:
         return self.path / f"eval_{split}.json"

@@ -10,7 +10,6 @@ import pytest
 from artdist.data.catalog import (
     LABEL_FILES,
     Catalog,
-    Record,
     assign_splits,
     copies,
     painting_id,
@@ -101,8 +100,13 @@ def test_real_anomalies(real):
     for kind in ("unparseable_rows", "label_out_of_range", "missing_files", "missing_tasks"):
         assert a[kind] == {"count": 0, "examples": []}
     summary = real.summary()
-    assert "81,446 images" in summary and "conflicting_labels: 1" in summary
-    assert "Art_Nouveau_Modern" in summary
+    assert "81,446 images" in summary and "Art_Nouveau_Modern" in summary
+    anomaly_lines = summary.split("label-file anomalies", 1)[1].splitlines()[1:]
+    # one readable line per kind, no raw dicts, and the real files' anomalies are marked as expected
+    assert len(anomaly_lines) == 5 and not any("{" in line for line in anomaly_lines)
+    assert all(line.endswith(f"expected for WikiArt (the ArtGAN files have {n})")
+               for line, n in zip(anomaly_lines, ("2", "1", "566", "4,334", "1,349")))
+    assert "1 image(s) with two different labels in one task" in anomaly_lines[1]
 
 
 def test_real_artgan_split(real):
@@ -142,7 +146,8 @@ def test_real_multi_filed_paintings(real):
     pieta = [e for e in entry["examples"] if any("pieta" in c["path"] for c in e["copies"])]
     assert all(e["painting_id"] == painting_id(e["copies"][0]["path"]) for e in entry["examples"])
     assert len({r.painting_id for r in real.records}) == len(real.records) - 1349
-    assert "multi_filed: 1,349 (by split: train/train 941, train/val 9, val/val 399)" in real.summary()
+    assert ("1,349 painting(s) filed under several style folders (by split: train/train 941, train/val 9, "
+            "val/val 399)") in real.summary()
     assert pieta == [] or pieta[0]["copies"][0]["style"] != pieta[0]["copies"][1]["style"]
     for scheme in ("artgan", "random"):
         splits = assign_splits(real, scheme, 0.1, 0)

@@ -14,6 +14,7 @@ import torch
 
 from artdist.config import TASKS, JobConfig, ShardConfig, SynthConfig
 from artdist.data import duplicates
+from artdist.data.manifest import Manifest
 from artdist.data.synth import make_corpus
 from artdist.data.shard import shard_dataset
 from artdist.outliers import pipeline
@@ -141,7 +142,7 @@ def _scores(assigned, predicted, ids) -> TaskScores:
     n = len(ids)
     f = lambda v: np.full(n, v, np.float32)  # noqa: E731
     return TaskScores(ids=np.array(ids), assigned=np.array(assigned), predicted=np.array(predicted),
-                      max_prob=f(0.9), nll=np.linspace(5, 0.1, n, dtype=np.float32), margin=f(0.5), energy=f(-3),
+                      max_softmax=f(0.9), nll=np.linspace(5, 0.1, n, dtype=np.float32), margin=f(0.5), energy=f(-3),
                       mahalanobis=f(1.0), feature_nll=np.linspace(5, 0.1, n, dtype=np.float32),
                       feature_predicted=np.array(predicted))
 
@@ -164,11 +165,10 @@ def test_a_painting_predicted_as_its_other_copy_is_not_a_mislabel(tmp_path):
 def test_copy_labels_and_the_ceiling_they_impose():
     members = lambda *rows: [{"path": p, "id": i, "split": s, "style": c, "artist": -1, "genre": -1}  # noqa: E731
                              for p, i, s, c in rows]
-    manifest = {"splits": {"val": {"num_samples": 10}},
-                "duplicates": {"groups": [{"members": members(("a", 1, "val", 0), ("b", 2, "val", 1))},
+    manifest = Manifest(Path("."), {}, {}, "jpg", {"duplicates": {"groups": [{"members": members(("a", 1, "val", 0), ("b", 2, "val", 1))},
                                           {"members": members(("c", 3, "val", 2), ("d", 4, "val", 2),
                                                               ("e", 5, "val", 3))},
-                                          {"members": members(("f", 6, "train", 0), ("g", 7, "val", 1))}]}}
+                                          {"members": members(("f", 6, "train", 0), ("g", 7, "val", 1))}]}})
     labels = duplicates.copy_labels(manifest)
     assert labels[1]["style"] == {1} and labels[3]["style"] == {2, 3} and labels[7]["style"] == {0}
     assert duplicates.copies_lost(manifest, "val", "style") == 2  # one of a/b, and e
@@ -189,6 +189,6 @@ def test_evaluation_counts_a_prediction_matching_another_copy_s_label():
     labels = torch.tensor([[0, -1, -1], [1, -1, -1], [2, -1, -1], [3, -1, -1], [4, -1, -1]])
     ids = torch.tensor([1, 2, 3, 4, 5])
     copies = {1: {"style": {1}}, 3: {"style": {5}}, 5: {"style": set()}}  # only id 1's copy is filed as predicted
-    result = engine.evaluate(_Predicts(), [(predicted, labels, ids)], lambda x: x, torch.device("cpu"), None,
-                             ["style"], {"style": 6}, copies)
+    result = engine.count_predictions(_Predicts(), [(predicted, labels, ids)], lambda x: x, torch.device("cpu"),
+                                      None, ["style"], {"style": 6}, copies)
     assert int(result["confusion"]["style"].trace()) == 2 and result["copy_label_hits"]["style"] == 1

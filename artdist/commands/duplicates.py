@@ -4,26 +4,21 @@ from __future__ import annotations
 import argparse
 
 from artdist import dist
-from artdist.commands.common import add_override_argument, open_run
+from artdist.commands.common import add_run_arguments, open_run
 from artdist.data.duplicates import read_planted
 from artdist.data.manifest import read_manifest
 from artdist.outliers.duplicates import find_groups, write_reports
-from artdist.rundir import BEST
 from artdist.train.checkpoint import check_classes, load_trained_model
 from artdist.train.numerics import resolve_amp
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", "--run-dir", dest="run", required=True, metavar="DIR",
-                   help="run directory written by `artdist train` (spell it --run-dir under torchrun)")
-    p.add_argument("--checkpoint", default=BEST, metavar="FILE",
-                   help=f"checkpoint file name inside DIR, or a path (default: {BEST})")
+    add_run_arguments(p, default_split=None)  # every split: copies are looked for across them
     p.add_argument("--cosine", type=float, metavar="C",
                    help="pairs at least this similar are copies (duplicates.cosine, default 0.96)")
     p.add_argument("--planted", default="", metavar="CSV",
                    help="planted_duplicates.csv from `artdist synth --duplicates`: recall per kind and precision "
                         "of the shard-time hashes and of the embeddings (duplicates.planted)")
-    add_override_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from artdist.config import TASKS
 from artdist.data.catalog import EVALUATION_ORDER
+from artdist.data.manifest import Manifest
 from artdist.errors import UserError
 
 HASHES = "sha256+phash64+dhash64"  # what each sample's json carries; in the shard fingerprint, so old shards are redone
@@ -169,20 +170,25 @@ def leak_actions(groups: list[dict], policy: str) -> list[dict]:
     return sorted(actions, key=lambda a: a["path"])
 
 
-def copy_labels(manifest: dict) -> dict[int, dict[str, set[int]]]:
+def manifest_groups(manifest: Manifest) -> list[dict]:
+    """The duplicate groups `artdist shard` wrote into the manifest (none for older shards)."""
+    return manifest.extra.get("duplicates", {}).get("groups", [])
+
+
+def copy_labels(manifest: Manifest) -> dict[int, dict[str, set[int]]]:
     """Sample id -> task -> the labels the other copies of its picture carry (the manifest's duplicate groups)."""
     out: dict[int, dict[str, set[int]]] = {}
-    for group in manifest.get("duplicates", {}).get("groups", []):
+    for group in manifest_groups(manifest):
         for m in group["members"]:
             out[m["id"]] = {t: {o[t] for o in group["members"] if o is not m and o[t] >= 0} for t in TASKS}
     return out
 
 
-def copies_lost(manifest: dict, split: str, task: str) -> int:
+def copies_lost(manifest: Manifest, split: str, task: str) -> int:
     """Samples of `split` that a model giving one picture one class must get wrong: of each group of
     copies there, only those with the group's most common label can be right (the accuracy ceiling)."""
     lost = 0
-    for group in manifest.get("duplicates", {}).get("groups", []):
+    for group in manifest_groups(manifest):
         labels = Counter(m[task] for m in group["members"] if m["split"] == split and m[task] >= 0)
         lost += sum(labels.values()) - max(labels.values(), default=0)
     return lost

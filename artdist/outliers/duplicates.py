@@ -13,6 +13,7 @@ import torch
 from artdist.config import TASKS, JobConfig
 from artdist.data import duplicates as hashes
 from artdist.data.catalog import SPLITS
+from artdist.data.manifest import Manifest
 from artdist.outliers.pipeline import gather_embeddings
 from artdist.outliers.report import data_uri, read_sample_index, read_thumbnails
 from artdist.rundir import RunDir
@@ -41,19 +42,19 @@ def cosine_pairs(emb: torch.Tensor, threshold: float, chunk: int, k: int) -> tup
     return np.concatenate(found_pairs), np.concatenate(found_sims)
 
 
-def find_groups(model: torch.nn.Module, cfg: JobConfig, manifest: dict, device: torch.device,
+def find_groups(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, device: torch.device,
                 amp_dtype: torch.dtype | None) -> tuple[list[dict], dict[int, Any]] | None:
     """Every split through the model (every rank joins), then on rank 0 the groups of paintings whose
     embeddings are at least duplicates.cosine similar, with the sample index of all splits."""
     parts = {}
     for split in SPLITS:
-        if manifest["splits"].get(split, {}).get("num_samples", 0):
+        if manifest.num_samples(split):
             parts[split] = gather_embeddings(model, cfg, manifest, split, device, amp_dtype)
     if any(p is None for p in parts.values()):
         return None
     index = {}
     for split in parts:
-        index.update(read_sample_index(Path(cfg.data.shards), manifest, split))
+        index.update(read_sample_index(manifest, split))
     ids = np.concatenate([p[0] for p in parts.values()])
     labels = np.concatenate([p[1] for p in parts.values()])
     splits = [s for s, p in parts.items() for _ in range(len(p[0]))]
@@ -82,13 +83,13 @@ def summarize(groups: list[dict], threshold: float) -> str:
             f"{several:,}")
 
 
-def write_reports(groups: list[dict], index: dict[int, Any], cfg: JobConfig, manifest: dict,
+def write_reports(groups: list[dict], index: dict[int, Any], cfg: JobConfig, manifest: Manifest,
                   planted: list[dict] | None) -> dict:
     """runs/X/duplicates/: groups.csv, groups.json, index.html and summary.json; with `planted`, recall
     per kind and precision of the shard-time hashes and of the embeddings, side by side."""
     out = RunDir(cfg.run_dir).path / "duplicates"
     out.mkdir(parents=True, exist_ok=True)
-    classes = manifest["classes"]
+    classes = manifest.classes
     name = lambda task, label: classes[task][label] if label >= 0 else ""  # noqa: E731
     with open(out / "groups.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
@@ -105,9 +106,9 @@ def write_reports(groups: list[dict], index: dict[int, Any], cfg: JobConfig, man
                                "several_classes": sum(bool(g["several_classes"]) for g in groups),
                                "text": summarize(groups, cfg.duplicates.cosine)}
     print(summary["text"], flush=True)
-    shard_groups = manifest.get("duplicates", {}).get("groups", [])
+    shard_groups = hashes.manifest_groups(manifest)
     if shard_groups:
-        print(hashes.summarize(manifest["duplicates"]), flush=True)
+        print(hashes.summarize(manifest.extra["duplicates"]), flush=True)
     if planted is not None:
         present = {ref.path for ref in index.values()}
         scores = {name_: hashes.score_planted([[m["path"] for m in g["members"]] for g in found], planted, present)
@@ -117,7 +118,7 @@ def write_reports(groups: list[dict], index: dict[int, Any], cfg: JobConfig, man
         print(summary["table"], flush=True)
     shown = groups[:MAX_GROUPS_SHOWN]
     thumbs = read_thumbnails(Path(cfg.data.shards), index, {m["id"] for g in shown for m in g["members"]},
-                             manifest["image_ext"])
+                             manifest.image_ext)
     (out / "index.html").write_text(_page(shown, len(groups), thumbs, classes, summary["text"]))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"duplicate reports: {out}/index.html (+ groups.csv/.json, summary.json)", flush=True)

@@ -1,4 +1,4 @@
-"""Training and evaluation loops only: TrainState, train_one_epoch, run_inference, evaluate."""
+"""Training and evaluation loops only: TrainState, train_one_epoch, run_inference, count_predictions."""
 from __future__ import annotations
 
 import contextlib
@@ -51,29 +51,33 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
 
 def train_one_epoch(state: TrainState, loader: Iterable, *, steps: int, start_step: int = 0,
                     should_stop: Callable[[], bool] = lambda: False, log_every: int = 0,
-                    log: Callable[[dict], None] | None = None) -> dict:
+                    log: Callable[[dict], None] | None = None,
+                    after_step: Callable[[int, int], None] | None = None) -> dict:
     """Optimizer steps `start_step`..`steps`-1 of one epoch; `loader` must already skip the first ones.
 
     Every rank runs the same number of steps (the loader guarantees equal batches per rank). After
     each step the ranks agree on (1) whether any task's loss was non-finite (-> NonFiniteLossError
     before the weights are touched) and (2) `should_stop()` (preemption): then the epoch ends early.
-    `log` (rank 0 only) gets running stats every `log_every` steps.
+    `log` (rank 0 only) gets running stats every `log_every` steps; `after_step` (every rank) gets
+    (step in the epoch, global step) after each step that does not stop the epoch.
     Returns {"step": position in the epoch, "global_step", "stopped", "loss", "task_loss",
-    "images_per_sec", "data_wait_frac", "lr"} (losses averaged over ranks and steps).
+    "task_accuracy", "images_per_sec", "data_wait_frac", "lr"} (losses averaged over ranks and steps;
+    accuracy over the labelled training samples of all ranks, as the model predicted them while it learned).
     """
     model, optimizer, scaler, accum_steps = state.model, state.optimizer, state.scaler, state.accum_steps
     model.train()
     world = get_world_size()
     tasks = state.loss_fn.tasks
     batches = iter(loader)
-    # [loss per task..., images, seconds waiting for the loader, steps]: over the epoch and since the last log
-    epoch_sums = torch.zeros(len(tasks) + 3, dtype=torch.float64)
+    # [loss, correct, labelled per task..., images, seconds waiting for the loader, steps]: over the epoch
+    # and since the last log
+    epoch_sums = torch.zeros(3 * len(tasks) + 3, dtype=torch.float64)
     window_sums = torch.zeros_like(epoch_sums)
     epoch_start = window_start = time.perf_counter()
     step, stopped = start_step, False
     lr = set_lr(optimizer, state.lr_factor(state.global_step))
     while step < steps and not stopped:
-        step_loss = torch.zeros(len(tasks), device=state.device)
+        step_sums = torch.zeros(3 * len(tasks), device=state.device)  # loss, correct, labelled per task
         images_seen, wait = 0, 0.0
         for micro in range(accum_steps):
             t0 = time.perf_counter()
@@ -90,9 +94,10 @@ def train_one_epoch(state: TrainState, loader: Iterable, *, steps: int, start_st
                     logits = model(x)
                 loss, per_task = state.loss_fn(logits, labels)
                 scaler.scale(loss / accum_steps).backward()
-            step_loss += per_task
-        all_reduce_sum(step_loss)
-        step_loss /= accum_steps * world
+            step_sums[:len(tasks)] += per_task.detach()
+            step_sums[len(tasks):] += _hits(logits, labels, tasks)
+        all_reduce_sum(step_sums)  # one all-reduce: the ranks agree on the loss and count every rank's hits
+        step_loss = step_sums[:len(tasks)] / (accum_steps * world)
         if not torch.isfinite(step_loss).all():
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(_non_finite_message(tasks, step_loss, state.global_step + 1, step))
@@ -105,10 +110,13 @@ def train_one_epoch(state: TrainState, loader: Iterable, *, steps: int, start_st
         optimizer.zero_grad(set_to_none=True)
         step += 1
         state.global_step += 1
-        sums = torch.cat([step_loss.double().cpu(), torch.tensor([images_seen, wait, 1], dtype=torch.float64)])
+        sums = torch.cat([step_loss.double().cpu(), step_sums[len(tasks):].double().cpu(),
+                          torch.tensor([images_seen, wait, 1], dtype=torch.float64)])
         epoch_sums += sums
         window_sums += sums
         stopped = should_stop()
+        if after_step is not None and not stopped:
+            after_step(step, state.global_step)
         if log_every and state.global_step % log_every == 0:
             now = time.perf_counter()
             if log is not None:
@@ -120,14 +128,28 @@ def train_one_epoch(state: TrainState, loader: Iterable, *, steps: int, start_st
     return stats
 
 
+def _hits(logits: dict[str, torch.Tensor], labels: torch.Tensor, tasks: list[str]) -> torch.Tensor:
+    """[correct per task..., labelled per task...] of one batch (labels of -1 are not counted)."""
+    correct, labelled = [], []
+    for task in tasks:
+        y = labels[:, TASKS.index(task)]
+        known = y >= 0
+        correct.append((logits[task].detach().argmax(dim=1)[known] == y[known]).sum())
+        labelled.append(known.sum())
+    return torch.stack(correct + labelled).to(torch.float32)
+
+
 def _stats(tasks: list[str], sums: torch.Tensor, elapsed: float, lr: float, step: int, global_step: int) -> dict:
-    images, wait, steps = sums[len(tasks):].tolist()
-    task_loss = (sums[:len(tasks)] / max(steps, 1)).tolist()
+    n = len(tasks)
+    images, wait, steps = sums[3 * n:].tolist()
+    task_loss = (sums[:n] / max(steps, 1)).tolist()
+    accuracy = (sums[n:2 * n] / sums[2 * n:3 * n].clamp(min=1)).tolist()
     return {
         "step": step,
         "global_step": global_step,
         "loss": sum(task_loss),
         "task_loss": dict(zip(tasks, task_loss)),
+        "task_accuracy": dict(zip(tasks, accuracy)),
         "lr": lr,
         "images_per_sec": images / max(elapsed, 1e-9),
         "data_wait_frac": wait / max(elapsed, 1e-9),
@@ -140,8 +162,8 @@ def _non_finite_message(tasks: list[str], step_loss: torch.Tensor, global_step: 
     return (f"non-finite training loss at global step {global_step} (step {step + 1} of this epoch) in task "
             f"{', '.join(bad)} (loss per task, mean over ranks: {values}); the weights were not updated. "
             f"Try a lower train.lr / train.backbone_lr, train.amp=off (or bf16 instead of fp16), a smaller "
-            f"train.grad_clip, or check the data; a rerun with the changed config resumes from model_last.pt, "
-            f"if one was saved")
+            f"train.grad_clip, or check the data; `artdist train --resume-with-changes` with the changed config "
+            f"resumes from model_last.pt, if one was saved")
 
 
 # --------------------------------------------------------------------------- inference
@@ -165,15 +187,16 @@ def run_inference(model: torch.nn.Module, loader: Iterable, transform: Callable[
             yield (ids.to(device), labels.to(device), {t: v.float() for t, v in logits.items()}, embedding.float())
 
 
-def evaluate(model: torch.nn.Module, loader: Iterable, transform: Callable[[torch.Tensor], torch.Tensor],
-             device: torch.device, amp_dtype: torch.dtype | None, tasks: list[str],
-             num_classes: dict[str, int], copy_labels: dict[int, dict[str, set[int]]] | None = None) -> dict:
+def count_predictions(model: torch.nn.Module, loader: Iterable, transform: Callable[[torch.Tensor], torch.Tensor],
+                      device: torch.device, amp_dtype: torch.dtype | None, tasks: list[str],
+                      num_classes: dict[str, int], copy_labels: dict[int, dict[str, set[int]]] | None = None) -> dict:
     """Confusion matrices, top-5 hits and sample counts over a split, summed over ranks.
 
     Every rank gets the same result: {"num_samples": samples seen (labelled or not),
     "confusion": {task: [C, C] int64 on CPU}, "top5_correct": {task: int}, "copy_label_hits": {task:
-    int}}. Labels of -1 are left out of that task's matrix and hits. copy_label_hits counts wrong
-    predictions that are the label of another copy of the picture (`copy_labels`: id -> task -> labels).
+    int}, "loss_sum": {task: summed cross-entropy, nats}}. Labels of -1 are left out of that task's
+    matrix, hits and loss. copy_label_hits counts wrong predictions that are the label of another copy
+    of the picture (`copy_labels`: id -> task -> labels).
     """
     copy_labels = copy_labels or {}
     sizes = [num_classes[t] ** 2 for t in tasks]
@@ -182,6 +205,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, transform: Callable[[torc
     cms = {t: flat.view(num_classes[t], num_classes[t]) for t, flat in zip(tasks, counts[:sum(sizes)].split(sizes))}
     top5 = counts[sum(sizes):sum(sizes) + len(tasks)]
     copy_hits = counts[sum(sizes) + len(tasks):-1]
+    losses = torch.zeros(len(tasks), dtype=torch.float64, device=device)
     for ids, labels, logits, _ in run_inference(model, loader, transform, device, amp_dtype):
         counts[-1] += labels.shape[0]
         copied = [(row, i) for row, i in enumerate(ids.tolist()) if i in copy_labels] if copy_labels else []
@@ -190,14 +214,17 @@ def evaluate(model: torch.nn.Module, loader: Iterable, transform: Callable[[torc
             predicted = logits[task].argmax(dim=1)
             cms[task] += confusion_matrix(predicted, y, num_classes[task])
             top5[i] += topk_correct(logits[task], y, 5)
+            losses[i] += torch.nn.functional.cross_entropy(logits[task], y, ignore_index=-1, reduction="sum").double()
             if copied:
                 p, t = predicted.tolist(), y.tolist()
                 copy_hits[i] += sum(t[row] >= 0 and p[row] != t[row] and p[row] in copy_labels[sid][task]
                                     for row, sid in copied)
     all_reduce_sum(counts)
+    all_reduce_sum(losses)
     return {
         "num_samples": int(counts[-1]),
         "confusion": {t: cm.cpu() for t, cm in cms.items()},
         "top5_correct": {t: int(top5[i]) for i, t in enumerate(tasks)},
         "copy_label_hits": {t: int(copy_hits[i]) for i, t in enumerate(tasks)},
+        "loss_sum": {t: float(losses[i]) for i, t in enumerate(tasks)},
     }

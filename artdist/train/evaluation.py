@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -9,36 +10,48 @@ import torch
 from artdist.config import HEADLINE, JobConfig
 from artdist.data.duplicates import copies_lost, copy_labels
 from artdist.data.loader import make_eval_loader
-from artdist.data.manifest import num_classes
+from artdist.data.manifest import Manifest
 from artdist.data.transforms import DeviceTransform
-from artdist.dist import get_rank, get_world_size
+from artdist.dist import get_rank, get_world_size, is_main_process
 from artdist.metrics import format_confusion, format_table, report_from_confusion
+from artdist.progress import Progress, track
 from artdist.train import engine
 from artdist.train.numerics import use_channels_last
 
 
 
-def evaluate_split(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: str, device: torch.device,
-                   amp_dtype: torch.dtype | None) -> dict:
+def evaluate_split(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, split: str, device: torch.device,
+                   amp_dtype: torch.dtype | None, progress: str = "") -> dict:
     """Every rank: evaluate `model` (unwrapped) on `split`; every rank gets the same report.
 
     -> {"split", "num_samples", "tasks": {task: metrics.report_from_confusion(...) + "top5"}}
+    With `progress` (a label), rank 0 reports its batches done on stderr.
     """
-    loader = make_eval_loader(cfg.data, manifest, split, get_rank(), get_world_size())
+    loader = eval_batches(cfg, manifest, split, progress)
     transform = DeviceTransform(cfg.data, device, train=False, channels_last=use_channels_last(cfg, device))
-    result = engine.evaluate(model, loader, transform, device, amp_dtype, cfg.model.tasks, num_classes(manifest),
-                             copy_labels(manifest))
-    tasks = {}
-    for task in cfg.model.tasks:
-        cm = result["confusion"][task]
-        tasks[task] = report_from_confusion(cm, manifest["classes"][task], result["top5_correct"][task])
-        labelled = int(cm.sum())
+    result = engine.count_predictions(model, loader, transform, device, amp_dtype, cfg.model.tasks,
+                                      manifest.num_classes, copy_labels(manifest))
+    tasks = {task: report_from_confusion(result["confusion"][task], manifest.classes[task],
+                                         result["top5_correct"][task])
+             for task in cfg.model.tasks}
+    for task, report in tasks.items():
+        labelled = report["num_labelled"]
+        report["loss"] = result["loss_sum"][task] / max(labelled, 1)  # mean cross-entropy (no smoothing or weights)
         # Copies of one picture filed under different classes: a prediction matching any of the picture's
         # labels counts, and no one-class-per-picture model can beat the ceiling they impose.
-        tasks[task]["accuracy_any_label"] = ((int(cm.trace()) + result["copy_label_hits"][task]) / labelled
-                                             if labelled else 0.0)
-        tasks[task]["ceiling"] = 1 - copies_lost(manifest, split, task) / labelled if labelled else 0.0
+        report["accuracy_any_label"] = ((int(result["confusion"][task].trace()) + result["copy_label_hits"][task])
+                                        / labelled if labelled else 0.0)
+        report["ceiling"] = 1 - copies_lost(manifest, split, task) / labelled if labelled else 0.0
     return {"split": split, "num_samples": result["num_samples"], "tasks": tasks}
+
+
+def eval_batches(cfg: JobConfig, manifest: dict, split: str, progress: str = "") -> Iterable:
+    """This rank's eval loader of `split`; with `progress` (a label), rank 0 reports its batches on stderr."""
+    loader = make_eval_loader(cfg.data, manifest, split, get_rank(), get_world_size())
+    if not progress:
+        return loader
+    return track(loader, Progress(len(loader), "batches", f"{progress} {split}", enabled=is_main_process()),
+                 lambda batch: len(batch[2]))
 
 
 def headline(report: dict) -> dict[str, float]:
