@@ -44,7 +44,7 @@ if scontrol ping >/dev/null 2>&1; then
 fi
 
 shopt -s nullglob
-for pidfile in "$RUN"/slurmd-*.pid "$RUN/slurmd.pid"; do  # slurmd.pid: older single-node layouts
+for pidfile in "$RUN"/slurmd*.pid; do  # slurmd-<node>.pid, and slurmd.pid of older single-node layouts
     name=${pidfile##*/}
     stop "${name%.pid}" "$pidfile"
 done
@@ -59,7 +59,7 @@ for ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^artdist-node[0-9]+$/ {print 
     ip netns del "$ns" && say "removed node namespace $ns"
 done
 for veth in $(ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^artdist-v[0-9]+@/ {sub(/@.*/, "", $2); print $2}'); do
-    ip link del "$veth" && say "removed link $veth"
+    ip link del "$veth" 2>/dev/null && say "removed link $veth"  # usually gone with its namespace
 done
 if ip link show artdist-br0 >/dev/null 2>&1; then
     ip link del artdist-br0 && say "removed bridge artdist-br0"

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from artdist.train.engine import TrainState, evaluate, train_one_epoch
+from artdist.train.engine import TrainState, count_predictions, train_one_epoch
 from artdist.train.loss import MultiTaskLoss
 
 TASKS2 = ["style", "genre"]
@@ -47,6 +47,6 @@ def test_train_accuracy_counts_labelled_samples_and_eval_reports_mean_cross_entr
             known = y >= 0
             expected_acc = (logits.argmax(1)[known] == y[known]).double().mean().item()
             assert abs(stats["task_accuracy"][task] - expected_acc) < 1e-9, task
-            result = evaluate(model, batches, lambda x: x, torch.device("cpu"), None, TASKS2, {"style": 3, "genre": 2})
+            result = count_predictions(model, batches, lambda x: x, torch.device("cpu"), None, TASKS2, {"style": 3, "genre": 2})
             mean_ce = nn.functional.cross_entropy(logits[known], y[known]).item()
             assert abs(result["loss_sum"][task] / int(known.sum()) - mean_ce) < 1e-6, task

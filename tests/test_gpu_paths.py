@@ -116,7 +116,8 @@ def test_compiled_backbone_trains_saves_plain_keys_resumes_evaluates_and_predict
     """train.compile=true on CPU (inductor): slow, because compiling the backward takes minutes on 2 cores."""
     run = tmp_path / "compiled"
     first = tiny_config(small_shards, run, "train.compile=true", "train.epochs=1", *SMALL)
-    records = run_ranks([Job(first), Job(tiny_config(small_shards, run, "train.compile=true", "train.epochs=2", *SMALL))],
+    records = run_ranks([Job(first), Job(tiny_config(small_shards, run, "train.compile=true", "train.epochs=2", *SMALL),
+                                                        policy="with_changes")],
                         tmp_path / "ranks", world_size=1, timeout_s=1800)
     assert all("error" not in job[0] for job in records), [job[0].get("error") for job in records]
     # The second job resumed where the first ended and trained one more epoch.

@@ -9,6 +9,7 @@ from artdist import cli
 from artdist.config import TASKS, load_config, to_dict
 from artdist.data.manifest import read_manifest
 from artdist.model import build_model
+from artdist.train.checkpoint import FORMAT
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +18,10 @@ def checkpoint(demo_shards, tmp_path_factory):
     cfg = load_config(None, [f"data.shards={demo_shards}", "data.image_size=32", "model.backbone=resnet18",
                              "model.sequence=pooled", "model.lstm_hidden=16", "model.lstm_layers=1",
                              "train.device=cpu"])
-    names = read_manifest(demo_shards)["classes"]
+    names = read_manifest(demo_shards).classes
     model = build_model(cfg.model, {t: len(names[t]) for t in TASKS})
     path = tmp_path_factory.mktemp("predict") / "model_best.pt"
-    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "class_names": names}, path)
+    torch.save({"format": FORMAT, "model": model.state_dict(), "config": to_dict(cfg), "class_names": names}, path)
     return path
 
 

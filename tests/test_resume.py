@@ -13,7 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from artdist import cli
 from artdist.config import save_config
-from artdist.data.manifest import num_classes, read_manifest
+from artdist.data.manifest import read_manifest
 from artdist.rundir import RunDir
 from artdist.train import trainer
 from artdist.train.checkpoint import Checkpointer
@@ -33,7 +33,7 @@ def stopped_run(demo_shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     cfg = tiny_config(demo_shards, run_dir, "train.epochs=1")
     manifest = read_manifest(demo_shards)
-    model, optimizer, scaler, _ = trainer.build_training(cfg, num_classes(manifest), None, torch.device("cpu"),
+    model, optimizer, scaler, _ = trainer.build_training(cfg, manifest.num_classes, None, torch.device("cpu"),
                                                          None, False)
     run_dir.mkdir()
     position = {"epoch": 1, "step_in_epoch": 0, "global_step": STEPS, "best_metric": 0.1, "metrics": {}}
@@ -97,7 +97,7 @@ def test_resume_with_changes_records_them_then_a_finished_run_does_nothing(run_c
     assert {"config/resolved/text_summary", "test/metrics/text_summary"} <= set(tags["tensors"])
     config_text = events.Tensors("config/resolved/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "label_smoothing: 0.2" in config_text
-    classes = read_manifest(yaml.safe_load((run_copy / "config.yaml").read_text())["data"]["shards"])["classes"]
+    classes = read_manifest(yaml.safe_load((run_copy / "config.yaml").read_text())["data"]["shards"]).classes
     for task in ("style", "artist", "genre"):
         image = events.Images(f"test/{task}/confusion")[0]
         # room for the class names beside a matrix of len(classes) cells: far wider than the bare matrix

@@ -20,7 +20,7 @@ Policy = Literal["check", "with_changes", "fresh"]
 # and loader workers, where and how fast it runs, logging, the reports after training, resources.
 LAYOUT_KEYS = ("name", "out_dir", "data.num_workers", "data.batch_size", "data.decode", "train.accum_steps",
                "train.device", "train.amp", "train.compile", "train.channels_last", "train.deterministic",
-               "train.log_every", "train.stop_after_steps", "outliers.", "slurm.", "synth.", "shard.")
+               "train.log_every", "outliers.", "slurm.", "synth.", "shard.")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
