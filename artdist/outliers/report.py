@@ -23,7 +23,7 @@ GRID_MAX = 32  # outliers per task in the TensorBoard grid
 ROW_FIELDS = (
     "rank", "id", "path", "assigned", "predicted", "combined", "max_softmax", "p_assigned", "margin",
     "energy", "mahalanobis", "mahalanobis_z", "feature_predicted", "feature_p_assigned", "flagged_max_softmax",
-    "flagged_combined", "reasons",
+    "flagged_combined", "copy_labels", "several_classes", "reasons",
 )
 
 
@@ -77,8 +77,9 @@ def write_rows(rows: list[dict[str, Any]], csv_path: Path, json_path: Path, meta
         for row in rows:
             flat = dict(row)
             flat["reasons"] = "; ".join(row["reasons"])
-            for flag in ("flagged_max_softmax", "flagged_combined"):
-                flat[flag] = "yes" if row[flag] else "no"
+            flat["copy_labels"] = " ".join(row.get("copy_labels", []))
+            for flag in ("flagged_max_softmax", "flagged_combined", "several_classes"):
+                flat[flag] = "yes" if row.get(flag) else "no"
             out.writerow(flat)
     json_path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
 
