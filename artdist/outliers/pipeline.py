@@ -1,6 +1,7 @@
 """The outlier passes over a split (every rank joins), then the ranked reports written by rank 0."""
 from __future__ import annotations
 
+import html
 import json
 import math
 from dataclasses import fields
@@ -160,8 +161,9 @@ def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: dic
                        "summary": (f"{len(scores.ids)} samples scored; {task_summary['flagged_combined']} flagged "
                                    f"by the combined score (top {len(shown)} shown), "
                                    f"{task_summary['flagged_seeds']} by the seeds' max-softmax rule.")}
-    intro = (f"<p>Split <b>{split}</b>. Ranked by the {COMBINED_DESCRIPTION}, fitted on "
-             f"'{cfg.data.train_split}'. Green: typical paintings of the class; red: outliers.</p>")
+    # Split names come from manifest.json, which may have been edited: escaped like every other name.
+    intro = (f"<p>Split <b>{html.escape(split)}</b>. Ranked by the {COMBINED_DESCRIPTION}, fitted on "
+             f"'{html.escape(cfg.data.train_split)}'. Green: typical paintings of the class; red: outliers.</p>")
     write_visuals(pages, index, Path(cfg.data.shards), manifest["image_ext"], out_dir,
                   f"artdist outliers — {cfg.name}", intro, f"outliers/{split}", writer)
     if planted is not None:

@@ -14,10 +14,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from artdist.data.manifest import sample_meta
+
 THUMB_SIDE = 128  # px, longer side: ~4 KB a JPEG keeps index.html a few MB even for 3 tasks x top 50
 CAPTION_HEIGHT = 34  # px under each TensorBoard grid cell: two lines of PIL's default font
 GRID_COLUMNS = 8
 GRID_MAX = 32  # outliers per task in the TensorBoard grid
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # OWASP's list for CSV injection
 
 ROW_FIELDS = (
     "rank", "id", "path", "assigned", "predicted", "combined", "max_prob", "p_assigned", "margin",
@@ -50,8 +54,8 @@ def read_sample_index(shards_dir: Path, manifest: dict, split: str) -> dict[int,
                 key, ext = _split_member(member.name)
                 if ext != "json":
                     continue
-                meta = json.loads(tar.extractfile(member).read())
-                index[int(meta["id"])] = SampleRef(meta["path"], shard["name"], key)
+                meta = sample_meta(tar.extractfile(member).read(), shard["name"], key, manifest["classes"])
+                index[meta["id"]] = SampleRef(meta["path"], shard["name"], key)
     return index
 
 
@@ -78,6 +82,14 @@ def read_thumbnails(shards_dir: Path, index: dict[int, SampleRef], ids: set[int]
     return thumbs
 
 
+def csv_cell(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (=, +, -, @, tab, CR first) gets a leading "'"; numbers
+    stay numbers (a negative margin is data, not a formula)."""
+    if isinstance(value, str) and value[:1] in FORMULA_STARTS:
+        return "'" + value
+    return value
+
+
 def write_rows(rows: list[dict[str, Any]], csv_path: Path, json_path: Path, meta: dict[str, Any]) -> None:
     """One task's ranked rows as CSV (reasons '; '-joined, flags yes/no) and as JSON with `meta`."""
     csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +101,7 @@ def write_rows(rows: list[dict[str, Any]], csv_path: Path, json_path: Path, meta
             flat["reasons"] = "; ".join(row["reasons"])
             for flag in ("flagged_seeds", "flagged_combined"):
                 flat[flag] = "yes" if row[flag] else "no"
-            out.writerow(flat)
+            out.writerow({key: csv_cell(value) for key, value in flat.items()})
     json_path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
 
 
