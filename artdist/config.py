@@ -62,6 +62,9 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+    # Undecodable samples are skipped and counted; a train epoch or an evaluation stops with an error
+    # once more than this fraction of its samples were bad.
+    max_bad_fraction: float = 0.001
 
 
 @dataclass
@@ -349,6 +352,8 @@ def validate(cfg: JobConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: {key} must be in [0, 1), got {value}")
     if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
         raise ConfigError(f"{source}: train.min_lr_ratio must be in [0, 1], got {cfg.train.min_lr_ratio}")
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"{source}: data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}")
     if not 0.0 <= cfg.outliers.threshold <= 1.0:
         raise ConfigError(f"{source}: outliers.threshold must be in [0, 1], got {cfg.outliers.threshold}")
     if not 0.0 < cfg.data.rrc_scale_min <= 1.0:

@@ -13,7 +13,7 @@ import torch
 
 from artdist import dist
 from artdist.config import TASKS, JobConfig
-from artdist.data.loader import make_eval_loader
+from artdist.data.loader import BAD_ID, bad_samples, make_eval_loader
 from artdist.data.transforms import DeviceTransform
 from artdist.errors import UserError
 from artdist.outliers.ranking import (combined_score, detection_quality, finite_or_none,
@@ -72,9 +72,11 @@ def score_split(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: s
     """
     parts: dict[str, list[dict[str, np.ndarray]]] = {t: [] for t in cfg.model.tasks}
     seen: list[np.ndarray] = []
+    bad = 0
     for ids, labels, logits, emb in _batches(model, cfg, manifest, split, device, amp_dtype):
         ids, labels = ids.cpu(), labels.cpu()
-        seen.append(ids.numpy().astype(np.int64))
+        bad += bad_samples(ids)  # their labels are all -1: no task scores them
+        seen.append(ids[ids != BAD_ID].numpy().astype(np.int64))
         for task in cfg.model.tasks:
             y = labels[:, TASKS.index(task)]
             keep = y >= 0
@@ -86,16 +88,21 @@ def score_split(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: s
             batch["ids"], batch["assigned"] = ids[keep], assigned
             parts[task].append({k: v.numpy() for k, v in batch.items()})
     local = {task: _to_scores(p) for task, p in parts.items()}
-    gathered = dist.gather_objects((np.concatenate(seen) if seen else np.zeros(0, np.int64), local))
+    gathered = dist.gather_objects((np.concatenate(seen) if seen else np.zeros(0, np.int64), local, bad))
     if gathered is None:
         return None
     all_ids = np.concatenate([g[0] for g in gathered])
-    expected = manifest["splits"][split]["num_samples"]
+    bad = sum(g[2] for g in gathered)
+    expected = manifest["splits"][split]["num_samples"] - bad
+    if bad > cfg.data.max_bad_fraction * manifest["splits"][split]["num_samples"]:
+        raise UserError(f"outliers: {bad} '{split}' samples are undecodable, more than data.max_bad_fraction="
+                        f"{cfg.data.max_bad_fraction} of the split; the warnings above name them: re-run `artdist shard`")
     if len(np.unique(all_ids)) != len(all_ids) or len(all_ids) != expected:
         raise UserError(
             f"outliers: ranks together scored {len(all_ids)} '{split}' samples ({len(np.unique(all_ids))} "
-            f"distinct) but the manifest lists {expected}; the eval loader must yield each sample exactly "
-            "once across ranks (are the shards and manifest.json from the same `artdist shard` run?)")
+            f"distinct) but the manifest lists {expected + bad}{f' ({bad} undecodable)' if bad else ''}; the eval "
+            "loader must yield each sample exactly once across ranks (are the shards and manifest.json from the "
+            "same `artdist shard` run?)")
     merged = {}
     for task in cfg.model.tasks:
         scores = TaskScores.concat([g[1][task] for g in gathered])

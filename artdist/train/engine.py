@@ -11,8 +11,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from artdist.config import TASKS
-from artdist.dist import all_reduce_sum, get_world_size
-from artdist.errors import NonFiniteLossError
+from artdist.data.loader import bad_samples
+from artdist.dist import all_reduce_sum, get_rank, get_world_size
+from artdist.errors import NonFiniteLossError, UserError
 from artdist.metrics import confusion_matrix, topk_correct
 from artdist.train.loss import MultiTaskLoss
 from artdist.train.numerics import autocast
@@ -41,6 +42,7 @@ def train_one_epoch(
     stop_after_steps: int = 0,
     log_every: int = 0,
     log: Callable[[dict], None] | None = None,
+    max_bad: int | None = None,
 ) -> dict:
     """Optimizer steps `start_step`..`steps`-1 of one epoch; `loader` must already skip the first ones.
 
@@ -48,8 +50,11 @@ def train_one_epoch(
     each step the ranks agree on (1) whether any task's loss was non-finite (-> NonFiniteLossError
     before the weights are touched) and (2) `should_stop()` (preemption): then the epoch ends early.
     `log` (rank 0 only) gets running stats every `log_every` steps.
+    Undecodable samples (data.loader.BAD_ID placeholders) are counted; once the ranks together saw more
+    than `max_bad` of them this epoch, every rank raises the same UserError after that step.
     Returns {"step": position in the epoch, "global_step", "stopped", "loss", "task_loss",
-    "images_per_sec", "data_wait_frac", "lr"} (losses averaged over ranks and steps).
+    "images_per_sec", "data_wait_frac", "lr", "bad_samples": [count per rank]} (losses averaged over ranks
+    and steps).
     """
     model.train()
     world = get_world_size()
@@ -61,13 +66,18 @@ def train_one_epoch(
     epoch_start = window_start = time.perf_counter()
     step, stopped = start_step, False
     lr = _head_lr(optimizer)
+    local_bad = epoch_bad = 0
     while step < steps and not stopped:
-        step_loss = torch.zeros(len(tasks), device=device)
+        # [loss per task..., bad samples]: one all-reduce per step for both
+        step_sums = torch.zeros(len(tasks) + 1, device=device)
         images_seen, wait = 0, 0.0
         for micro in range(accum_steps):
             t0 = time.perf_counter()
-            images, labels, _ = next(batches)
+            images, labels, ids = next(batches)
             wait += time.perf_counter() - t0
+            bad = bad_samples(ids)
+            local_bad += bad
+            step_sums[-1] += bad
             x = transform(images)
             labels = labels.to(device, non_blocking=True)
             images_seen += labels.shape[0] * world
@@ -79,9 +89,15 @@ def train_one_epoch(
                     logits = model(x)
                 loss, per_task = loss_fn(logits, labels)
                 scaler.scale(loss / accum_steps).backward()
-            step_loss += per_task
-        all_reduce_sum(step_loss)
-        step_loss /= accum_steps * world
+            step_sums[:-1] += per_task
+        all_reduce_sum(step_sums)
+        step_loss = step_sums[:-1] / (accum_steps * world)
+        epoch_bad += int(step_sums[-1].item())
+        if max_bad is not None and epoch_bad > max_bad:
+            optimizer.zero_grad(set_to_none=True)
+            raise UserError(f"{epoch_bad} undecodable samples in this epoch by global step {global_step + 1}, more "
+                            f"than data.max_bad_fraction allows ({max_bad}); the warnings above name them: re-run "
+                            "`artdist shard` on the source images, or raise data.max_bad_fraction")
         if not torch.isfinite(step_loss).all():
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(_non_finite_message(tasks, step_loss, global_step + 1, step))
@@ -111,7 +127,15 @@ def train_one_epoch(
             window_start = now
     stats = _stats(tasks, epoch_sums, time.perf_counter() - epoch_start, lr, step, global_step)
     stats["stopped"] = stopped
+    stats["bad_samples"] = per_rank(local_bad, device)
     return stats
+
+
+def per_rank(value: int, device: torch.device) -> list[int]:
+    """Every rank's `value`, on every rank (a collective)."""
+    slots = torch.zeros(get_world_size(), dtype=torch.int64, device=device)
+    slots[get_rank()] = value
+    return [int(v) for v in all_reduce_sum(slots).tolist()]
 
 
 def _head_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -167,17 +191,20 @@ def evaluate(model: torch.nn.Module, loader: Iterable, transform: Callable[[torc
              num_classes: dict[str, int]) -> dict:
     """Confusion matrices, top-5 hits and sample counts over a split, summed over ranks.
 
-    Every rank gets the same result: {"num_samples": samples seen (labelled or not),
-    "confusion": {task: [C, C] int64 on CPU}, "top5_correct": {task: int}}. Labels of -1 are left
-    out of that task's matrix and hits.
+    Every rank gets the same result: {"num_samples": samples seen (labelled or not, undecodable ones
+    not), "confusion": {task: [C, C] int64 on CPU}, "top5_correct": {task: int}, "bad_samples": [undecodable
+    samples per rank]}. Labels of -1 are left out of that task's matrix and hits.
     """
     sizes = [num_classes[t] ** 2 for t in tasks]
     # One flat counter vector -> one all-reduce: [confusions..., top5 per task, samples seen].
     counts = torch.zeros(sum(sizes) + len(tasks) + 1, dtype=torch.int64, device=device)
     cms = {t: flat.view(num_classes[t], num_classes[t]) for t, flat in zip(tasks, counts[:sum(sizes)].split(sizes))}
     top5 = counts[sum(sizes):-1]
-    for _, labels, logits, _ in run_inference(model, loader, transform, device, amp_dtype):
-        counts[-1] += labels.shape[0]
+    bad = 0
+    for ids, labels, logits, _ in run_inference(model, loader, transform, device, amp_dtype):
+        batch_bad = bad_samples(ids)
+        bad += batch_bad
+        counts[-1] += labels.shape[0] - batch_bad
         for i, task in enumerate(tasks):
             y = labels[:, TASKS.index(task)]
             cms[task] += confusion_matrix(logits[task].argmax(dim=1), y, num_classes[task])
@@ -187,4 +214,5 @@ def evaluate(model: torch.nn.Module, loader: Iterable, transform: Callable[[torc
         "num_samples": int(counts[-1]),
         "confusion": {t: cm.cpu() for t, cm in cms.items()},
         "top5_correct": {t: int(top5[i]) for i, t in enumerate(tasks)},
+        "bad_samples": per_rank(bad, device),
     }

@@ -11,6 +11,7 @@ from artdist.data.loader import make_eval_loader
 from artdist.data.manifest import num_classes
 from artdist.data.transforms import DeviceTransform
 from artdist.dist import get_rank, get_world_size
+from artdist.errors import UserError
 from artdist.metrics import format_confusion, format_table, report_from_confusion
 from artdist.train import engine
 from artdist.train.numerics import use_channels_last
@@ -22,7 +23,8 @@ def evaluate_split(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split
                    amp_dtype: torch.dtype | None) -> dict:
     """Every rank: evaluate `model` (unwrapped) on `split`; every rank gets the same report.
 
-    -> {"split", "num_samples", "tasks": {task: metrics.report_from_confusion(...) + "top5"}}
+    -> {"split", "num_samples", "bad_samples": [per rank], "tasks": {task: metrics.report_from_confusion(...)
+    + "top5"}}; a UserError when more than data.max_bad_fraction of the split was undecodable.
     """
     loader = make_eval_loader(cfg.data, manifest, split, get_rank(), get_world_size())
     transform = DeviceTransform(cfg.data, device, train=False, channels_last=use_channels_last(cfg, device))
@@ -30,7 +32,14 @@ def evaluate_split(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split
     tasks = {task: report_from_confusion(result["confusion"][task], manifest["classes"][task],
                                          result["top5_correct"][task])
              for task in cfg.model.tasks}
-    return {"split": split, "num_samples": result["num_samples"], "tasks": tasks}
+    bad = sum(result["bad_samples"])
+    if bad > cfg.data.max_bad_fraction * (result["num_samples"] + bad):
+        raise UserError(f"{bad} of the {result['num_samples'] + bad} '{split}' samples are undecodable (per rank: "
+                        f"{result['bad_samples']}), more than data.max_bad_fraction={cfg.data.max_bad_fraction}; the "
+                        "warnings above name them: re-run `artdist shard` on the source images")
+    if bad and get_rank() == 0:
+        print(f"warning: {bad} undecodable '{split}' samples skipped (per rank: {result['bad_samples']})", flush=True)
+    return {"split": split, "num_samples": result["num_samples"], "bad_samples": result["bad_samples"], "tasks": tasks}
 
 
 def headline(report: dict) -> dict[str, float]:

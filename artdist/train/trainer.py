@@ -10,7 +10,9 @@ Any key can be changed on the command line: --set train.epochs=30 --set data.bat
 
 Running the same command again resumes from RUN_DIR/model_last.pt exactly where the last run
 stopped (epoch, step in the epoch, optimizer, LR schedule, RNG streams). `touch RUN_DIR/PREEMPT`
-or SIGUSR2 makes all ranks stop after the current step, save, and return 'preempted'.
+makes all ranks stop after the current step, save, and return 'preempted'; SIGUSR2 or SIGTERM does
+the same and returns 'terminated' (`artdist train` then exits with TERMINATED_EXIT, so that a
+scheduler restarts it). Rank 0 holds RUN_DIR/LOCK meanwhile: a second training there fails at once.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from artdist.dist import (all_reduce_sum, barrier, broadcast_buffers, broadcast_
 from artdist.errors import ConfigError, UserError
 from artdist.metrics import confusion_image
 from artdist.model import CNNLSTM, build_model
+from artdist import rundir
 from artdist.rundir import RunDir
 from artdist.train.checkpoint import latest_checkpoint, load_checkpoint, resume_training, save_training_checkpoint, seed_all
 from artdist.train.engine import train_one_epoch
@@ -44,6 +47,8 @@ from artdist.train.loss import MultiTaskLoss, class_weights
 from artdist.train.numerics import resolve_amp, use_channels_last
 from artdist.train.preempt import PreemptionWatch, requeue_slurm_job
 
+TERMINATED_EXIT = 143  # 128 + SIGTERM: how a process ended by that signal exits, here after saving
+
 
 # Called on every rank with the best model after the test evaluation: (model, cfg, manifest, device,
 # amp dtype, TensorBoard writer or None); the job passes the outlier reports (a higher layer).
@@ -51,10 +56,12 @@ AfterTest = Callable[[CNNLSTM, JobConfig, dict, torch.device, "torch.dtype | Non
 
 
 def main(cfg: JobConfig, after_test: AfterTest | None = None) -> str:
-    """Train (or resume) `cfg`: 'done' after the test evaluation and `after_test`, or 'preempted'."""
+    """Train (or resume) `cfg`: 'done' after the test evaluation and `after_test`, or 'preempted' (stop file)
+    / 'terminated' (a signal) once the position is saved."""
     device = init_distributed(cfg.train.device)
     try:
-        return train(cfg, device, after_test)
+        with rundir.hold(cfg.run_dir, "training"):
+            return train(cfg, device, after_test)
     finally:
         cleanup()
 
@@ -78,6 +85,11 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
     # ---- data: every rank gets len(loader) batches per epoch
     manifest = read_manifest(cfg.data.shards)
     classes = num_classes(manifest)
+    classless = [t for t in cfg.model.tasks if classes[t] == 0]
+    if classless:
+        raise UserError(f"{cfg.data.shards} has no {'/'.join(classless)} classes: its class file was missing or empty "
+                        "when the shards were made (manifest.json anomalies: missing_tasks); add the class file and "
+                        f"re-run `artdist shard`, or drop {'/'.join(classless)} from model.tasks")
     loader = TrainLoader(cfg.data, manifest, rank, world, tcfg.seed, tcfg.accum_steps)
     steps_per_epoch = len(loader) // tcfg.accum_steps  # exact: the loader rounds up to whole steps
     total_steps = steps_per_epoch * tcfg.epochs
@@ -90,6 +102,8 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
     if master:
         run_dir.path.mkdir(parents=True, exist_ok=True)
         run_dir.stop_file.unlink(missing_ok=True)  # a stop request was meant for the previous process
+        for tmp in run_dir.partial_saves():  # a save killed mid-write (the lock says no one else is saving)
+            tmp.unlink(missing_ok=True)
         save_config(cfg, run_dir.config)
     counts = None
     if tcfg.class_weighting != "none":
@@ -113,6 +127,12 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
                        min_ratio=tcfg.min_lr_ratio)
     model, optimizer, scheduler, scaler, loss_fn = build_training(cfg, classes, counts, device, amp_dtype,
                                                                   channels_last, schedule)
+    if cfg.data.batch_size * tcfg.accum_steps < 2 and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} cannot train {cfg.model.backbone}: its BatchNorm layers "
+                          "need at least 2 images per batch; set data.batch_size >= 2")
+    # Undecodable samples an epoch may hold (all ranks together) before the run stops.
+    max_bad = math.floor(cfg.data.max_bad_fraction * len(loader) * cfg.data.batch_size * world)
 
     # ---- resume from model_last.pt if there is one; else per-rank streams for dropout/augmentation
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": -math.inf, "metrics": {}}
@@ -158,11 +178,11 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
             ddp_model, loader, transform, optimizer, scheduler, scaler, loss_fn, device=device, amp_dtype=amp_dtype,
             steps=steps_per_epoch, start_step=step_in_epoch, global_step=global_step, accum_steps=tcfg.accum_steps,
             grad_clip=tcfg.grad_clip, should_stop=watch.should_stop, stop_after_steps=tcfg.stop_after_steps,
-            log_every=tcfg.log_every, log=log)
+            log_every=tcfg.log_every, log=log, max_bad=max_bad)
         global_step, step_in_epoch = stats["global_step"], stats["step"]
         if step_in_epoch < steps_per_epoch:  # preempted mid-epoch: save the exact position
             save({**position, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step}, best=False)
-            return preempted(run_dir, writer)
+            return preempted(run_dir, writer, watch.signalled)
         step_in_epoch = 0
 
         broadcast_buffers(model)  # evaluate and save one model: rank 0's BatchNorm statistics
@@ -175,7 +195,7 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
         if master:
             log_epoch(writer, run_dir, epoch, tcfg.epochs, stats, val, is_best, time.perf_counter() - epoch_start)
         if stats["stopped"]:
-            return preempted(run_dir, writer)
+            return preempted(run_dir, writer, watch.signalled)
 
     # ---- the best model on the test split, then the outlier reports on the validation split
     barrier()
@@ -267,23 +287,30 @@ def log_epoch(writer: SummaryWriter, run_dir: RunDir, epoch: int, epochs: int, s
     writer.flush()
     line = {"epoch": epoch + 1, "step": step, "train_loss": stats["loss"], "train_task_loss": stats["task_loss"],
             "lr": stats["lr"], "images_per_sec": stats["images_per_sec"], "data_wait_frac": stats["data_wait_frac"],
-            "val": metrics, "best": is_best, "time_s": seconds}
+            "val": metrics, "best": is_best, "time_s": seconds,
+            # undecodable samples skipped, per rank
+            "bad_samples": {"train": stats["bad_samples"], "val": val["bad_samples"]}}
     with open(run_dir.metrics, "a") as f:
         f.write(json.dumps(line) + "\n")
     shown = " ".join(f"{key} {value:.3f}" for key, value in metrics.items())
     print(f"epoch {epoch + 1}/{epochs} done in {seconds:.0f} s: val {shown}{' (best)' if is_best else ''}", flush=True)
+    if sum(stats["bad_samples"]):
+        print(f"  {sum(stats['bad_samples'])} undecodable training samples skipped this epoch (per rank: "
+              f"{stats['bad_samples']})", flush=True)
 
 
-def preempted(run_dir: RunDir, writer: SummaryWriter | None) -> str:
-    """After the stop was saved: every rank returns 'preempted'; rank 0 requeues when asked to (SLURM)."""
+def preempted(run_dir: RunDir, writer: SummaryWriter | None, signalled: bool) -> str:
+    """After the stop was saved: every rank returns 'terminated' (a signal) or 'preempted' (the stop file);
+    rank 0 requeues when asked to (SLURM)."""
     barrier()
+    outcome = "terminated" if signalled else "preempted"
     if is_main_process():
         writer.close()
-        print(f"preempted: the position is saved in {run_dir.last}; run the same command to resume",
+        print(f"{outcome}: the position is saved in {run_dir.last}; run the same command to resume",
               flush=True)
         if os.environ.get("ARTDIST_REQUEUE") == "1" and os.environ.get("SLURM_JOB_ID"):
             requeue_slurm_job()
-    return "preempted"
+    return outcome
 
 
 def hparams(cfg: JobConfig, world: int) -> dict:
