@@ -362,6 +362,7 @@ def test_loader_workers_ignore_sigterm():
     assert list(loader_mod._Loader(_SigtermHandler(), num_workers=1)) == [True]
 
 
+@pytest.mark.slow  # a whole `artdist train` process; the two tests above cover the parts in-process
 def test_sigterm_during_training_saves_and_exits_143(small, tmp_path):
     shards = small
     run = tmp_path / "run"
