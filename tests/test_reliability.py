@@ -457,10 +457,12 @@ def test_a_split_name_is_escaped_in_index_html(demo_shards, tmp_path):
                         margin=rng.random(n, np.float32), energy=rng.random(n, np.float32),
                         mahalanobis=rng.random(n, np.float32), feature_nll=rng.random(n, np.float32),
                         feature_predicted=np.zeros(n, np.int64))
-    cfg = tiny_config(demo_shards, tmp_path / "run", "model.tasks=[style]", "model.primary_task=style")
-    pipeline.write_reports({"style": scores}, cfg, manifest, evil)
+    cfg = tiny_config(demo_shards, tmp_path / "run", "model.tasks=[style,artist]", "model.primary_task=style")
+    # artist: no labelled sample in the split; its part of the report is empty, not a crash
+    summary = pipeline.write_reports({"style": scores, "artist": pipeline._to_scores([])}, cfg, manifest, evil)
     page = (RunDir(cfg.run_dir).outliers(evil) / "index.html").read_text()
     assert evil not in page and "&lt;script&gt;" in page
+    assert summary["tasks"]["artist"]["scored"] == 0
 
 
 def _json_members(shards: Path, manifest: dict, split: str) -> list[bytes]:

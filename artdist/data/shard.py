@@ -330,6 +330,8 @@ def _remove_stale(out: Path, names: set[str], log) -> None:
     """Check `out` and drop what earlier runs of this command left there that this run does not keep:
     their shards and done records, and the temp files of an interrupted run. Nothing else is touched;
     a non-empty folder that no `artdist shard` run wrote is refused."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; pick a new or empty folder")
     earlier = _earlier_shards(out) if out.is_dir() else set()
     if earlier is None:
         entries = sorted(path.name for path in out.iterdir())
