@@ -46,7 +46,7 @@ from artdist.data.shard import shard_dataset
 from artdist.data.synth import JPEG_QUALITY, make_corpus
 from artdist.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform
 from artdist.errors import UserError
-from artdist.train.engine import train_one_epoch
+from artdist.train.engine import TrainState, train_one_epoch
 from artdist.train.numerics import resolve_amp, use_channels_last
 from artdist.train.trainer import build_training
 
@@ -262,16 +262,15 @@ def train_rate(cfg: JobConfig, classes: dict[str, int], counts: dict[str, list[i
     (model, AdamW over param groups, GradScaler, MultiTaskLoss) but with a constant LR."""
     tcfg = cfg.train
     amp_dtype = resolve_amp(amp, device)
-    model, optimizer, scheduler, scaler, loss_fn = build_training(cfg, classes, counts, device, amp_dtype,
-                                                                 channels_last, lambda step: 1.0)
+    model, optimizer, scaler, loss_fn = build_training(cfg, classes, counts, device, amp_dtype, channels_last)
     if compile_backbone:
         model.backbone.compile()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clock = Clock(batches)
-    train_one_epoch(model, clock, transform, optimizer, scheduler, scaler, loss_fn, device=device,
-                    amp_dtype=amp_dtype, steps=warmup + steps, start_step=0, global_step=0,
-                    accum_steps=tcfg.accum_steps, grad_clip=tcfg.grad_clip, should_stop=lambda: False)
+    state = TrainState(model, optimizer, scaler, loss_fn, transform, device, amp_dtype, tcfg.accum_steps,
+                       tcfg.grad_clip)
+    train_one_epoch(state, clock, steps=warmup + steps)
     clock.stop()
     row = clock.rate(warmup * tcfg.accum_steps)
     row.update(step_ms=row["seconds"] / steps * 1000, amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",

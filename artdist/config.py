@@ -2,136 +2,209 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from artdist.errors import ConfigError
 
 TASKS = ("style", "artist", "genre")
+HEADLINE = ("accuracy", "top5", "macro_f1")  # the metrics reported per task; train.best_metric picks one
 MAX_IMAGE_SIZE = 2048  # px; the spatial LSTM's positional embedding covers 2048 / 32 = 64 feature-map cells
+MAX_SEED = 2**32 - 1  # numpy's seed range
+MIN_SYNTH_IMAGES = 8  # room for every planted quirk of the synthetic corpus
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric key; NaN and ±inf are never allowed."""
+
+    lo: float
+    hi: float = INF
+    lo_open: bool = False  # lo itself excluded
+    hi_open: bool = False
+    interval: bool = False  # name the whole interval in the error (fractions, 1..100)
+    note: str = ""  # why the upper bound, appended to its error
+
+    def error(self, value: float) -> str | None:
+        """What is wrong with `value`, or None."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        low_ok = value > self.lo if self.lo_open else value >= self.lo
+        high_ok = value < self.hi if self.hi_open else value <= self.hi
+        if low_ok and high_ok:
+            return None
+        if self.interval:
+            if isinstance(self.lo, int) and isinstance(self.hi, int):
+                return f"must be {self.lo}..{self.hi}, got {value}"
+            return (f"must be in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}"
+                    f"{')' if self.hi_open else ']'}, got {value}")
+        if not low_ok:
+            return f"must be {'>' if self.lo_open else '>='} {_num(self.lo)}, got {value}"
+        return f"must be {'<' if self.hi_open else '<='} {_num(self.hi)}{self.note}, got {value}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
+
+
+def ranged(default: Any, lo: float, hi: float = INF, **kw: Any) -> Any:
+    """A numeric dataclass field whose Range is checked whenever the config is built."""
+    return field(default=default, metadata={"range": Range(lo, hi, **kw)})
+
+
+def fraction(default: float, lo_open: bool = False, hi_open: bool = True) -> Any:
+    return ranged(default, 0.0, 1.0, lo_open=lo_open, hi_open=hi_open, interval=True)
+
+
+def positive(default: int, hi: int, **kw: Any) -> Any:
+    return ranged(default, 0, hi, lo_open=True, **kw)
+
+
+class Section:
+    """Base of the config sections: checks every field's Range when one is built (also by dataclasses.replace)."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            rng = f.metadata.get("range")
+            if rng is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+                problem = rng.error(value)
+                if problem:
+                    raise ConfigError(f"{self.SECTION}.{f.name} {problem}")
 
 
 @dataclass
-class SynthConfig:
+class SynthConfig(Section):
     """`artdist synth`: a synthetic WikiArt-like corpus in the ArtGAN layout."""
 
+    SECTION: ClassVar[str] = "synth"
     out: str = "data/synth"
-    images: int = 1200
-    seed: int = 0
-    noise: float = 0.0  # fraction of images given a deliberately wrong label
-    size: int = 128  # side of the generated pictures, px
+    images: int = ranged(1200, MIN_SYNTH_IMAGES, 10_000_000)
+    seed: int = ranged(0, 0, MAX_SEED)
+    noise: float = fraction(0.0)  # fraction of images given a deliberately wrong label
+    size: int = ranged(128, 16, 4096)  # side of the generated pictures, px
 
 
 @dataclass
-class ShardConfig:
+class ShardConfig(Section):
     """`artdist shard`: label files + image folder -> WebDataset tar shards."""
 
+    SECTION: ClassVar[str] = "shard"
     images: str = "data/synth/images"
     labels: str = "data/synth/labels"
     out: str = "shards/demo"
     split: Literal["artgan", "random"] = "artgan"
-    test_fraction: float = 0.1  # artgan: share of train carved out as test
-    seed: int = 0  # random split / test carving salt; deterministic from the path either way
-    max_short_side: int = 448  # shorter side at most this many px: serves 224-448 px training
+    test_fraction: float = fraction(0.1)  # artgan: share of train carved out as test
+    seed: int = ranged(0, 0, MAX_SEED)  # random split / test carving salt; deterministic from the path either way
+    max_short_side: int = positive(448, 16384)  # shorter side at most this many px: serves 224-448 px training
     format: Literal["jpeg", "webp", "png"] = "jpeg"
-    quality: int = 85  # 90 -> 85: decode 0.2 ms/img faster, shards ~25% smaller (docs/benchmarks.md)
-    samples_per_shard: int = 1000
-    min_shards: int = 8  # per split, a floor for small splits: shuffling mixes whole shards
-    workers: int = 0  # 0: all CPU cores
-    max_pixels: int = 200_000_000  # decompression-bomb guard; larger images are skipped and reported
+    quality: int = ranged(85, 1, 100, interval=True)  # docs/benchmarks.md: why 85
+    samples_per_shard: int = positive(1000, 10_000_000)
+    min_shards: int = ranged(8, 1, 100_000)  # per split, a floor for small splits: shuffling mixes whole shards
+    workers: int = ranged(0, 0, 256)  # 0: all CPU cores
+    max_pixels: int = ranged(200_000_000, 1, 10**10)  # decompression-bomb guard; larger images are skipped, reported
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """The training/evaluation input pipeline read from shards."""
 
+    SECTION: ClassVar[str] = "data"
     shards: str = "shards/demo"
-    image_size: int = 224
-    batch_size: int = 64  # per rank
-    num_workers: int = 4  # loader processes per rank
-    shuffle_buffer: int = 2000
+    image_size: int = positive(224, MAX_IMAGE_SIZE, note=f" (the LSTM's positional embedding covers feature "
+                                                         f"maps up to {MAX_IMAGE_SIZE // 32} cells)")
+    batch_size: int = positive(64, 65536)  # per rank
+    num_workers: int = ranged(4, 0, 256)  # loader processes per rank
+    shuffle_buffer: int = positive(2000, 10_000_000)
     augment: Literal["crop_flip", "rrc", "none"] = "crop_flip"
-    crop_padding: int = 16  # crop_flip: pad before the random crop, as the seeds do
-    rrc_scale_min: float = 0.35  # rrc: smallest crop area fraction
+    crop_padding: int = ranged(16, 0, MAX_IMAGE_SIZE)  # crop_flip: pad before the random crop; < image_size
+    rrc_scale_min: float = fraction(0.35, lo_open=True, hi_open=False)  # rrc: smallest crop area fraction
     decode: Literal["cpu", "gpu"] = "cpu"
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
     # Undecodable samples are skipped and counted; a train epoch or an evaluation stops with an error
     # once more than this fraction of its samples were bad.
-    max_bad_fraction: float = 0.001
+    max_bad_fraction: float = fraction(0.001, hi_open=False)
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """ResNet backbone + LSTM over a sequence read from the feature map + one head per task."""
 
+    SECTION: ClassVar[str] = "model"
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet50"
     weights: str = "none"  # none | imagenet | path to a state_dict file
     sequence: Literal["pooled", "spatial", "rows", "columns"] = "spatial"
-    lstm_hidden: int = 512
-    lstm_layers: int = 2
+    lstm_hidden: int = positive(512, 65536)
+    lstm_layers: int = positive(2, 64)
     bidirectional: bool = True
-    dropout: float = 0.1
+    dropout: float = fraction(0.1)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     primary_task: str = "style"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """Optimisation and run control."""
 
-    epochs: int = 10
-    lr: float = 1e-3  # head + LSTM, for the global batch of batch_size*world*accum_steps
-    backbone_lr: float = 1e-4
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01
-    grad_clip: float = 1.0  # 0 disables
-    accum_steps: int = 1
-    label_smoothing: float = 0.1
+    SECTION: ClassVar[str] = "train"
+    epochs: int = positive(10, 10_000)
+    lr: float = ranged(1e-3, 0.0)  # head + LSTM, for the global batch of batch_size*world*accum_steps
+    backbone_lr: float = ranged(1e-4, 0.0)
+    weight_decay: float = ranged(0.05, 0.0)
+    warmup_epochs: float = ranged(1.0, 0.0, 10_000.0)
+    min_lr_ratio: float = fraction(0.01, hi_open=False)
+    grad_clip: float = ranged(1.0, 0.0)  # 0 disables
+    accum_steps: int = positive(1, 4096)
+    label_smoothing: float = fraction(0.1)
     class_weighting: Literal["none", "inverse", "inverse_sqrt"] = "inverse_sqrt"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 if supported, fp16 on older GPUs, off on CPU
     channels_last: bool = True
     compile: bool = False  # torch.compile the backbone only (dynamo graph-breaks on nn.LSTM)
-    seed: int = 0
+    seed: int = ranged(0, 0, MAX_SEED)
     deterministic: bool = False
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    best_metric: str = ""  # e.g. "style/macro_f1"; empty: macro-F1 of model.primary_task
-    log_every: int = 20  # steps between console/TensorBoard train logs
-    stop_after_steps: int = 0  # testing aid: exit (as if killed) after this many global steps; 0 = never
+    best_metric: str = ""  # TASK/METRIC, e.g. "style/macro_f1"; empty: macro-F1 of model.primary_task
+    log_every: int = positive(20, 10**9)  # steps between console/TensorBoard train logs
 
 
 @dataclass
-class OutlierConfig:
+class OutlierConfig(Section):
     """Outlier scoring and reports."""
 
+    SECTION: ClassVar[str] = "outliers"
     enabled: bool = True  # write val-split reports at the end of training
-    threshold: float = 0.6  # the seeds' max-softmax rule
-    top_k: int = 50  # outliers per task shown in HTML/TensorBoard
-    flag_fraction: float = 0.05  # share of samples flagged by the combined score
+    threshold: float = fraction(0.6, hi_open=False)  # flagged when max_softmax < threshold
+    top_k: int = positive(50, 100_000)  # outliers per task shown in HTML/TensorBoard
+    flag_fraction: float = fraction(0.05, lo_open=True, hi_open=False)  # share of samples flagged by the combined score
     planted: str = ""  # planted_noise.csv from `artdist synth --noise`: measure AUROC/precision@k against it
 
 
 @dataclass
-class SlurmConfig:
+class SlurmConfig(Section):
     """Defaults for `artdist submit` (each also a command-line flag)."""
 
+    SECTION: ClassVar[str] = "slurm"
     partition: str = ""
     account: str = ""
     qos: str = ""
-    nodes: int = 1
-    gpus_per_node: int = 1
-    cpus_per_task: int = 8
-    mem_gb: int = 0  # 0: SLURM's default
-    time_min: int = 240
-    signal_delay_s: int = 120
-    max_num_timeout: int = 20
+    nodes: int = positive(1, 4096)
+    gpus_per_node: int = ranged(1, 0, 256)  # with train.device=cpu: CPU processes per node
+    cpus_per_task: int = positive(8, 1024)
+    mem_gb: int = ranged(0, 0, 65536)  # 0: SLURM's default
+    time_min: int = positive(240, 525_600)  # at most a year
+    signal_delay_s: int = ranged(120, 0, 86_400)
+    max_num_timeout: int = ranged(20, 0, 10_000)
     constraint: str = ""
 
 
@@ -221,11 +294,14 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
                 + ", ".join(names)
             )
         tp = hints[key]
-        if _is_dataclass_type(tp):
-            kwargs[key] = _build(tp, value or {}, f"{dotted}.", source)
+        if _is_dataclass_type(tp):  # `data:` with nothing under it keeps the defaults; `data: 0` is an error
+            kwargs[key] = _build(tp, {} if value is None else value, f"{dotted}.", source)
         else:
             kwargs[key] = _convert(value, tp, dotted, source)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:  # a Range: name where the value came from
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _parse_cli_value(text: str) -> Any:
@@ -298,7 +374,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate(cfg: JobConfig, source: str = "config") -> None:
-    """Cross-field checks that types alone cannot express."""
+    """Checks across keys, which a field's Range cannot express (the Ranges ran when `cfg` was built)."""
     tasks = cfg.model.tasks
     if not tasks:
         raise ConfigError(f"{source}: model.tasks is empty; use any of {list(TASKS)}")
@@ -307,69 +383,33 @@ def validate(cfg: JobConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: model.tasks has unknown task {t!r}; valid: {list(TASKS)}")
     if cfg.model.primary_task not in tasks:
         raise ConfigError(f"{source}: model.primary_task={cfg.model.primary_task!r} is not in model.tasks={tasks}")
-    positive = {
-        "data.image_size": cfg.data.image_size,
-        "data.batch_size": cfg.data.batch_size,
-        "train.epochs": cfg.train.epochs,
-        "train.accum_steps": cfg.train.accum_steps,
-        "shard.samples_per_shard": cfg.shard.samples_per_shard,
-        "shard.max_short_side": cfg.shard.max_short_side,
-        "data.shuffle_buffer": cfg.data.shuffle_buffer,
-        "model.lstm_hidden": cfg.model.lstm_hidden,
-        "model.lstm_layers": cfg.model.lstm_layers,
-        "train.log_every": cfg.train.log_every,
-        "outliers.top_k": cfg.outliers.top_k,
-        "slurm.nodes": cfg.slurm.nodes,
-        "slurm.cpus_per_task": cfg.slurm.cpus_per_task,
-        "slurm.time_min": cfg.slurm.time_min,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{source}: {key} must be > 0, got {value}")
-    non_negative = {
-        "data.num_workers": cfg.data.num_workers,
-        "data.crop_padding": cfg.data.crop_padding,
-        "train.lr": cfg.train.lr,
-        "train.backbone_lr": cfg.train.backbone_lr,
-        "train.weight_decay": cfg.train.weight_decay,
-        "train.warmup_epochs": cfg.train.warmup_epochs,
-        "train.grad_clip": cfg.train.grad_clip,
-        "train.stop_after_steps": cfg.train.stop_after_steps,
-        "slurm.gpus_per_node": cfg.slurm.gpus_per_node,
-        "slurm.mem_gb": cfg.slurm.mem_gb,
-        "slurm.signal_delay_s": cfg.slurm.signal_delay_s,
-        "slurm.max_num_timeout": cfg.slurm.max_num_timeout,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{source}: {key} must be >= 0, got {value}")
-    fractions = {  # [0, 1)
-        "model.dropout": cfg.model.dropout,
-        "train.label_smoothing": cfg.train.label_smoothing,
-    }
-    for key, value in fractions.items():
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(f"{source}: {key} must be in [0, 1), got {value}")
-    if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
-        raise ConfigError(f"{source}: train.min_lr_ratio must be in [0, 1], got {cfg.train.min_lr_ratio}")
-    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
-        raise ConfigError(f"{source}: data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}")
-    if not 0.0 <= cfg.outliers.threshold <= 1.0:
-        raise ConfigError(f"{source}: outliers.threshold must be in [0, 1], got {cfg.outliers.threshold}")
-    if not 0.0 < cfg.data.rrc_scale_min <= 1.0:
-        raise ConfigError(f"{source}: data.rrc_scale_min must be in (0, 1], got {cfg.data.rrc_scale_min}")
-    if not 0.0 < cfg.outliers.flag_fraction <= 1.0:
-        raise ConfigError(f"{source}: outliers.flag_fraction must be in (0, 1], got {cfg.outliers.flag_fraction}")
     if cfg.data.crop_padding >= cfg.data.image_size:
         raise ConfigError(f"{source}: data.crop_padding must be < data.image_size ({cfg.data.image_size}), "
                           f"got {cfg.data.crop_padding}")
-    if cfg.data.image_size > MAX_IMAGE_SIZE:
-        raise ConfigError(f"{source}: data.image_size must be <= {MAX_IMAGE_SIZE} (the LSTM's positional "
-                          f"embedding covers feature maps up to {MAX_IMAGE_SIZE // 32} cells), got {cfg.data.image_size}")
-    if not 0.0 <= cfg.synth.noise < 1.0:
-        raise ConfigError(f"{source}: synth.noise must be in [0, 1), got {cfg.synth.noise}")
-    if not 0.0 <= cfg.shard.test_fraction < 1.0:
-        raise ConfigError(f"{source}: shard.test_fraction must be in [0, 1), got {cfg.shard.test_fraction}")
+    best_metric(cfg, source)
+
+
+def best_metric(cfg: JobConfig, source: str = "config") -> tuple[str, str]:
+    """train.best_metric as (task, metric); default: macro-F1 of the primary task."""
+    name = cfg.train.best_metric or f"{cfg.model.primary_task}/macro_f1"
+    task, _, key = name.partition("/")
+    if task not in cfg.model.tasks or key not in HEADLINE:
+        raise ConfigError(f"{source}: train.best_metric={name!r}: expected TASK/METRIC with TASK one of "
+                          f"{cfg.model.tasks} and METRIC one of {list(HEADLINE)}, e.g. {cfg.model.primary_task}/macro_f1")
+    return task, key
+
+
+def override_section(cfg: JobConfig, section: str, flags: dict[str, Any]) -> JobConfig:
+    """`cfg` with the command-line flags that were given (not None) set in `section`, checked as --set is.
+
+    The flags become part of the config, so a run's config.yaml records what actually ran.
+    """
+    given = {key: value for key, value in flags.items() if value is not None}
+    if not given:
+        return cfg
+    tree = to_dict(cfg)
+    tree[section].update(given)
+    return from_dict(tree, "command line")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -385,8 +425,14 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(to_yaml(cfg))
 
 
+# Keys that older versions saved into run configs and checkpoints; dropped when one is read back.
+RETIRED = {"train": ("stop_after_steps",)}
+
+
 def from_dict(tree: dict, source: str = "saved config") -> JobConfig:
     """Rebuild a JobConfig saved with a run (e.g. inside a checkpoint)."""
+    tree = {**tree, **{section: {k: v for k, v in tree[section].items() if k not in keys}
+                       for section, keys in RETIRED.items() if isinstance(tree.get(section), dict)}}
     cfg = _build(JobConfig, tree, "", source)
     validate(cfg, source)
     return cfg
@@ -405,6 +451,7 @@ __all__ = [
     "JobConfig",
     "load_config",
     "apply_overrides",
+    "override_section",
     "save_config",
     "to_dict",
     "to_yaml",

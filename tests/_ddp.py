@@ -33,10 +33,12 @@ def free_port() -> int:
 @dataclass
 class Job:
     """One train.main call; rank 0 creates the run's stop file at the touch_stop_file_at-th
-    should_stop() call (1-based; 0 = never), i.e. after that optimizer step."""
+    should_stop() call (1-based; 0 = never), i.e. after that optimizer step; every rank exits with
+    code 3 (as if killed, nothing saved) at the exit_at-th call instead."""
 
     cfg: JobConfig
     touch_stop_file_at: int = 0
+    exit_at: int = 0
 
 
 def run_ranks(jobs: list[Job], out: Path, world_size: int = 2, timeout_s: float = 600) -> list[list[dict]]:
@@ -45,7 +47,7 @@ def run_ranks(jobs: list[Job], out: Path, world_size: int = 2, timeout_s: float 
     -> records[job][rank] (see _worker). Starting processes costs more than a tiny training run,
     hence several jobs per set. Each rank works in its own empty directory out/cwd<rank>, so a
     file written other than through cfg.run_dir (absolute) shows up there. A rank exiting with a
-    code raises torch.multiprocessing.ProcessExitedException (train.stop_after_steps); ranks still
+    code raises torch.multiprocessing.ProcessExitedException (Job.exit_at); ranks still
     running after timeout_s (a hang) are killed and fail the test.
     """
     out.mkdir(parents=True, exist_ok=True)
@@ -84,10 +86,10 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[Job], out: str) ->
     original_epoch, original_eval = train.train_one_epoch, train.evaluate_split
     original_stop = PreemptionWatch.should_stop
 
-    def train_one_epoch(model, *args, **kwargs):
-        stats = original_epoch(model, *args, **kwargs)
+    def train_one_epoch(state, *args, **kwargs):
+        stats = original_epoch(state, *args, **kwargs)
         record["epochs"].append({"steps_run": stats["step"] - kwargs["start_step"], "step": stats["step"],
-                                 "global_step": stats["global_step"], "params": param_digest(model)})
+                                 "global_step": stats["global_step"], "params": param_digest(state.model)})
         return stats
 
     def evaluate_split(model, cfg, manifest, split, device, amp_dtype):
@@ -102,7 +104,11 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[Job], out: str) ->
         calls = itertools.count(1)
 
         def should_stop(self: PreemptionWatch) -> bool:
-            if next(calls) == job.touch_stop_file_at and rank == 0:
+            call = next(calls)
+            if call == job.exit_at:
+                print(f"exit_at={job.exit_at} reached: exiting without saving, as if killed", flush=True)
+                os._exit(3)
+            if call == job.touch_stop_file_at and rank == 0:
                 self.stop_file.touch()
             return original_stop(self)
 

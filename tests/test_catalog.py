@@ -15,8 +15,8 @@ from artdist.data.catalog import (
     load_catalog,
     split_counts,
 )
-from artdist.errors import UserError
-from artdist.config import TASKS
+from artdist.errors import ConfigError, UserError
+from artdist.config import TASKS, load_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "wikiart_csv"  # where the project got them
 SPLITS_IN_ORDER = ("train", "val", "test")
@@ -225,8 +225,8 @@ def test_gapped_class_file_is_a_user_error(tmp_path):
 
 
 def test_split_arguments_are_checked():
-    catalog = Catalog([Record("a.jpg", 0, (0, -1, -1), ("train", "", ""))], {t: ["x"] for t in TASKS}, {})
-    with pytest.raises(UserError, match="artgan"):
-        assign_splits(catalog, "kfold")
-    with pytest.raises(UserError, match="test_fraction"):
-        assign_splits(catalog, "artgan", test_fraction=1.0)
+    # assign_splits gets them from a ShardConfig, whose schema checks them once
+    with pytest.raises(ConfigError, match="artgan"):
+        load_config(None, ["shard.split=kfold"])
+    with pytest.raises(ConfigError, match="shard.test_fraction must be in"):
+        load_config(None, ["shard.test_fraction=1.0"])

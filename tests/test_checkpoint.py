@@ -14,8 +14,8 @@ import torch
 
 from artdist.rundir import LAST
 from artdist.train import checkpoint
-from artdist.train.checkpoint import (load_checkpoint, latest_checkpoint, resume_training, rng_state, save_atomic,
-                                      save_training_checkpoint, set_rng_state)
+from artdist.train.checkpoint import Checkpointer, load_checkpoint, latest_checkpoint, rng_state, save_atomic, set_rng_state
+from artdist.train.engine import set_lr
 from artdist.errors import UserError
 from artdist.config import JobConfig
 
@@ -101,23 +101,33 @@ def test_rng_state_round_trip_continues_every_stream():
 LAYOUT = {"steps_per_epoch": 10, "world_size": 1, "workers": 1, "batch_size": 16, "accum_steps": 1}
 
 
-def _training_objects(seed: int):
+def _training_objects(seed: int, lr: float = 0.1):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5),
                                 torch.nn.Linear(8, 2))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer.param_groups[0]["base_lr"] = lr
     scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
-    return model, optimizer, scheduler, scaler
+    return model, optimizer, scaler
 
 
-def _step(model, optimizer, scheduler, scaler, x):
+def _schedule(step: int) -> float:
+    return 1 / (step + 1)
+
+
+def _step(model, optimizer, scaler, x, global_step: int) -> float:
+    """One optimizer step at `global_step` with the LR the schedule gives there; -> that LR."""
+    lr = set_lr(optimizer, _schedule(global_step))
     loss = model(x).square().mean()
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad()
-    scheduler.step()
+    return lr
+
+
+def _checkpointer(run_dir, objects, cfg=None, classes=None, layout=LAYOUT) -> Checkpointer:
+    return Checkpointer(run_dir, *objects, cfg or JobConfig(), classes or {}, layout)
 
 
 def test_training_state_round_trip_resumes_identically(tmp_path):
@@ -126,13 +136,13 @@ def test_training_state_round_trip_resumes_identically(tmp_path):
     classes = {"style": ["a", "b"], "artist": ["c"], "genre": ["d", "e"]}
     x = torch.randn(16, 4)
     objects = _training_objects(seed=0)
-    for _ in range(3):
-        _step(*objects, x)
-    position = {"epoch": 2, "step_in_epoch": 5, "global_step": 17, "best_metric": 0.25,
+    for step in range(3):
+        _step(*objects, x, step)
+    position = {"epoch": 0, "step_in_epoch": 3, "global_step": 3, "best_metric": 0.25,
                 "metrics": {"style/macro_f1": 0.25}}
-    save_training_checkpoint(tmp_path, *objects, cfg, classes, LAYOUT, position, best=True)
-    for _ in range(2):  # dropout draws from the RNG that the checkpoint holds
-        _step(*objects, x)
+    _checkpointer(tmp_path, objects, cfg, classes).save(position, best=True)
+    for step in (3, 4):  # dropout draws from the RNG that the checkpoint holds
+        _step(*objects, x, step)
 
     ckpt = load_checkpoint(tmp_path / LAST)  # weights_only=True inside
     assert torch.equal(torch.load(tmp_path / "model_best.pt", weights_only=True)["model"]["0.weight"],
@@ -140,44 +150,51 @@ def test_training_state_round_trip_resumes_identically(tmp_path):
     assert ckpt["config"]["name"] == "roundtrip" and ckpt["class_names"] == classes
     fresh = _training_objects(seed=1)
     torch.manual_seed(99)
-    restored = resume_training(ckpt, tmp_path / LAST, *fresh, seed=0, layout=LAYOUT)
-    assert restored == position
-    assert fresh[2].last_epoch == objects[2].last_epoch - 2
-    assert fresh[3].get_scale() == ckpt["scaler"]["scale"]
-    for _ in range(2):
-        _step(*fresh, x)
+    restored = _checkpointer(tmp_path, fresh, cfg, classes).resume(tmp_path / LAST, seed=0)
+    assert restored == position  # the LR schedule continues from restored["global_step"]
+    assert fresh[2].get_scale() == ckpt["scaler"]["scale"]
+    for step in range(restored["global_step"], restored["global_step"] + 2):
+        _step(*fresh, x, step)
     for (name, a), b in zip(objects[0].state_dict().items(), fresh[0].state_dict().values()):
         assert torch.equal(a, b), name
 
 
+def test_load_checkpoint_checks_the_format_tag(tmp_path):
+    objects = _training_objects(seed=0)
+    _checkpointer(tmp_path, objects).save({"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": 0.0,
+                                           "metrics": {}}, best=False)
+    assert load_checkpoint(tmp_path / LAST)["format"] == checkpoint.FORMAT
+    other = tmp_path / "future.pt"
+    save_atomic({**torch.load(tmp_path / LAST, weights_only=True), "format": "artdist-checkpoint/99"}, other)
+    with pytest.raises(UserError, match=r"future.pt has format 'artdist-checkpoint/99', this artdist reads "
+                                        r"'artdist-checkpoint/1'"):
+        load_checkpoint(other)
+
+
 def test_resume_takes_the_learning_rate_of_the_new_config(tmp_path):
     objects = _training_objects(seed=0)
-    for _ in range(3):
-        _step(*objects, torch.randn(16, 4))
+    for step in range(3):
+        _step(*objects, torch.randn(16, 4), step)
     position = {"epoch": 0, "step_in_epoch": 3, "global_step": 3, "best_metric": 0.0, "metrics": {}}
-    save_training_checkpoint(tmp_path, *objects, JobConfig(), {}, LAYOUT, position, best=False)
-    model, _, _, scaler = _training_objects(seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)  # was 0.1
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
-    resume_training(load_checkpoint(tmp_path / LAST), tmp_path / LAST, model, optimizer, scheduler, scaler, seed=0,
-                    layout=LAYOUT)
-    assert scheduler.last_epoch == 3
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / 4)
+    _checkpointer(tmp_path, objects).save(position, best=False)
+    resumed = _training_objects(seed=0, lr=0.01)  # was 0.1
+    restored = _checkpointer(tmp_path, resumed).resume(tmp_path / LAST, seed=0)
+    assert restored["global_step"] == 3
+    model, optimizer, scaler = resumed
     assert optimizer.state_dict()["state"][0]["step"] == 3  # the Adam moments are the saved ones
-    scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / 5)
+    assert _step(*resumed, torch.randn(16, 4), restored["global_step"]) == pytest.approx(0.01 / 4)
+    assert _step(*resumed, torch.randn(16, 4), restored["global_step"] + 1) == pytest.approx(0.01 / 5)
 
 
 def test_resume_into_a_different_model_is_a_clear_error(tmp_path):
     objects = _training_objects(seed=0)
-    save_training_checkpoint(tmp_path, *objects, JobConfig(), {}, LAYOUT, {"epoch": 0, "step_in_epoch": 0, "global_step": 0,
-                                                                   "best_metric": 0.0, "metrics": {}}, best=False)
+    _checkpointer(tmp_path, objects).save({"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": 0.0,
+                                           "metrics": {}}, best=False)
     other = torch.nn.Linear(3, 3)
     optimizer = torch.optim.AdamW(other.parameters())
     with pytest.raises(UserError, match="different config"):
-        resume_training(load_checkpoint(tmp_path / LAST), tmp_path / LAST, other, optimizer,
-                        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                        torch.amp.GradScaler("cpu", enabled=False), seed=0, layout=LAYOUT)
+        _checkpointer(tmp_path, (other, optimizer, torch.amp.GradScaler("cpu", enabled=False))).resume(
+            tmp_path / LAST, seed=0)
 
 
 @pytest.mark.parametrize("step_in_epoch, expected_step", [(5, 10), (0, 0), (9, 18)])
@@ -186,12 +203,12 @@ def test_resume_with_another_layout_keeps_the_fraction_of_the_epoch_and_the_sche
     objects = _training_objects(seed=0)
     position = {"epoch": 2, "step_in_epoch": step_in_epoch, "global_step": 20 + step_in_epoch, "best_metric": 0.0,
                 "metrics": {}}
-    save_training_checkpoint(tmp_path, *objects, JobConfig(), {}, LAYOUT, position, best=False)
-    model, optimizer, scheduler, scaler = _training_objects(seed=0)
+    _checkpointer(tmp_path, objects).save(position, best=False)
+    resumed = _training_objects(seed=0)
     doubled = {**LAYOUT, "steps_per_epoch": 20, "batch_size": 8}  # same samples per epoch, half the batch
-    restored = resume_training(load_checkpoint(tmp_path / LAST), tmp_path / LAST, model, optimizer, scheduler,
-                               scaler, seed=0, layout=doubled)
+    restored = _checkpointer(tmp_path, resumed, layout=doubled).resume(tmp_path / LAST, seed=0)
     assert restored["epoch"] == 2 and restored["step_in_epoch"] == expected_step
-    assert restored["global_step"] == scheduler.last_epoch == 2 * 20 + expected_step
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 / (restored["global_step"] + 1))
+    assert restored["global_step"] == 2 * 20 + expected_step
+    assert _step(*resumed, torch.randn(16, 4), restored["global_step"]) == pytest.approx(
+        0.1 / (restored["global_step"] + 1))
     assert "batch_size 16 -> 8" in capsys.readouterr().out

@@ -1,10 +1,13 @@
 """Job config: YAML schema, errors that name key/file/valid keys, dotted overrides, round-trip."""
+import dataclasses
+import math
+import typing
 from pathlib import Path
 
 import pytest
 
 from artdist.errors import ConfigError
-from artdist.config import JobConfig, from_dict, load_config, save_config, to_dict
+from artdist.config import JobConfig, Range, from_dict, load_config, override_section, save_config, to_dict
 from artdist.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,11 +59,58 @@ def test_unknown_top_level_section(tmp_path):
     ("model: {lstm_layers: 0}\n", "model.lstm_layers must be > 0"),
     ("train: {amp: sometimes}\n", "train.amp = 'sometimes' is not one of"),
     ("slurm: {nodes: 0}\n", "slurm.nodes must be > 0"),
+    ("train: {lr: .nan}\n", "train.lr must be a finite number, got nan"),
+    ("train: {grad_clip: .nan}\n", "train.grad_clip must be a finite number, got nan"),
+    ("train: {weight_decay: .inf}\n", "train.weight_decay must be a finite number, got inf"),
+    ("data: {batch_size: 1000000}\n", "data.batch_size must be <= 65536, got 1000000"),
+    ("data: {num_workers: 1000}\n", "data.num_workers must be <= 256"),
+    ("train: {epochs: 100000}\n", "train.epochs must be <= 10000"),
+    ("data: 0\n", "data must be a mapping, got 0"),
+    ("train: {best_metric: style/f1}\n", "train.best_metric='style/f1': expected TASK/METRIC"),
 ])
 def test_type_and_value_errors(tmp_path, text, needle):
     with pytest.raises(ConfigError) as exc:
         load_config(write(tmp_path, text))
     assert needle in str(exc.value)
+
+
+def test_range_errors_are_one_line_naming_the_source(tmp_path):
+    path = write(tmp_path, "train: {lr: .nan}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(exc.value) == f"{path}: train.lr must be a finite number, got nan"
+    with pytest.raises(ConfigError, match=r"^defaults \+ --set train.grad_clip=nan: train.grad_clip must be a finite"):
+        load_config(None, ["train.grad_clip=nan"])
+
+
+def test_every_numeric_key_has_a_finite_range():
+    checked = 0
+    for section in (JobConfig().data, JobConfig().model, JobConfig().train, JobConfig().outliers, JobConfig().slurm,
+                    JobConfig().synth, JobConfig().shard):
+        hints = typing.get_type_hints(type(section))
+        for f in dataclasses.fields(section):
+            if hints[f.name] in (int, float):
+                rng = f.metadata.get("range")
+                assert isinstance(rng, Range), f"{section.SECTION}.{f.name} has no Range"
+                assert rng.error(math.nan) and rng.error(math.inf), f"{section.SECTION}.{f.name} takes non-finite"
+                checked += 1
+    assert checked > 40
+
+
+def test_ranges_hold_when_a_section_is_replaced():
+    with pytest.raises(ConfigError, match=r"^shard.quality must be 1..100, got 0$"):
+        dataclasses.replace(JobConfig().shard, quality=0)
+
+
+def test_override_section_applies_given_flags_and_checks_them():
+    cfg = load_config(None)
+    changed = override_section(cfg, "slurm", {"nodes": 4, "partition": None, "time_min": 30})
+    assert (changed.slurm.nodes, changed.slurm.partition, changed.slurm.time_min) == (4, cfg.slurm.partition, 30)
+    assert override_section(cfg, "slurm", {"nodes": None}) is cfg
+    with pytest.raises(ConfigError, match=r"^command line: slurm.nodes must be > 0, got 0$"):
+        override_section(cfg, "slurm", {"nodes": 0})
+    with pytest.raises(ConfigError, match=r"^command line: synth.noise must be a finite number"):
+        override_section(cfg, "synth", {"noise": float("nan")})
 
 
 def test_yaml_off_and_on_words_stay_words(tmp_path):

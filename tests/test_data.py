@@ -18,7 +18,7 @@ from artdist.config import TASKS, DataConfig
 from artdist.data.loader import BAD_ID, TrainLoader, make_eval_loader
 from artdist.data.manifest import num_classes, read_manifest
 from artdist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, Geometry, apply_geometry_pil,
-                                     apply_geometry_tensor, decode_image, sample_geometry)
+                                     crop_resize_batch, decode_image, sample_geometry)
 
 CLASSES = {"style": ["a", "b", "c"], "artist": ["x", "y"], "genre": ["g0", "g1", "g2", "g3"]}
 
@@ -303,10 +303,60 @@ def test_tensor_geometry_matches_pil(geom):
     y, x = np.mgrid[0:64, 0:80]
     pixels = np.stack([x * 3, y * 4, (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
     pil = np.asarray(apply_geometry_pil(Image.fromarray(pixels), geom, 25)).astype(float)
-    tensor = apply_geometry_tensor(torch.from_numpy(pixels).permute(2, 0, 1), geom, 25)
+    tensor = crop_resize_batch([torch.from_numpy(pixels).permute(2, 0, 1)], [geom], 25)[0]
     assert tensor.dtype == torch.uint8 and tensor.shape == (3, 25, 25)
     diff = np.abs(tensor.permute(1, 2, 0).numpy().astype(float) - pil)
     assert diff.mean() < 3.0
+
+
+def _shard_jpegs(shards: Path, count: int) -> list[bytes]:
+    with tarfile.open(next(iter(sorted(shards.glob("train-*.tar"))))) as tar:
+        return [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")][:count]
+
+
+def _real_jpegs(count: int) -> list[bytes]:
+    # Real WikiArt pictures (../shared/wikiart_sample) where this checkout has them, shrunk to shard size.
+    folder = Path(__file__).resolve().parents[2] / "shared" / "wikiart_sample"
+    files = sorted(folder.rglob("*.jpg"))[:count]
+    if not files:
+        pytest.skip(f"no real WikiArt sample at {folder}")
+    out = []
+    for f in files:
+        img = Image.open(f).convert("RGB")
+        img.thumbnail((448 * 3, 448), Image.LANCZOS) if img.height <= img.width else img.thumbnail((448, 448 * 3))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        out.append(buf.getvalue())
+    return out
+
+
+# Bound on |GPU-path pixels - CPU-path pixels| (0-255), same shards and geometry: the stated contract
+# of data.decode=gpu (docs/benchmarks.md). Mean, and the 99th percentile (edges of padded crops differ most).
+GPU_DECODE_BOUND = {"mean": 1.5, "p99": 12.0}
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+@pytest.mark.parametrize("source", ["synth", "real"])
+@pytest.mark.parametrize("augment", ["none", "crop_flip", "rrc"])
+def test_batched_gpu_decode_maths_matches_cpu_path(demo_shards, source, augment):
+    """data.decode=gpu's half that is not nvJPEG (batched crop/resize/flip) against decode_image on CPU."""
+    import torchvision
+    jpegs = _shard_jpegs(demo_shards, 12) if source == "synth" else _real_jpegs(12)
+    cfg = DataConfig(image_size=64 if source == "synth" else 224, augment=augment, crop_padding=4)
+    tensors = [torchvision.io.decode_jpeg(torch.frombuffer(bytearray(j), dtype=torch.uint8),
+                                          mode=torchvision.io.ImageReadMode.RGB) for j in jpegs]
+    geoms = [sample_geometry(augment, t.shape[-1], t.shape[-2], cfg, np.random.default_rng(k))
+             for k, t in enumerate(tensors)]
+    batch = crop_resize_batch(tensors, geoms, cfg.image_size)
+    cpu = np.stack([decode_image(j, augment, cfg, np.random.default_rng(k)) for k, j in enumerate(jpegs)])
+    diff = np.abs(batch.permute(0, 2, 3, 1).numpy().astype(float) - cpu)
+    print(f"{source} {augment}: mean {diff.mean():.2f} p99 {np.percentile(diff, 99):.1f} max {diff.max():.0f}")
+    assert diff.mean() < GPU_DECODE_BOUND["mean"]
+    assert np.percentile(diff, 99) < GPU_DECODE_BOUND["p99"]
+    flipped = [k for k, g in enumerate(geoms) if g.flip]
+    if flipped:  # the flip is applied (a mirrored comparison would be far off)
+        k = flipped[0]
+        assert diff[k].mean() < (np.abs(batch[k].flip(-1).permute(1, 2, 0).numpy().astype(float) - cpu[k])).mean()
 
 
 # --------------------------------------------------------------------------- device transform

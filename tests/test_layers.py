@@ -15,7 +15,7 @@ LAYERS = [
     ("artdist.data",),
     ("artdist.model",),
     ("artdist.train",),
-    ("artdist.outliers", "artdist.bench"),
+    ("artdist.outliers", "artdist.bench", "artdist.checklist"),
     ("artdist.job", "artdist.submit"),
     ("artdist.commands",),
     ("artdist.cli", "artdist.__main__"),

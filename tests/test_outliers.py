@@ -30,7 +30,7 @@ from artdist.model import build_model
 from artdist.outliers import pipeline, ranking
 from artdist.outliers.report import read_sample_index
 from artdist.outliers.scores import ClassGaussian, GaussianAccumulator, TaskScores, softmax_scores
-from artdist.train.checkpoint import save_atomic
+from artdist.train.checkpoint import FORMAT, save_atomic
 
 # --------------------------------------------------------------------------- scores on hand-made logits
 
@@ -392,7 +392,8 @@ def test_cli_scores_a_saved_run_and_explains_bad_input(probed, tmp_path, capsys)
     cfg, manifest, model, _, scores = probed
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "class_names": manifest["classes"]},
+    save_atomic({"format": FORMAT, "model": model.state_dict(), "config": to_dict(cfg),
+                 "class_names": manifest["classes"]},
                 run_dir / "model_best.pt")
     assert cli_main(["outliers", "--run", str(run_dir), "--set", "outliers.top_k=3"]) == 0
     out = run_dir / "outliers" / SPLIT

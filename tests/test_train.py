@@ -98,7 +98,7 @@ def demo_corpus_shards(tmp_path_factory) -> Path:
 def runs(shards, demo_corpus_shards, steps_per_epoch, tmp_path_factory) -> dict:
     """Every 2-rank run of this file; starting processes dominates, so one set of ranks runs them in turn.
 
-    killed: stop_after_steps in mid epoch 2 (own processes: they exit), then resumed; preempted:
+    killed: every rank exits in mid epoch 2 (own processes: they exit), then resumed; preempted:
     stop file after step 3, then resumed; baseline: uninterrupted; accum: 2 micro-batches per step;
     learn: the demo config for 2 epochs; nan: lr=1e30.
     """
@@ -106,7 +106,7 @@ def runs(shards, demo_corpus_shards, steps_per_epoch, tmp_path_factory) -> dict:
     dirs = {name: out / name for name in ("baseline", "preempted", "killed", "accum", "learn", "nan")}
     kill_at = steps_per_epoch + steps_per_epoch // 2
     with pytest.raises(ProcessExitedException) as killed:
-        run_ranks([Job(tiny_config(shards, dirs["killed"], f"train.stop_after_steps={kill_at}"))], out / "kill")
+        run_ranks([Job(tiny_config(shards, dirs["killed"]), exit_at=kill_at)], out / "kill")
     killed_last = torch.load(dirs["killed"] / LAST, weights_only=True)
     killed_had_test_report = (dirs["killed"] / "eval_test.json").exists()
     jobs = {

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from artdist.bench import CPU_DEFAULTS, DEFAULT_STEPS, PARTS, format_table, run_bench
+from artdist.bench import CPU_DEFAULTS, DEFAULT_STEPS, PARTS, WARMUP_STEPS, format_table, run_bench
+from artdist.checklist import format_markdown, run_checklist
 from artdist.commands.common import add_config_arguments
-from artdist.config import load_config
-from artdist.data.synth import MIN_IMAGES
+from artdist.config import MIN_SYNTH_IMAGES, load_config
 from artdist.dist import init_distributed
 from artdist.errors import UserError
 
@@ -36,6 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                              f"(default {DEFAULT_STEPS['cpu']} on CPU, {DEFAULT_STEPS['cuda']} on CUDA)")
     p.add_argument("--json", metavar="FILE", help="also write the result to FILE")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run (default {','.join(PARTS)})")
+    p.add_argument("--gpu-checklist", action="store_true",
+                   help="instead of the tables: check and time every CUDA-specific path (NCCL, AMP bf16/fp16, "
+                        "channels_last, compile, GPU decode, end to end) and write --json (default "
+                        "build/checklist.json) plus a markdown table beside it; on CPU it runs what it can and "
+                        "says why it skipped the rest (docs/benchmarks.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,13 +48,15 @@ def run(args: argparse.Namespace) -> int:
     only = _parts(args.only)
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps}: must be >= 1")
-    if args.images < MIN_IMAGES:
-        raise UserError(f"--images {args.images}: the corpus needs at least {MIN_IMAGES} pictures")
+    if args.images < MIN_SYNTH_IMAGES:
+        raise UserError(f"--images {args.images}: the corpus needs at least {MIN_SYNTH_IMAGES} pictures")
     if args.full_size < 32:
         raise UserError(f"--full-size {args.full_size}: must be >= 32 px")
     cpu_defaults = list(CPU_DEFAULTS) if args.config is None and not torch.cuda.is_available() else []
     cfg = load_config(args.config, cpu_defaults + args.overrides)
     device = init_distributed(cfg.train.device)
+    if args.gpu_checklist:
+        return _checklist(args, cfg, device)
     result = run_bench(cfg, workdir=Path(args.workdir), images=args.images, full_size=args.full_size,
                        workers=workers, steps=args.steps, only=only, cpu_defaults=cpu_defaults, device=device)
     print(format_table(result), flush=True)
@@ -59,6 +66,23 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(text + "\n")
     print(text)
     return 0
+
+
+def _checklist(args: argparse.Namespace, cfg, device: torch.device) -> int:
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    result = run_checklist(cfg, workdir=Path(args.workdir), images=args.images, full_size=args.full_size,
+                           steps=args.steps or DEFAULT_STEPS[kind], warmup=WARMUP_STEPS[kind], device=device)
+    out = Path(args.json or "build/checklist.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    table = format_markdown(result)
+    out.with_suffix(".md").write_text(table)
+    print(table, flush=True)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    failed = [name for name, row in result["checks"].items() if row["status"] == "fail"]
+    if failed:
+        print(f"checklist: failed: {', '.join(failed)} (details in {out})")
+    return 1 if failed else 0
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from artdist.commands.common import add_config_arguments
-from artdist.config import load_config, validate
+from artdist.config import load_config, override_section
 from artdist.data.shard import EXTENSIONS, shard_dataset
 
 
@@ -42,11 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    job = load_config(args.config, args.overrides)
     names = ("images", "labels", "out", "split", "max_short_side", "format", "quality", "samples_per_shard", "workers")
-    flags = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    job.shard = dataclasses.replace(job.shard, **flags)
-    validate(job, "command line")
+    job = override_section(load_config(args.config, args.overrides), "shard", {k: getattr(args, k) for k in names})
     try:
         shard_dataset(job.shard)
     except KeyboardInterrupt:

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from artdist.commands.common import add_config_arguments
-from artdist.config import load_config, validate
+from artdist.config import load_config, override_section
 from artdist.submit import submit_job, task_layout
 
 # SlurmConfig fields that are also command-line flags; a flag that is given overrides the config.
@@ -30,11 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    flags = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
-    # The flags become part of the job's config, so RUN_DIR/config.yaml records what actually ran.
-    cfg = dataclasses.replace(cfg, slurm=dataclasses.replace(cfg.slurm, **flags))
-    validate(cfg, "command line")  # e.g. --nodes 0
+    cfg = override_section(load_config(args.config, args.overrides), "slurm", {k: getattr(args, k) for k in FLAGS})
     job = submit_job(cfg, args.local)
     tasks, gpus = task_layout(cfg, args.local)
     where = "on this machine (submitit LocalExecutor)" if args.local else "to SLURM"

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from artdist.commands.common import add_config_arguments
-from artdist.config import load_config, validate
+from artdist.config import load_config, override_section
 from artdist.data.synth import ARTISTS, DEFAULT_COUNTS, GENRES, STYLES, make_corpus
 
 
@@ -29,10 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    job = load_config(args.config, args.overrides)
-    flags = {k: getattr(args, k) for k in ("out", "images", "seed", "noise", "size") if getattr(args, k) is not None}
-    job.synth = dataclasses.replace(job.synth, **flags)
-    validate(job, "command line")
+    job = override_section(load_config(args.config, args.overrides), "synth",
+                           {k: getattr(args, k) for k in ("out", "images", "seed", "noise", "size")})
     summary = make_corpus(job.synth, args.styles, args.artists, args.genres)
     labelled = ", ".join(f"{t} {v['train']}+{v['val']}" for t, v in summary["labelled"].items())
     print(f"wrote {summary['images']} images ({summary['size']} px) to {summary['out']} in "

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save (tmp + fsync + os.replace), safe load, the training state and RNG streams to resume."""
+"""Checkpoints: atomic save (tmp + fsync + os.replace), checked load, and the Checkpointer that saves and resumes a run."""
 from __future__ import annotations
 
 import os
@@ -83,6 +83,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"checkpoint {path} is not an artdist checkpoint (no 'model' entry); "
                         "pick a model_*.pt from a run dir")
+    if ckpt.get("format") != FORMAT:
+        raise UserError(f"checkpoint {path} has format {ckpt.get('format')!r}, this artdist reads {FORMAT!r}; "
+                        "pick a model_*.pt written by this version, or retrain")
     return ckpt
 
 
@@ -125,110 +128,103 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-def save_training_checkpoint(run_dir: Path | RunDir, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                             scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                             cfg: JobConfig, class_names: dict[str, list[str]], layout: dict, position: dict,
-                             best: bool) -> None:
-    """Call on every rank (each rank's RNG state is gathered); rank 0 writes model_last.pt and, when
-    `best`, the same state to model_best.pt.
+class Checkpointer:
+    """Saves and resumes one run's training state (model_last.pt / model_best.pt), holding what it saves.
 
-    `position` = {"epoch", "step_in_epoch", "global_step", "best_metric", "metrics"}: the next step
+    `model` is the plain model, so its keys carry no DDP prefix. `layout` = {"steps_per_epoch",
+    "world_size", "workers", "batch_size", "accum_steps"} says what a step means in this job.
+    A position is {"epoch", "step_in_epoch", "global_step", "best_metric", "metrics"}: the next step
     to run (step_in_epoch 0 of epoch+1 after a whole epoch), the best validation value so far, and
-    the latest validation metrics. `layout` (see resume_training) says what a step meant in this run.
-    `model` is the plain model, so its keys carry no DDP prefix.
+    the latest validation metrics.
     """
-    rng = gather_objects(rng_state())
-    failure = None
-    if is_main_process():
+
+    def __init__(self, run_dir: str | Path | RunDir, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, cfg: JobConfig, class_names: dict[str, list[str]], layout: dict):
+        self.run_dir = RunDir(run_dir)
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.cfg, self.class_names, self.layout = cfg, class_names, layout
+
+    def save(self, position: dict, best: bool) -> None:
+        """Every rank (each rank's RNG state is gathered); rank 0 writes model_last.pt and, when
+        `best`, the same state to model_best.pt."""
+        rng = gather_objects(rng_state())
+        failure = None
+        if is_main_process():
+            try:
+                self._write(position, best, rng)
+            except UserError as exc:
+                failure = str(exc)
+        # Every rank stops on a failed save; the others would wait in the next collective until it times out.
+        failure = broadcast_object(failure)
+        if failure:
+            raise UserError(failure)
+
+    def _write(self, position: dict, best: bool, rng: list) -> None:
+        ckpt = {
+            "format": FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            **position,
+            "layout": self.layout,
+            "rng": rng,
+            "config": to_dict(self.cfg),
+            "class_names": self.class_names,
+        }
+        # BEST first: killed between the two writes, the resumed run finds the old model_last.pt and
+        # redoes this epoch, whereas the other order would leave a best_metric that model_best.pt lacks.
+        if best:
+            save_atomic(ckpt, self.run_dir.best)
+        save_atomic(ckpt, self.run_dir.last)
+
+    def resume(self, path: Path, seed: int) -> dict:
+        """Load the state saved in `path` into this rank's objects; -> its position.
+
+        When the saved layout differs from this job's (more GPUs, another batch size...), a step no
+        longer means the same samples: the position is carried over as the same fraction of the
+        epoch, in this job's steps, and the LR schedule (a function of global_step) continues there.
+
+        The optimizer keeps this job's hyper-parameters (base LRs, weight decay), so a run can resume
+        with, say, a lower train.lr after a non-finite loss; with an unchanged config every value is
+        the saved one. RNG states continue exactly when the world size is unchanged; otherwise each
+        rank is reseeded from (seed, rank, global step): training continues, but not bit-identically.
+        """
+        ckpt = load_checkpoint(path)
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         try:
-            _write_training_checkpoint(RunDir(run_dir), model, optimizer, scheduler, scaler, cfg, class_names, layout,
-                                       position, best, rng)
-        except UserError as exc:
-            failure = str(exc)
-    # Every rank stops on a failed save; the others would wait in the next collective until it times out.
-    failure = broadcast_object(failure)
-    if failure:
-        raise UserError(failure)
-
-
-def _write_training_checkpoint(run_dir: RunDir, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                               scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                               cfg: JobConfig, class_names: dict[str, list[str]], layout: dict, position: dict,
-                               best: bool, rng: list) -> None:
-    ckpt = {
-        "format": FORMAT,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        **position,
-        "layout": layout,
-        "rng": rng,
-        "config": to_dict(cfg),
-        "class_names": class_names,
-    }
-    # BEST first: killed between the two writes, the resumed run finds the old model_last.pt and
-    # redoes this epoch, whereas the other order would leave a best_metric that model_best.pt lacks.
-    if best:
-        save_atomic(ckpt, run_dir.best)
-    save_atomic(ckpt, run_dir.last)
-
-
-def resume_training(ckpt: dict, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LambdaLR, scaler: torch.amp.GradScaler, seed: int,
-                    layout: dict) -> dict:
-    """Load a save_training_checkpoint state into fresh objects on this rank; returns its position.
-
-    `layout` = {"steps_per_epoch", "world_size", "workers", "batch_size", "accum_steps"} of this job.
-    When it differs from the saved one (more GPUs, another batch size...), a step no longer means
-    the same samples: the position is carried over as the same fraction of the epoch, in this job's
-    steps, and the LR schedule continues from there.
-
-    The optimizer keeps this job's hyper-parameters (learning rates, weight decay), so a run can
-    resume with, say, a lower train.lr after a non-finite loss; with an unchanged config every
-    value is the saved one. RNG states continue exactly when the world size is unchanged;
-    otherwise each rank is reseeded from (seed, rank, global step): training continues, but not
-    bit-identically.
-    """
-    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(
-            f"{path} does not fit this job's model/optimizer ({str(exc).splitlines()[0]}); it was written by a "
-            f"different config: pick another `name`/`out_dir` for this job, or delete {path.parent} to start over"
-        ) from None
-    scheduler.load_state_dict(ckpt["scheduler"])
-    position = {key: ckpt[key] for key in ("epoch", "step_in_epoch", "global_step", "best_metric", "metrics")}
-    saved = ckpt.get("layout", layout)
-    if saved != layout:
-        old_steps, new_steps = saved["steps_per_epoch"], layout["steps_per_epoch"]
-        step = min(round(position["step_in_epoch"] * new_steps / old_steps), new_steps - 1) \
-            if position["step_in_epoch"] else 0
-        position.update(step_in_epoch=step, global_step=position["epoch"] * new_steps + step)
-        scheduler.last_epoch = position["global_step"]
-        if is_main_process():
-            changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in layout.items() if saved.get(k) != v)
-            print(f"note: {path} was written with another layout ({changed}): resuming at step {step} of "
-                  f"{new_steps} in epoch {position['epoch'] + 1}; the rest of that epoch's samples are "
-                  "not exactly the ones the interrupted run had left", flush=True)
-    scheduler.base_lrs = [group["initial_lr"] for group in configured]
-    for group, settings, base, factor in zip(optimizer.param_groups, configured, scheduler.base_lrs,
-                                             scheduler.lr_lambdas):
-        group.update(settings, lr=base * factor(scheduler.last_epoch))
-    # An fp16 run's scaler state is meaningless (and rejected) once amp changed, and vice versa.
-    if scaler.is_enabled() and ckpt["scaler"]:
-        scaler.load_state_dict(ckpt["scaler"])
-    rank, world = get_rank(), get_world_size()
-    if len(ckpt["rng"]) == world:
-        set_rng_state(ckpt["rng"][rank])
-    else:
-        if is_main_process():
-            print(f"note: {path} was written by {len(ckpt['rng'])} processes, this run has {world}: "
-                  "RNG streams are reseeded, so the continuation is not bit-identical", flush=True)
-        seed_all(seed + rank + 1_000_003 * ckpt["global_step"])
-    return position
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError) as exc:
+            raise UserError(
+                f"{path} does not fit this job's model/optimizer ({str(exc).splitlines()[0]}); it was written by a "
+                f"different config: pick another `name`/`out_dir` for this job, or delete {path.parent} to start over"
+            ) from None
+        for group, settings in zip(self.optimizer.param_groups, configured):
+            group.update(settings)
+        position = {key: ckpt[key] for key in ("epoch", "step_in_epoch", "global_step", "best_metric", "metrics")}
+        saved, layout = ckpt.get("layout", self.layout), self.layout
+        if saved != layout:
+            old_steps, new_steps = saved["steps_per_epoch"], layout["steps_per_epoch"]
+            step = min(round(position["step_in_epoch"] * new_steps / old_steps), new_steps - 1) \
+                if position["step_in_epoch"] else 0
+            position.update(step_in_epoch=step, global_step=position["epoch"] * new_steps + step)
+            if is_main_process():
+                changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in layout.items() if saved.get(k) != v)
+                print(f"note: {path} was written with another layout ({changed}): resuming at step {step} of "
+                      f"{new_steps} in epoch {position['epoch'] + 1}; the rest of that epoch's samples are "
+                      "not exactly the ones the interrupted run had left", flush=True)
+        # An fp16 run's scaler state is meaningless (and rejected) once amp changed, and vice versa.
+        if self.scaler.is_enabled() and ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        rank, world = get_rank(), get_world_size()
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank])
+        else:
+            if is_main_process():
+                print(f"note: {path} was written by {len(ckpt['rng'])} processes, this run has {world}: "
+                      "RNG streams are reseeded, so the continuation is not bit-identical", flush=True)
+            seed_all(seed + rank + 1_000_003 * ckpt["global_step"])
+        return position
 
 
 def load_trained_model(ckpt: dict, cfg: JobConfig, device: torch.device) -> CNNLSTM:

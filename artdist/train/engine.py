@@ -1,11 +1,11 @@
-"""Training and evaluation loops only: train_one_epoch, run_inference, evaluate."""
+"""Training and evaluation loops only: TrainState, train_one_epoch, run_inference, evaluate."""
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -22,28 +22,37 @@ from artdist.train.numerics import autocast
 # --------------------------------------------------------------------------- training
 
 
-def train_one_epoch(
-    model: torch.nn.Module,
-    loader: Iterable,
-    transform: Callable[[torch.Tensor], torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    loss_fn: MultiTaskLoss,
-    *,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    steps: int,
-    start_step: int,
-    global_step: int,
-    accum_steps: int,
-    grad_clip: float,
-    should_stop: Callable[[], bool],
-    stop_after_steps: int = 0,
-    log_every: int = 0,
-    log: Callable[[dict], None] | None = None,
-    max_bad: int | None = None,
-) -> dict:
+@dataclass
+class TrainState:
+    """What an optimizer step uses and advances; `global_step` is the number of steps taken so far.
+
+    `lr_factor(step)` scales each param group's `base_lr`; it is written into the groups before
+    every step (as nanoGPT's get_lr), so a resume needs only `global_step` to continue the schedule.
+    """
+
+    model: torch.nn.Module  # the DDP wrapper under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: MultiTaskLoss
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    accum_steps: int = 1
+    grad_clip: float = 0.0  # 0 disables
+    lr_factor: Callable[[int], float] = lambda step: 1.0
+    global_step: int = 0
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    """Write base_lr * factor into every param group; -> the largest (the head's, train.lr)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+def train_one_epoch(state: TrainState, loader: Iterable, *, steps: int, start_step: int = 0,
+                    should_stop: Callable[[], bool] = lambda: False, log_every: int = 0,
+                    log: Callable[[dict], None] | None = None, max_bad: int | None = None) -> dict:
     """Optimizer steps `start_step`..`steps`-1 of one epoch; `loader` must already skip the first ones.
 
     Every rank runs the same number of steps (the loader guarantees equal batches per rank). After
@@ -56,20 +65,21 @@ def train_one_epoch(
     "images_per_sec", "data_wait_frac", "lr", "bad_samples": [count per rank]} (losses averaged over ranks
     and steps).
     """
+    model, optimizer, scaler, accum_steps = state.model, state.optimizer, state.scaler, state.accum_steps
     model.train()
     world = get_world_size()
-    tasks = loss_fn.tasks
+    tasks = state.loss_fn.tasks
     batches = iter(loader)
     # [loss per task..., images, seconds waiting for the loader, steps]: over the epoch and since the last log
     epoch_sums = torch.zeros(len(tasks) + 3, dtype=torch.float64)
     window_sums = torch.zeros_like(epoch_sums)
     epoch_start = window_start = time.perf_counter()
     step, stopped = start_step, False
-    lr = _head_lr(optimizer)
+    lr = set_lr(optimizer, state.lr_factor(state.global_step))
     local_bad = epoch_bad = 0
     while step < steps and not stopped:
         # [loss per task..., bad samples]: one all-reduce per step for both
-        step_sums = torch.zeros(len(tasks) + 1, device=device)
+        step_sums = torch.zeros(len(tasks) + 1, device=state.device)
         images_seen, wait = 0, 0.0
         for micro in range(accum_steps):
             t0 = time.perf_counter()
@@ -78,16 +88,16 @@ def train_one_epoch(
             bad = bad_samples(ids)
             local_bad += bad
             step_sums[-1] += bad
-            x = transform(images)
-            labels = labels.to(device, non_blocking=True)
+            x = state.transform(images)
+            labels = labels.to(state.device, non_blocking=True)
             images_seen += labels.shape[0] * world
             # Gradients are all-reduced only on the last micro-step of an accumulated step.
             defer = isinstance(model, DistributedDataParallel) and micro < accum_steps - 1
             sync = model.no_sync() if defer else contextlib.nullcontext()
             with sync:
-                with autocast(device, amp_dtype):
+                with autocast(state.device, state.amp_dtype):
                     logits = model(x)
-                loss, per_task = loss_fn(logits, labels)
+                loss, per_task = state.loss_fn(logits, labels)
                 scaler.scale(loss / accum_steps).backward()
             step_sums[:-1] += per_task
         all_reduce_sum(step_sums)
@@ -95,39 +105,34 @@ def train_one_epoch(
         epoch_bad += int(step_sums[-1].item())
         if max_bad is not None and epoch_bad > max_bad:
             optimizer.zero_grad(set_to_none=True)
-            raise UserError(f"{epoch_bad} undecodable samples in this epoch by global step {global_step + 1}, more "
+            raise UserError(f"{epoch_bad} undecodable samples in this epoch by global step {state.global_step + 1}, more "
                             f"than data.max_bad_fraction allows ({max_bad}); the warnings above name them: re-run "
                             "`artdist shard` on the source images, or raise data.max_bad_fraction")
         if not torch.isfinite(step_loss).all():
             optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(_non_finite_message(tasks, step_loss, global_step + 1, step))
-        if grad_clip > 0:
+            raise NonFiniteLossError(_non_finite_message(tasks, step_loss, state.global_step + 1, step))
+        if state.grad_clip > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        lr = _head_lr(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), state.grad_clip)
+        lr = set_lr(optimizer, state.lr_factor(state.global_step))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
         step += 1
-        global_step += 1
+        state.global_step += 1
         sums = torch.cat([step_loss.double().cpu(), torch.tensor([images_seen, wait, 1], dtype=torch.float64)])
         epoch_sums += sums
         window_sums += sums
-        if stop_after_steps and global_step == stop_after_steps:
-            print(f"train.stop_after_steps={stop_after_steps} reached: exiting without saving, as if killed",
-                  flush=True)
-            os._exit(3)
         stopped = should_stop()
-        if log_every and global_step % log_every == 0:
+        if log_every and state.global_step % log_every == 0:
             now = time.perf_counter()
             if log is not None:
-                log(_stats(tasks, window_sums, now - window_start, lr, step, global_step))
+                log(_stats(tasks, window_sums, now - window_start, lr, step, state.global_step))
             window_sums.zero_()
             window_start = now
-    stats = _stats(tasks, epoch_sums, time.perf_counter() - epoch_start, lr, step, global_step)
+    stats = _stats(tasks, epoch_sums, time.perf_counter() - epoch_start, lr, step, state.global_step)
     stats["stopped"] = stopped
-    stats["bad_samples"] = per_rank(local_bad, device)
+    stats["bad_samples"] = per_rank(local_bad, state.device)
     return stats
 
 
@@ -136,11 +141,6 @@ def per_rank(value: int, device: torch.device) -> list[int]:
     slots = torch.zeros(get_world_size(), dtype=torch.int64, device=device)
     slots[get_rank()] = value
     return [int(v) for v in all_reduce_sum(slots).tolist()]
-
-
-def _head_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The largest group lr: the head/LSTM one (train.lr), which the backbone's is a fraction of."""
-    return max(group["lr"] for group in optimizer.param_groups)
 
 
 def _stats(tasks: list[str], sums: torch.Tensor, elapsed: float, lr: float, step: int, global_step: int) -> dict:
@@ -181,7 +181,9 @@ def run_inference(model: torch.nn.Module, loader: Iterable, transform: Callable[
     with torch.no_grad():
         for images, labels, ids in loader:
             x = transform(images)
-            with autocast(device, amp_dtype):
+            # Eager even when train.compile is on: no_grad and the ragged last batch would each recompile
+            # the backbone, and dynamo gives up after 8 recompiles (seen on an H200, docs/benchmarks.md).
+            with autocast(device, amp_dtype), torch.compiler.set_stance("force_eager"):
                 logits, embedding = model.forward_features(x)
             yield (ids.to(device), labels.to(device), {t: v.float() for t, v in logits.items()}, embedding.float())
 

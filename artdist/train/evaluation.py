@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from artdist.config import JobConfig
+from artdist.config import HEADLINE, JobConfig
 from artdist.data.loader import make_eval_loader
 from artdist.data.manifest import num_classes
 from artdist.data.transforms import DeviceTransform
@@ -16,7 +16,6 @@ from artdist.metrics import format_confusion, format_table, report_from_confusio
 from artdist.train import engine
 from artdist.train.numerics import use_channels_last
 
-HEADLINE = ("accuracy", "top5", "macro_f1")
 
 
 def evaluate_split(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: str, device: torch.device,

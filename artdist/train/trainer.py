@@ -9,7 +9,7 @@ Launch (the run dir is runs/<name>, or out_dir):
 Any key can be changed on the command line: --set train.epochs=30 --set data.batch_size=32.
 
 Running the same command again resumes from RUN_DIR/model_last.pt exactly where the last run
-stopped (epoch, step in the epoch, optimizer, LR schedule, RNG streams). `touch RUN_DIR/PREEMPT`
+stopped (epoch, step in the epoch, optimizer, RNG streams; the LR is a function of the step). `touch RUN_DIR/PREEMPT`
 makes all ranks stop after the current step, save, and return 'preempted'; SIGUSR2 or SIGTERM does
 the same and returns 'terminated' (`artdist train` then exits with TERMINATED_EXIT, so that a
 scheduler restarts it). Rank 0 holds RUN_DIR/LOCK meanwhile: a second training there fails at once.
@@ -26,23 +26,24 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch._dynamo
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from artdist.config import JobConfig, save_config, to_dict
+from artdist.config import JobConfig, best_metric, save_config, to_dict
 from artdist.data.loader import TrainLoader
 from artdist.data.manifest import label_counts, num_classes, read_manifest
 from artdist.data.transforms import DeviceTransform
 from artdist.dist import (all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup, get_rank,
                           get_world_size, init_distributed, is_dist, is_main_process)
-from artdist.errors import ConfigError, UserError
+from artdist.errors import UserError
 from artdist.metrics import confusion_image
 from artdist.model import CNNLSTM, build_model
 from artdist import rundir
 from artdist.rundir import RunDir
-from artdist.train.checkpoint import latest_checkpoint, load_checkpoint, resume_training, save_training_checkpoint, seed_all
-from artdist.train.engine import train_one_epoch
-from artdist.train.evaluation import HEADLINE, evaluate_split, headline, write_report
+from artdist.train.checkpoint import Checkpointer, latest_checkpoint, load_checkpoint, seed_all
+from artdist.train.engine import TrainState, train_one_epoch
+from artdist.train.evaluation import evaluate_split, headline, write_report
 from artdist.train.loss import MultiTaskLoss, class_weights
 from artdist.train.numerics import resolve_amp, use_channels_last
 from artdist.train.preempt import PreemptionWatch, requeue_slurm_job
@@ -62,6 +63,13 @@ def main(cfg: JobConfig, after_test: AfterTest | None = None) -> str:
     try:
         with rundir.hold(cfg.run_dir, "training"):
             return train(cfg, device, after_test)
+    except torch._dynamo.exc.TorchDynamoException as exc:
+        if not cfg.train.compile:
+            raise
+        # Compilation happens at the first step, deep inside dynamo/inductor: say what to change instead.
+        detail = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:300]
+        raise UserError(f"train.compile: torch.compile of the backbone failed ({detail}); set "
+                        f"train.compile=false, or fix the compiler toolchain it names") from exc
     finally:
         cleanup()
 
@@ -123,10 +131,8 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
 
     # ---- model (same init on every rank), optimizer, LR schedule, loss
     seed_all(tcfg.seed)
-    schedule = partial(lr_factor, warmup_steps=round(tcfg.warmup_epochs * steps_per_epoch), total_steps=total_steps,
-                       min_ratio=tcfg.min_lr_ratio)
-    model, optimizer, scheduler, scaler, loss_fn = build_training(cfg, classes, counts, device, amp_dtype,
-                                                                  channels_last, schedule)
+    model, optimizer, scaler, loss_fn = build_training(cfg, classes, counts, device, amp_dtype, channels_last)
+    checkpointer = Checkpointer(run_dir, model, optimizer, scaler, cfg, manifest["classes"], layout)
     if cfg.data.batch_size * tcfg.accum_steps < 2 and any(
             isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} cannot train {cfg.model.backbone}: its BatchNorm layers "
@@ -143,8 +149,7 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
         raise UserError(f"{int(found.item())} of {world} processes see {run_dir.last}: the run dir must be on a "
                         "file system that every node sees (set out_dir to a shared path)")
     if last is not None:
-        position = resume_training(load_checkpoint(last), last, model, optimizer, scheduler, scaler, tcfg.seed,
-                                   layout)
+        position = checkpointer.resume(last, tcfg.seed)
     else:
         seed_all(tcfg.seed + rank)
 
@@ -155,8 +160,10 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
         if is_dist() else model
     watch = PreemptionWatch(run_dir.stop_file, device=device).install()
     writer = SummaryWriter(str(run_dir.tensorboard)) if master else None
-    save = partial(save_training_checkpoint, run_dir, model, optimizer, scheduler, scaler, cfg, manifest["classes"],
-                   layout)
+    state = TrainState(ddp_model, optimizer, scaler, loss_fn, transform, device, amp_dtype, tcfg.accum_steps,
+                       tcfg.grad_clip, global_step=position["global_step"],
+                       lr_factor=partial(lr_factor, warmup_steps=round(tcfg.warmup_epochs * steps_per_epoch),
+                                         total_steps=total_steps, min_ratio=tcfg.min_lr_ratio))
 
     if master:
         print(f"artdist train {cfg.name}: {world} process(es) on {device.type}, amp {amp_dtype or 'off'}, "
@@ -167,21 +174,19 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
                   f"global step {position['global_step']}", flush=True)
 
     # ---- train: one validation and one model_last.pt per epoch
-    global_step, step_in_epoch = position["global_step"], position["step_in_epoch"]
-    clock = (time.perf_counter(), global_step)
+    step_in_epoch = position["step_in_epoch"]
+    clock = (time.perf_counter(), state.global_step)
     for epoch in range(position["epoch"], tcfg.epochs):
         epoch_start = time.perf_counter()
         loader.set_epoch(epoch, skip_batches=step_in_epoch * tcfg.accum_steps)
         log = partial(log_step, writer, device, epoch=epoch, epochs=tcfg.epochs, steps_per_epoch=steps_per_epoch,
                       total_steps=total_steps, clock=clock) if master else None
-        stats = train_one_epoch(
-            ddp_model, loader, transform, optimizer, scheduler, scaler, loss_fn, device=device, amp_dtype=amp_dtype,
-            steps=steps_per_epoch, start_step=step_in_epoch, global_step=global_step, accum_steps=tcfg.accum_steps,
-            grad_clip=tcfg.grad_clip, should_stop=watch.should_stop, stop_after_steps=tcfg.stop_after_steps,
-            log_every=tcfg.log_every, log=log, max_bad=max_bad)
-        global_step, step_in_epoch = stats["global_step"], stats["step"]
+        stats = train_one_epoch(state, loader, steps=steps_per_epoch, start_step=step_in_epoch,
+                                should_stop=watch.should_stop, log_every=tcfg.log_every, log=log, max_bad=max_bad)
+        step_in_epoch = stats["step"]
         if step_in_epoch < steps_per_epoch:  # preempted mid-epoch: save the exact position
-            save({**position, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step}, best=False)
+            checkpointer.save({**position, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                               "global_step": state.global_step}, best=False)
             return preempted(run_dir, writer, watch.signalled)
         step_in_epoch = 0
 
@@ -189,9 +194,9 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
         val = evaluate_split(model, cfg, manifest, cfg.data.val_split, device, amp_dtype)
         metric = val["tasks"][best_task][best_key]
         is_best = metric > position["best_metric"]
-        position = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": global_step,
+        position = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": state.global_step,
                     "best_metric": max(metric, position["best_metric"]), "metrics": headline(val)}
-        save(position, best=is_best)
+        checkpointer.save(position, best=is_best)
         if master:
             log_epoch(writer, run_dir, epoch, tcfg.epochs, stats, val, is_best, time.perf_counter() - epoch_start)
         if stats["stopped"]:
@@ -220,16 +225,6 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
 # --------------------------------------------------------------------------- helpers, in order of use
 
 
-def best_metric(cfg: JobConfig) -> tuple[str, str]:
-    """train.best_metric as (task, metric); default: macro-F1 of the primary task."""
-    name = cfg.train.best_metric or f"{cfg.model.primary_task}/macro_f1"
-    task, _, key = name.partition("/")
-    if task not in cfg.model.tasks or key not in HEADLINE:
-        raise ConfigError(f"train.best_metric={name!r}: expected TASK/METRIC with TASK one of {cfg.model.tasks} "
-                          f"and METRIC one of {list(HEADLINE)}, e.g. {cfg.model.primary_task}/macro_f1")
-    return task, key
-
-
 def train_class_counts(cfg: JobConfig, manifest: dict, classes: dict[str, int]) -> dict[str, list[int]]:
     """Rank 0: samples per class of the train split, cached in the run dir (a large split takes a while to read)."""
     path = RunDir(cfg.run_dir).class_counts
@@ -247,7 +242,7 @@ def train_class_counts(cfg: JobConfig, manifest: dict, classes: dict[str, int]) 
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Multiplier of each group's LR at optimizer step `step`: linear warmup, then cosine to min_ratio."""
+    """Multiplier of each group's base_lr at optimizer step `step`: linear warmup, then cosine to min_ratio."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
@@ -325,16 +320,16 @@ def hparams(cfg: JobConfig, world: int) -> dict:
 
 
 def build_training(cfg: JobConfig, classes: dict[str, int], counts: dict[str, list[int]] | None,
-                   device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool,
-                   lr_lambda: Callable[[int], float]) -> tuple:
-    """(model, optimizer, scheduler, scaler, loss_fn) as a run trains them: AdamW over the model's
-    param groups, `lr_lambda` as the LR schedule, a GradScaler for fp16, class-weighted loss."""
+                   device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool) -> tuple:
+    """(model, optimizer, scaler, loss_fn) as a run trains them: AdamW over the model's param groups
+    (each with the `base_lr` the LR schedule scales), a GradScaler for fp16, class-weighted loss."""
     tcfg = cfg.train
     model: CNNLSTM = build_model(cfg.model, classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.param_groups(tcfg.lr, tcfg.backbone_lr, tcfg.weight_decay))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     empty = [t for t in cfg.model.tasks if counts and sum(counts[t]) == 0]
     if empty:
@@ -342,4 +337,4 @@ def build_training(cfg: JobConfig, classes: dict[str, int], counts: dict[str, li
                         f"nothing to train that head on; drop {'/'.join(empty)} from model.tasks")
     weights = {t: class_weights(counts[t], tcfg.class_weighting) if counts else None for t in cfg.model.tasks}
     loss_fn = MultiTaskLoss(cfg.model.tasks, weights, tcfg.label_smoothing).to(device)
-    return model, optimizer, scheduler, scaler, loss_fn
+    return model, optimizer, scaler, loss_fn
