@@ -36,7 +36,7 @@ from artdist.data.manifest import label_counts, num_classes, read_manifest
 from artdist.data.transforms import DeviceTransform
 from artdist.dist import (all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup, get_rank,
                           get_world_size, init_distributed, is_dist, is_main_process)
-from artdist.errors import UserError
+from artdist.errors import ConfigError, UserError
 from artdist.metrics import confusion_image
 from artdist.model import CNNLSTM, build_model
 from artdist import rundir
