@@ -17,4 +17,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         || { echo "setup-venv: installation failed (see pip output above)" >&2; exit 1; }
     echo "$want" > "$stamp"
 fi
-echo "setup-venv: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
+version=$(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')
+echo "setup-venv: .venv ready ($version); use it with: source .venv/bin/activate (or run .venv/bin/artdist)"

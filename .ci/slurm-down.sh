@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Stop the single-node SLURM that .ci/slurm-up.sh started: cancel every job, wait for the jobs'
-# steps to end, then stop slurmd, slurmctld, slurmdbd, MariaDB and munged by their own PIDs.
+# Stop the SLURM that .ci/slurm-up.sh started: cancel every job, wait for the jobs' steps to end,
+# then stop each node's slurmd, slurmctld, slurmdbd, MariaDB and munged by their own PIDs, and
+# remove the nodes' network namespaces, their links and the bridge (multi-node clusters).
 # State, logs and the accounting database stay in $ARTDIST_SLURM_DIR, so job ids keep counting up.
 set -euo pipefail
 
@@ -42,8 +43,25 @@ if scontrol ping >/dev/null 2>&1; then
     fi
 fi
 
-stop slurmd "$RUN/slurmd.pid"
+shopt -s nullglob
+for pidfile in "$RUN"/slurmd*.pid; do  # slurmd-<node>.pid, and slurmd.pid of older single-node layouts
+    name=${pidfile##*/}
+    stop "${name%.pid}" "$pidfile"
+done
 stop slurmctld "$RUN/slurmctld.pid"
 stop slurmdbd "$RUN/slurmdbd.pid"
 stop mariadb "$SCRATCH/mariadb.pid"
 stop munged /run/munge/munged.pid
+
+# The multi-node network (slurm-up.sh --nodes N): its own names only. Deleting a namespace deletes
+# the node's end of its veth pair, and with it this machine's end.
+for ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^artdist-node[0-9]+$/ {print $1}'); do
+    ip netns del "$ns" && say "removed node namespace $ns"
+done
+for veth in $(ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^artdist-v[0-9]+@/ {sub(/@.*/, "", $2); print $2}'); do
+    ip link del "$veth" 2>/dev/null && say "removed link $veth"  # usually gone with its namespace
+done
+if ip link show artdist-br0 >/dev/null 2>&1; then
+    ip link del artdist-br0 && say "removed bridge artdist-br0"
+fi
+rm -f "$RUN/nodes"

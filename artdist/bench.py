@@ -3,7 +3,7 @@
 What each part times (images/s over the batches after the warm-up ones):
   loader       shards -> the real TrainLoader (decode + augment) -> uint8 batches, per worker count;
                normalizing is DeviceTransform's job on the training device, so it is not CPU work here
-  imagefolder  the seeds' way: loose full-size JPEGs -> torchvision ImageFolder + Resize/RandomCrop(padding)/
+  imagefolder  the usual way: loose full-size JPEGs -> torchvision ImageFolder + Resize/RandomCrop(padding)/
                flip/ToTensor/Normalize -> DataLoader, per worker count; (loader / imagefolder) at equal
                workers is the per-core ratio, and for workers=0 also per CPU second (robust to other load)
   model        engine.train_one_epoch on one synthetic batch held on the device (no loading)
@@ -20,7 +20,6 @@ the timed batches need, so one DataLoader epoch covers the whole measurement (no
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import json
 import math
@@ -41,7 +40,7 @@ from torchvision import transforms
 
 from artdist.config import TASKS, JobConfig, SynthConfig
 from artdist.data.loader import TrainLoader
-from artdist.data.manifest import label_counts, num_classes
+from artdist.data.manifest import Manifest, SplitInfo, read_manifest
 from artdist.data.shard import shard_dataset
 from artdist.data.synth import JPEG_QUALITY, make_corpus
 from artdist.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform
@@ -157,30 +156,28 @@ def build_corpus(out: Path, images: int, full_size: int) -> dict:
     return info
 
 
-def build_shards(cfg: JobConfig, corpus: Path) -> tuple[Path, dict]:
+def build_shards(cfg: JobConfig, corpus: Path) -> tuple[Path, Manifest]:
     """The corpus packed by the real sharder with the config's shard options (resumes/reuses)."""
     sc = cfg.shard
     out = corpus / f"shards-{sc.max_short_side}-{sc.format}{sc.quality}"
-    manifest = shard_dataset(replace(sc, images=str(corpus / "images"), labels=str(corpus / "labels"),
-                                     out=str(out)), progress=False)
-    return out, manifest
+    shard_dataset(replace(sc, images=str(corpus / "images"), labels=str(corpus / "labels"), out=str(out)),
+                  progress=False)
+    return out, read_manifest(out)
 
 
-def tiled(manifest: dict, split: str, samples: int) -> dict:
+def tiled(manifest: Manifest, split: str, samples: int) -> Manifest:
     """A manifest whose `split` lists its shards again and again until it holds >= `samples`."""
-    tiles = copy.deepcopy(manifest)
-    entry = tiles["splits"][split]
-    copies = max(1, math.ceil(samples / entry["num_samples"]))
-    entry["shards"] = entry["shards"] * copies
-    entry["num_samples"] *= copies
-    return tiles
+    entry = manifest.splits[split]
+    copies = max(1, math.ceil(samples / entry.num_samples))
+    return replace(manifest, splits={**manifest.splits,
+                                     split: SplitInfo(entry.num_samples * copies, entry.shards * copies)})
 
 
 # --------------------------------------------------------------------------- loaders
 
 
-def seeds_transform(data_cfg: Any) -> transforms.Compose:
-    """The seeds' CPU pipeline: shorter side to image_size, padded random crop, flip, to float, normalize."""
+def imagefolder_transform(data_cfg: Any) -> transforms.Compose:
+    """The usual ImageFolder CPU pipeline: shorter side to image_size, padded random crop, flip, to float, normalize."""
     size = data_cfg.image_size
     return transforms.Compose([
         transforms.Resize(size),
@@ -207,7 +204,7 @@ def loader_batches(workers: int, images: int, batch: int) -> tuple[int, int]:
     return warmup, warmup + max(math.ceil(images / batch), MIN_TIMED_ROUNDS * rounds)
 
 
-def bench_loader(cfg: JobConfig, shards: Path, manifest: dict, workers: list[int], images: int,
+def bench_loader(cfg: JobConfig, shards: Path, manifest: Manifest, workers: list[int], images: int,
                  cpus: int) -> list[dict]:
     """(a) the TrainLoader from shards (decode + augment to uint8; normalizing is the device's job):
     images/s per worker count."""
@@ -223,8 +220,8 @@ def bench_loader(cfg: JobConfig, shards: Path, manifest: dict, workers: list[int
 
 
 def bench_imagefolder(cfg: JobConfig, root: Path, workers: list[int], images: int, cpus: int) -> list[dict]:
-    """(b) the seeds' way: ImageFolder over the loose full-size JPEGs, per worker count."""
-    dataset = torchvision.datasets.ImageFolder(str(root), transform=seeds_transform(cfg.data))
+    """(b) the usual way: ImageFolder over the loose full-size JPEGs, per worker count."""
+    dataset = torchvision.datasets.ImageFolder(str(root), transform=imagefolder_transform(cfg.data))
     batch = cfg.data.batch_size
     rows = []
     for w in workers:
@@ -255,14 +252,14 @@ def ratios(loader_rows: list[dict], folder_rows: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------- training steps
 
 
-def train_rate(cfg: JobConfig, classes: dict[str, int], counts: dict[str, list[int]] | None, device: torch.device,
+def train_rate(cfg: JobConfig, num_classes: dict[str, int], counts: dict[str, list[int]] | None, device: torch.device,
                batches: Iterable, transform: Any, steps: int, warmup: int, amp: str, channels_last: bool,
                compile_backbone: bool) -> dict:
     """Time engine.train_one_epoch for warmup + steps optimizer steps, set up as train.py does
     (model, AdamW over param groups, GradScaler, MultiTaskLoss) but with a constant LR."""
     tcfg = cfg.train
     amp_dtype = resolve_amp(amp, device)
-    model, optimizer, scaler, loss_fn = build_training(cfg, classes, counts, device, amp_dtype, channels_last)
+    model, optimizer, scaler, loss_fn = build_training(cfg, num_classes, counts, device, amp_dtype, channels_last)
     if compile_backbone:
         model.backbone.compile()
     if device.type == "cuda":
@@ -280,20 +277,20 @@ def train_rate(cfg: JobConfig, classes: dict[str, int], counts: dict[str, list[i
     return row
 
 
-def bench_model(cfg: JobConfig, classes: dict[str, int], counts: dict[str, list[int]] | None, device: torch.device,
+def bench_model(cfg: JobConfig, num_classes: dict[str, int], counts: dict[str, list[int]] | None, device: torch.device,
                 steps: int, warmup: int, amp: str, channels_last: bool, compile_backbone: bool) -> dict:
     """(c) a train step on one synthetic uint8 batch already on the device: no loading at all."""
     size, batch = cfg.data.image_size, cfg.data.batch_size
     gen = torch.Generator().manual_seed(cfg.train.seed)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen).to(device)
-    labels = torch.stack([torch.randint(0, classes[t], (batch,), generator=gen) for t in TASKS], dim=1).to(device)
+    labels = torch.stack([torch.randint(0, num_classes[t], (batch,), generator=gen) for t in TASKS], dim=1).to(device)
     data_cfg = replace(cfg.data, decode="cpu")  # the batch is pixels: only the normalize runs
     transform = DeviceTransform(data_cfg, device, train=True, channels_last=channels_last)
-    return train_rate(cfg, classes, counts, device, itertools.repeat((images, labels, torch.arange(batch))),
+    return train_rate(cfg, num_classes, counts, device, itertools.repeat((images, labels, torch.arange(batch))),
                       transform, steps, warmup, amp, channels_last, compile_backbone)
 
 
-def bench_e2e(cfg: JobConfig, shards: Path, manifest: dict, counts: dict[str, list[int]] | None,
+def bench_e2e(cfg: JobConfig, shards: Path, manifest: Manifest, counts: dict[str, list[int]] | None,
               device: torch.device, steps: int, warmup: int, decode: str) -> dict:
     """(d) train steps fed by the real TrainLoader: images/s and the fraction of time waiting for it."""
     data_cfg = replace(cfg.data, shards=str(shards), decode=decode)
@@ -302,24 +299,24 @@ def bench_e2e(cfg: JobConfig, shards: Path, manifest: dict, counts: dict[str, li
     loader = TrainLoader(data_cfg, tiled(manifest, data_cfg.train_split, batches * data_cfg.batch_size),
                          rank=0, world_size=1, seed=cfg.train.seed)
     transform = DeviceTransform(data_cfg, device, train=True, channels_last=channels_last)
-    row = train_rate(cfg, num_classes(manifest), counts, device, loader, transform, steps, warmup,
+    row = train_rate(cfg, manifest.num_classes, counts, device, loader, transform, steps, warmup,
                      cfg.train.amp, channels_last, cfg.train.compile)
     return {"workers": data_cfg.num_workers, "decode": decode, **row}
 
 
-def bench_gpu(cfg: JobConfig, shards: Path, manifest: dict, counts: dict[str, list[int]] | None,
+def bench_gpu(cfg: JobConfig, shards: Path, manifest: Manifest, counts: dict[str, list[int]] | None,
               device: torch.device, steps: int, warmup: int) -> dict:
     """(e) CUDA only: model-step variants side by side, and e2e with the GPU (nvJPEG) decode path."""
     if device.type != "cuda":
         return {"skipped": "no CUDA device"}
-    classes = num_classes(manifest)
+    num_classes = manifest.num_classes
     rows = []
     for amp, channels_last, compile_backbone in GPU_VARIANTS:
         if amp == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
             rows.append({"amp": "bf16", "channels_last": channels_last, "compile": compile_backbone,
                          "skipped": f"{torch.cuda.get_device_name(device)} has no bf16"})
             continue
-        rows.append(bench_model(cfg, classes, counts, device, steps, warmup, amp, channels_last, compile_backbone))
+        rows.append(bench_model(cfg, num_classes, counts, device, steps, warmup, amp, channels_last, compile_backbone))
         torch.cuda.empty_cache()
     try:
         e2e = bench_e2e(cfg, shards, manifest, counts, device, steps, warmup, decode="gpu")
@@ -362,7 +359,7 @@ def format_table(result: dict) -> str:
         ratio = {r["workers"]: r["ratio"] for r in result.get("ratio", [])}
         by_w = {r["workers"]: r for r in loader} if isinstance(loader, list) else {}
         fby_w = {r["workers"]: r for r in folder} if isinstance(folder, list) else {}
-        lines += ["", "(a) shards -> TrainLoader (uint8 batches) vs (b) seeds' ImageFolder (normalized float batches)",
+        lines += ["", "(a) shards -> TrainLoader (uint8 batches) vs (b) ImageFolder (normalized float batches)",
                   f"{'workers':>7} {'cores':>5} {'(a) img/s':>10} {'per core':>9} {'1st batch':>9} "
                   f"{'(b) img/s':>10} {'per core':>9} {'1st batch':>9} {'(a)/(b)':>8}"]
         for w in sorted(set(by_w) | set(fby_w)):
@@ -431,10 +428,10 @@ def run_bench(cfg: JobConfig, *, workdir: Path, images: int, full_size: int, wor
     result["corpus"] = corpus
     shards, manifest = build_shards(cfg, Path(corpus["dir"]))
     result["corpus"]["shards"] = str(shards)
-    result["corpus"]["train_samples"] = manifest["splits"][cfg.data.train_split]["num_samples"]
+    result["corpus"]["train_samples"] = manifest.num_samples(cfg.data.train_split)
     counts = None
     if cfg.train.class_weighting != "none":
-        counts = label_counts(shards, manifest, cfg.data.train_split, num_classes(manifest))
+        counts = manifest.label_counts(cfg.data.train_split)
 
     if "loader" in only:
         result["loader"] = bench_loader(cfg, shards, manifest, workers, images, info["cores"])
@@ -443,7 +440,7 @@ def run_bench(cfg: JobConfig, *, workdir: Path, images: int, full_size: int, wor
     if "loader" in only and "imagefolder" in only:
         result["ratio"] = ratios(result["loader"], result["imagefolder"])
     if "model" in only:
-        result["model"] = bench_model(cfg, num_classes(manifest), counts, device, steps, warmup, cfg.train.amp,
+        result["model"] = bench_model(cfg, manifest.num_classes, counts, device, steps, warmup, cfg.train.amp,
                                       use_channels_last(cfg, device), cfg.train.compile)
     if "e2e" in only:
         result["e2e"] = bench_e2e(cfg, shards, manifest, counts, device, steps, warmup, cfg.data.decode)

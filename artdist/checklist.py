@@ -19,7 +19,7 @@ import torchvision
 from artdist.bench import bench_e2e, bench_model, build_corpus, build_shards, machine_info
 from artdist.config import JobConfig
 from artdist.dist import free_port
-from artdist.data.manifest import label_counts, num_classes
+from artdist.data.manifest import Manifest, member_key
 from artdist.data.transforms import crop_resize_batch, decode_image, sample_geometry
 from artdist.model import build_model
 
@@ -83,13 +83,13 @@ def check_nccl(timeout_s: float = 120) -> dict:
     return {"status": "ok" if row.pop("ok") else "fail", **row}
 
 
-def check_amp(cfg: JobConfig, classes: dict, counts, device: torch.device, steps: int, warmup: int,
+def check_amp(cfg: JobConfig, num_classes: dict, counts, device: torch.device, steps: int, warmup: int,
               amp: str) -> dict:
     """Train steps under autocast: finite losses (train_one_epoch raises otherwise) and the fp32 island."""
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return {"status": "skipped", "why": f"{torch.cuda.get_device_name(device)} has no native bf16"}
     with dtype_probe() as dtypes:
-        row = bench_model(cfg, classes, counts, device, steps, warmup, amp, True, False)
+        row = bench_model(cfg, num_classes, counts, device, steps, warmup, amp, True, False)
     low = {"bf16": "bfloat16", "fp16": "float16"}[amp]
     island = dtypes["LSTM"] | dtypes["Linear"]
     ok = dtypes["Conv2d"] == {low} and island == {"float32"}
@@ -97,28 +97,28 @@ def check_amp(cfg: JobConfig, classes: dict, counts, device: torch.device, steps
             **({} if ok else {"why": f"expected Conv2d in {low} and LSTM/Linear in float32"}), **_rate(row)}
 
 
-def check_channels_last(cfg: JobConfig, classes: dict, counts, device: torch.device, steps: int, warmup: int,
+def check_channels_last(cfg: JobConfig, num_classes: dict, counts, device: torch.device, steps: int, warmup: int,
                         nhwc: dict) -> dict:
-    nchw = _rate(bench_model(cfg, classes, counts, device, steps, warmup, "bf16", False, False))
+    nchw = _rate(bench_model(cfg, num_classes, counts, device, steps, warmup, "bf16", False, False))
     if "images_per_s" not in nhwc:
         return {"status": "skipped", "why": "no channels_last figure (the amp check did not run)", "nchw": nchw}
     return {"status": "ok", "nchw": nchw, "channels_last": nhwc,
             "speedup": round(nhwc["images_per_s"] / nchw["images_per_s"], 3)}
 
 
-def check_compile(cfg: JobConfig, classes: dict, counts, device: torch.device, steps: int, warmup: int,
+def check_compile(cfg: JobConfig, num_classes: dict, counts, device: torch.device, steps: int, warmup: int,
                   eager: dict) -> dict:
     """The compiled backbone: state_dict keys as the plain model's, graphs built, recompiles and why, speed."""
     import torch._dynamo.utils as dynamo_utils
 
-    model = build_model(replace(cfg.model, weights="none"), classes)
+    model = build_model(replace(cfg.model, weights="none"), num_classes)
     plain_keys = set(model.state_dict())
     model.backbone.compile()
     leaked = sorted(k for k in model.state_dict() if k not in plain_keys)
     dynamo_utils.guard_failures.clear()
     graphs_before = dynamo_utils.counters["stats"]["unique_graphs"]
     start = time.perf_counter()
-    row = _rate(bench_model(cfg, classes, counts, device, steps, warmup, cfg.train.amp, True, True))
+    row = _rate(bench_model(cfg, num_classes, counts, device, steps, warmup, cfg.train.amp, True, True))
     reasons = [r for failures in dynamo_utils.guard_failures.values() for r in failures]
     result = {"wall_s": round(time.perf_counter() - start, 1), "graphs": dynamo_utils.counters["stats"]["unique_graphs"]
               - graphs_before, "recompiles": len(reasons), "recompile_reasons": reasons[:10], **row}
@@ -129,15 +129,14 @@ def check_compile(cfg: JobConfig, classes: dict, counts, device: torch.device, s
     return {"status": "fail" if problems else "ok", **({"why": "; ".join(problems)} if problems else {}), **result}
 
 
-def check_decode_maths(cfg: JobConfig, shards: Path, manifest: dict, device: torch.device, images: int = 64) -> dict:
+def check_decode_maths(cfg: JobConfig, shards: Path, manifest: Manifest, device: torch.device, images: int = 64) -> dict:
     """The GPU path (torchvision decode + batched crop/resize on `device`) against the CPU path's pixels."""
     import tarfile
 
-    split = manifest["splits"][cfg.data.train_split]["shards"]
     jpegs: list[bytes] = []
-    for shard in split:
-        with tarfile.open(shards / shard["name"]) as tar:
-            jpegs += [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
+    for shard in manifest.split(cfg.data.train_split).shards:
+        with tarfile.open(shards / shard.name) as tar:
+            jpegs += [tar.extractfile(m).read() for m in tar if member_key(m.name)[1] == "jpg"]
         if len(jpegs) >= images:
             break
     jpegs = jpegs[:images]
@@ -161,7 +160,7 @@ def check_decode_maths(cfg: JobConfig, shards: Path, manifest: dict, device: tor
             **({} if ok else {"why": f"pixel difference beyond {DECODE_BOUND}"})}
 
 
-def check_decode_speed(cfg: JobConfig, shards: Path, manifest: dict, counts, device: torch.device, steps: int,
+def check_decode_speed(cfg: JobConfig, shards: Path, manifest: Manifest, counts, device: torch.device, steps: int,
                        warmup: int, cpu_e2e: dict) -> dict:
     gpu = _rate(bench_e2e(cfg, shards, manifest, counts, device, steps, warmup, decode="gpu"))
     return {"status": "ok", "gpu_decode": gpu, "cpu_decode": cpu_e2e,
@@ -169,7 +168,7 @@ def check_decode_speed(cfg: JobConfig, shards: Path, manifest: dict, counts, dev
                if "images_per_s" in cpu_e2e else {})}
 
 
-def check_e2e(cfg: JobConfig, shards: Path, manifest: dict, counts, device: torch.device, steps: int,
+def check_e2e(cfg: JobConfig, shards: Path, manifest: Manifest, counts, device: torch.device, steps: int,
               warmup: int, model_row: dict) -> dict:
     row = _rate(bench_e2e(cfg, shards, manifest, counts, device, steps, warmup, decode="cpu"))
     row["workers"] = cfg.data.num_workers
@@ -189,9 +188,8 @@ def run_checklist(cfg: JobConfig, *, workdir: Path, images: int, full_size: int,
     cuda = device.type == "cuda"
     corpus = build_corpus(workdir / f"corpus-{images}-{full_size}", images, full_size)
     shards, manifest = build_shards(cfg, Path(corpus["dir"]))
-    classes = num_classes(manifest)
-    counts = (label_counts(shards, manifest, cfg.data.train_split, classes)
-              if cfg.train.class_weighting != "none" else None)
+    num_classes = manifest.num_classes
+    counts = manifest.label_counts(cfg.data.train_split) if cfg.train.class_weighting != "none" else None
     if cuda:
         torch.backends.cudnn.benchmark = True  # as the trainer does
 
@@ -213,10 +211,10 @@ def run_checklist(cfg: JobConfig, *, workdir: Path, images: int, full_size: int,
 
     run("cuda", lambda: check_cuda(device))
     run("nccl", check_nccl)
-    bf16 = run("amp_bf16", lambda: check_amp(cfg, classes, counts, device, steps, warmup, "bf16"))
-    run("amp_fp16", lambda: check_amp(cfg, classes, counts, device, steps, warmup, "fp16"))
-    run("channels_last", lambda: check_channels_last(cfg, classes, counts, device, steps, warmup, bf16))
-    run("compile", lambda: check_compile(cfg, classes, counts, device, steps, warmup, bf16))
+    bf16 = run("amp_bf16", lambda: check_amp(cfg, num_classes, counts, device, steps, warmup, "bf16"))
+    run("amp_fp16", lambda: check_amp(cfg, num_classes, counts, device, steps, warmup, "fp16"))
+    run("channels_last", lambda: check_channels_last(cfg, num_classes, counts, device, steps, warmup, bf16))
+    run("compile", lambda: check_compile(cfg, num_classes, counts, device, steps, warmup, bf16))
     run("decode_maths", lambda: check_decode_maths(cfg, shards, manifest, device), needs_cuda=False)
     e2e = run("e2e", lambda: check_e2e(cfg, shards, manifest, counts, device, steps, warmup, bf16))
     run("decode_speed", lambda: check_decode_speed(cfg, shards, manifest, counts, device, steps, warmup, e2e))

@@ -5,6 +5,7 @@ import argparse
 import importlib
 import sys
 
+import artdist
 from artdist.errors import ConfigError, UserError
 
 # name -> one-line help; artdist.commands.<name> implements add_arguments(parser) and run(args) -> int
@@ -33,6 +34,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Train ResNet+LSTM classifiers of painting style, artist and genre on WikiArt "
                     "across GPUs, and find the paintings that do not fit their labels.",
     )
+    parser.add_argument("--version", action="version", version=f"artdist {artdist.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

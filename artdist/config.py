@@ -1,8 +1,13 @@
 """Typed job configuration: dataclass schema, YAML loading, dotted CLI overrides, saving."""
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import math
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +21,7 @@ from artdist.errors import ConfigError
 TASKS = ("style", "artist", "genre")
 HEADLINE = ("accuracy", "top5", "macro_f1")  # the metrics reported per task; train.best_metric picks one
 MAX_IMAGE_SIZE = 2048  # px; the spatial LSTM's positional embedding covers 2048 / 32 = 64 feature-map cells
-MAX_SEED = 2**32 - 1  # numpy's seed range
+SEED_RANGE = (-2**63, 2**63 - 1)  # what torch.manual_seed accepts; numpy and the loader reduce it
 MIN_SYNTH_IMAGES = 8  # room for every planted quirk of the synthetic corpus
 INF = math.inf
 
@@ -87,9 +92,9 @@ class SynthConfig(Section):
     """`artdist synth`: a synthetic WikiArt-like corpus in the ArtGAN layout."""
 
     SECTION: ClassVar[str] = "synth"
-    out: str = "data/synth"
-    images: int = ranged(1200, MIN_SYNTH_IMAGES, 10_000_000)
-    seed: int = ranged(0, 0, MAX_SEED)
+    out: str = "data/synth"  # output folder: images/, labels/ and planted_noise.csv
+    images: int = ranged(1200, MIN_SYNTH_IMAGES, 10_000_000)  # number of pictures
+    seed: int = ranged(0, 0, SEED_RANGE[1])  # random seed; the same seed gives byte-identical files
     noise: float = fraction(0.0)  # fraction of images given a deliberately wrong label
     size: int = ranged(128, 16, 4096)  # side of the generated pictures, px
 
@@ -99,18 +104,18 @@ class ShardConfig(Section):
     """`artdist shard`: label files + image folder -> WebDataset tar shards."""
 
     SECTION: ClassVar[str] = "shard"
-    images: str = "data/synth/images"
-    labels: str = "data/synth/labels"
-    out: str = "shards/demo"
-    split: Literal["artgan", "random"] = "artgan"
+    images: str = "data/synth/images"  # folder holding the style folders of images
+    labels: str = "data/synth/labels"  # folder holding the nine ArtGAN label files
+    out: str = "shards/demo"  # output folder for the tar shards and manifest.json
+    split: Literal["artgan", "random"] = "artgan"  # artgan: official train/val + test from train; random: 60/20/20
     test_fraction: float = fraction(0.1)  # artgan: share of train carved out as test
-    seed: int = ranged(0, 0, MAX_SEED)  # random split / test carving salt; deterministic from the path either way
+    seed: int = ranged(0, *SEED_RANGE)  # random split / test carving salt; deterministic from the path either way
     max_short_side: int = positive(448, 16384)  # shorter side at most this many px: serves 224-448 px training
-    format: Literal["jpeg", "webp", "png"] = "jpeg"
-    quality: int = ranged(85, 1, 100, interval=True)  # docs/benchmarks.md: why 85
-    samples_per_shard: int = positive(1000, 10_000_000)
+    format: Literal["jpeg", "webp", "png"] = "jpeg"  # image encoding inside the shards
+    quality: int = ranged(85, 1, 100, interval=True)  # jpeg/webp quality (why 85: docs/benchmarks.md)
+    samples_per_shard: int = positive(1000, 10_000_000)  # target images per tar shard
     min_shards: int = ranged(8, 1, 100_000)  # per split, a floor for small splits: shuffling mixes whole shards
-    workers: int = ranged(0, 0, 256)  # 0: all CPU cores
+    workers: int = ranged(0, 0, 256)  # processes writing shards; 0: all CPU cores
     max_pixels: int = ranged(200_000_000, 1, 10**10)  # decompression-bomb guard; larger images are skipped, reported
 
 
@@ -119,22 +124,20 @@ class DataConfig(Section):
     """The training/evaluation input pipeline read from shards."""
 
     SECTION: ClassVar[str] = "data"
-    shards: str = "shards/demo"
+    shards: str = "shards/demo"  # folder of shards + manifest.json written by `artdist shard`
     image_size: int = positive(224, MAX_IMAGE_SIZE, note=f" (the LSTM's positional embedding covers feature "
-                                                         f"maps up to {MAX_IMAGE_SIZE // 32} cells)")
-    batch_size: int = positive(64, 65536)  # per rank
+                                                         f"maps up to {MAX_IMAGE_SIZE // 32} cells)")  # input side, px
+    batch_size: int = positive(64, 65536)  # images per process and micro-step
     num_workers: int = ranged(4, 0, 256)  # loader processes per rank
-    shuffle_buffer: int = positive(2000, 10_000_000)
-    augment: Literal["crop_flip", "rrc", "none"] = "crop_flip"
+    shuffle_buffer: int = positive(2000, 10_000_000)  # samples held by each loader worker's shuffle buffer (train split)
+    augment: Literal["crop_flip", "rrc", "none"] = "crop_flip"  # crop_flip: pad, crop, flip; rrc: random resized crop, flip
     crop_padding: int = ranged(16, 0, MAX_IMAGE_SIZE)  # crop_flip: pad before the random crop; < image_size
     rrc_scale_min: float = fraction(0.35, lo_open=True, hi_open=False)  # rrc: smallest crop area fraction
-    decode: Literal["cpu", "gpu"] = "cpu"
-    train_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"
-    # Undecodable samples are skipped and counted; a train epoch or an evaluation stops with an error
-    # once more than this fraction of its samples were bad.
-    max_bad_fraction: float = fraction(0.001, hi_open=False)
+    decode: Literal["cpu", "gpu"] = "cpu"  # JPEG decoding in loader workers, or nvjpeg on the GPU
+    train_split: str = "train"  # split of the shards trained on
+    val_split: str = "val"  # split evaluated after each epoch (picks model_best.pt) and audited for outliers
+    test_split: str = "test"  # split evaluated once with model_best.pt at the end
+    max_bad_fraction: float = fraction(0.001, hi_open=False)  # undecodable samples are skipped and counted; an epoch or evaluation with more than this share of them stops
 
 
 @dataclass
@@ -142,15 +145,15 @@ class ModelConfig(Section):
     """ResNet backbone + LSTM over a sequence read from the feature map + one head per task."""
 
     SECTION: ClassVar[str] = "model"
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet50"
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet50"  # torchvision ResNet trunk
     weights: str = "none"  # none | imagenet | path to a state_dict file
-    sequence: Literal["pooled", "spatial", "rows", "columns"] = "spatial"
-    lstm_hidden: int = positive(512, 65536)
-    lstm_layers: int = positive(2, 64)
-    bidirectional: bool = True
-    dropout: float = fraction(0.1)
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    primary_task: str = "style"
+    sequence: Literal["pooled", "spatial", "rows", "columns"] = "spatial"  # LSTM input: pooled vector, or feature-map cells/rows/columns
+    lstm_hidden: int = positive(512, 65536)  # LSTM hidden units per direction
+    lstm_layers: int = positive(2, 64)  # stacked LSTM layers
+    bidirectional: bool = True  # LSTM reads the sequence both ways
+    dropout: float = fraction(0.1)  # dropout before each task head
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # heads to train, any of style, artist, genre
+    primary_task: str = "style"  # task whose macro-F1 picks model_best.pt unless train.best_metric says otherwise
 
 
 @dataclass
@@ -158,24 +161,25 @@ class TrainConfig(Section):
     """Optimisation and run control."""
 
     SECTION: ClassVar[str] = "train"
-    epochs: int = positive(10, 10_000)
+    epochs: int = positive(10, 10_000)  # passes over the train split
     lr: float = ranged(1e-3, 0.0)  # head + LSTM, for the global batch of batch_size*world*accum_steps
-    backbone_lr: float = ranged(1e-4, 0.0)
-    weight_decay: float = ranged(0.05, 0.0)
-    warmup_epochs: float = ranged(1.0, 0.0, 10_000.0)
-    min_lr_ratio: float = fraction(0.01, hi_open=False)
-    grad_clip: float = ranged(1.0, 0.0)  # 0 disables
-    accum_steps: int = positive(1, 4096)
-    label_smoothing: float = fraction(0.1)
-    class_weighting: Literal["none", "inverse", "inverse_sqrt"] = "inverse_sqrt"
+    backbone_lr: float = ranged(1e-4, 0.0)  # peak LR of the ResNet trunk
+    weight_decay: float = ranged(0.05, 0.0)  # AdamW weight decay (not on biases and norms)
+    warmup_epochs: float = ranged(1.0, 0.0, 10_000.0)  # linear LR warm-up length, then cosine decay
+    min_lr_ratio: float = fraction(0.01, hi_open=False)  # final LR as a fraction of the peak
+    grad_clip: float = ranged(1.0, 0.0)  # clip the gradient norm to this; 0 disables
+    accum_steps: int = positive(1, 4096)  # micro-batches accumulated per optimizer step
+    label_smoothing: float = fraction(0.1)  # cross-entropy label smoothing
+    class_weighting: Literal["none", "inverse", "inverse_sqrt"] = "inverse_sqrt"  # class loss weight: 1, 1/n or 1/sqrt(n) of train counts
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 if supported, fp16 on older GPUs, off on CPU
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC memory layout on CUDA (faster convolutions with AMP)
     compile: bool = False  # torch.compile the backbone only (dynamo graph-breaks on nn.LSTM)
-    seed: int = ranged(0, 0, MAX_SEED)
-    deterministic: bool = False
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    seed: int = ranged(0, *SEED_RANGE)  # seed of model init, shuffling and augmentation
+    deterministic: bool = False  # deterministic kernels only (slower; bit-identical reruns on the same hardware)
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when available, else CPU
     best_metric: str = ""  # TASK/METRIC, e.g. "style/macro_f1"; empty: macro-F1 of model.primary_task
     log_every: int = positive(20, 10**9)  # steps between console/TensorBoard train logs
+    checkpoint_every: int = ranged(0, 0, 10**9)  # steps between mid-epoch saves of model_last.pt (a failure loses at most these); 0: epoch ends only
 
 
 @dataclass
@@ -195,32 +199,32 @@ class SlurmConfig(Section):
     """Defaults for `artdist submit` (each also a command-line flag)."""
 
     SECTION: ClassVar[str] = "slurm"
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    nodes: int = positive(1, 4096)
+    partition: str = ""  # SLURM partition; empty: the cluster's default
+    account: str = ""  # SLURM account; empty: none given
+    qos: str = ""  # SLURM quality of service; empty: none given
+    nodes: int = positive(1, 4096)  # number of nodes
     gpus_per_node: int = ranged(1, 0, 256)  # with train.device=cpu: CPU processes per node
-    cpus_per_task: int = positive(8, 1024)
-    mem_gb: int = ranged(0, 0, 65536)  # 0: SLURM's default
-    time_min: int = positive(240, 525_600)  # at most a year
-    signal_delay_s: int = ranged(120, 0, 86_400)
-    max_num_timeout: int = ranged(20, 0, 10_000)
-    constraint: str = ""
+    cpus_per_task: int = positive(8, 1024)  # CPU cores per training process (loader workers + 1)
+    mem_gb: int = ranged(0, 0, 65536)  # memory per node, GB; 0: SLURM's default
+    time_min: int = positive(240, 525_600)  # time limit, minutes
+    signal_delay_s: int = ranged(120, 0, 86_400)  # USR2 this many seconds before the time limit: save and requeue
+    max_num_timeout: int = ranged(20, 0, 10_000)  # requeues after a time limit or preemption, at most
+    constraint: str = ""  # SLURM node constraint, e.g. a100; empty: none
 
 
 @dataclass
 class JobConfig:
     """One training job: everything a run needs, saved into its run directory."""
 
-    name: str = "demo"
-    out_dir: str = ""  # empty: runs/<name>
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    outliers: OutlierConfig = field(default_factory=OutlierConfig)
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    synth: SynthConfig = field(default_factory=SynthConfig)
-    shard: ShardConfig = field(default_factory=ShardConfig)
+    name: str = "demo"  # run name: the run dir is runs/<name> and TensorBoard shows it
+    out_dir: str = ""  # run directory; empty: runs/<name>
+    data: DataConfig = field(default_factory=DataConfig)  # input pipeline
+    model: ModelConfig = field(default_factory=ModelConfig)  # network
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation and run control
+    outliers: OutlierConfig = field(default_factory=OutlierConfig)  # outlier scoring and reports
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # `artdist submit` resources
+    synth: SynthConfig = field(default_factory=SynthConfig)  # `artdist synth` corpus
+    shard: ShardConfig = field(default_factory=ShardConfig)  # `artdist shard` packing
 
     @property
     def run_dir(self) -> Path:
@@ -395,7 +399,8 @@ def best_metric(cfg: JobConfig, source: str = "config") -> tuple[str, str]:
     task, _, key = name.partition("/")
     if task not in cfg.model.tasks or key not in HEADLINE:
         raise ConfigError(f"{source}: train.best_metric={name!r}: expected TASK/METRIC with TASK one of "
-                          f"{cfg.model.tasks} and METRIC one of {list(HEADLINE)}, e.g. {cfg.model.primary_task}/macro_f1")
+                          f"{cfg.model.tasks} and METRIC one of {list(HEADLINE)}, "
+                          f"e.g. {cfg.model.primary_task}/macro_f1")
     return task, key
 
 
@@ -429,6 +434,73 @@ def save_config(cfg: Any, path: str | Path) -> None:
 RETIRED = {"train": ("stop_after_steps",)}
 
 
+# --------------------------------------------------------------------------- reference (docs/config.md)
+
+def _meanings(cls: type) -> dict[str, str]:
+    """field -> the comments on its lines in this file: the schema's one-line documentation."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments: dict[int, str] = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    found = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
+            found[node.target.id] = " ".join(comments[i] for i in lines if i in comments)
+    return found
+
+
+def _range_text(rng: Range) -> str:
+    hi = "∞" if rng.hi == INF else _num(rng.hi)
+    return f"{'(' if rng.lo_open else '['}{_num(rng.lo)}, {hi}{')' if rng.hi_open or rng.hi == INF else ']'}"
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " \\| ".join(str(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, str):
+        return f'`"{value}"`' if value == "" else f"`{value}`"
+    return "`" + yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...") + "`"
+
+
+def reference() -> str:
+    """The config reference as Markdown: every key with its type, default and meaning (docs/config.md)."""
+    out = ["# Config reference", "",
+           "Generated from the schema in `artdist/config.py` by `artdist config --reference`; "
+           "a test checks that this file is current.",
+           "A job YAML sets any of these keys; `--set section.key=value` overrides one on the command line.", ""]
+    top = JobConfig()
+    hints, meanings = typing.get_type_hints(JobConfig), _meanings(JobConfig)
+    plain = [f for f in dataclasses.fields(JobConfig) if not _is_dataclass_type(hints[f.name])]
+    sections = [f for f in dataclasses.fields(JobConfig) if _is_dataclass_type(hints[f.name])]
+    rows = [(f, hints[f.name], getattr(top, f.name), meanings.get(f.name, "")) for f in plain]
+    out += _table(rows)
+    for f in sections:
+        cls = hints[f.name]
+        out += ["", f"## `{f.name}`: {(cls.__doc__ or '').strip()}", ""]
+        sub_hints, sub_meanings, default = typing.get_type_hints(cls), _meanings(cls), getattr(top, f.name)
+        out += _table([(g, sub_hints[g.name], getattr(default, g.name), sub_meanings.get(g.name, ""))
+                       for g in dataclasses.fields(cls)], f"{f.name}.")
+    return "\n".join(out) + "\n"
+
+
+def _table(rows: list[tuple[dataclasses.Field, Any, Any, str]], prefix: str = "") -> list[str]:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for f, tp, value, meaning in rows:
+        rng = f.metadata.get("range")
+        kind = _type_name(tp) + (f" in {_range_text(rng)}" if rng else "")
+        lines.append(f"| `{prefix}{f.name}` | {kind} | {_default_text(value)} | {meaning.replace('|', chr(92) + '|')} |")
+    return lines
+
+
 def from_dict(tree: dict, source: str = "saved config") -> JobConfig:
     """Rebuild a JobConfig saved with a run (e.g. inside a checkpoint)."""
     tree = {**tree, **{section: {k: v for k, v in tree[section].items() if k not in keys}
@@ -456,4 +528,5 @@ __all__ = [
     "to_dict",
     "to_yaml",
     "from_dict",
+    "reference",
 ]

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
 import socket
+import struct
 from typing import Any
 
 import torch
@@ -64,6 +66,25 @@ def init_distributed(device: str = "auto") -> torch.device:
             device_id=dev if use_cuda else None,
         )
     return dev
+
+
+def route_interface(host: str) -> str | None:
+    """The network interface this machine reaches `host` through (on `host` itself: the one holding its
+    address), e.g. for GLOO_SOCKET_IFNAME; None when `host` does not resolve or has no route."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))  # UDP: nothing is sent, the kernel only picks the route and source address
+            source = s.getsockname()[0]
+            for _, name in socket.if_nameindex():
+                try:  # SIOCGIFADDR: the interface's IPv4 address
+                    packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+                except OSError:
+                    continue  # no IPv4 address
+                if socket.inet_ntoa(packed[20:24]) == source:
+                    return name
+    except OSError:
+        return None
+    return None
 
 
 def cleanup() -> None:

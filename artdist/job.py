@@ -4,18 +4,21 @@ from __future__ import annotations
 import torch
 
 from artdist.config import JobConfig
+from artdist.data.manifest import Manifest
 from artdist.model import CNNLSTM
 from artdist.outliers.pipeline import run_outliers
 from artdist.train import trainer
+from artdist.train.resume import Policy
 
 
-def audit(model: CNNLSTM, cfg: JobConfig, manifest: dict, device: torch.device, amp_dtype: torch.dtype | None,
+def audit(model: CNNLSTM, cfg: JobConfig, manifest: Manifest, device: torch.device, amp_dtype: torch.dtype | None,
           writer) -> None:
     """Every rank, after the test evaluation: the outlier reports on the validation split (outliers.enabled)."""
     if cfg.outliers.enabled:
         run_outliers(model, cfg, manifest, cfg.data.val_split, device, amp_dtype, writer)
 
 
-def main(cfg: JobConfig) -> str:
-    """Train (or resume) `cfg`: 'done' after the test evaluation and outlier reports, or 'preempted'."""
-    return trainer.main(cfg, after_test=audit)
+def main(cfg: JobConfig, policy: Policy = "check") -> str:
+    """Train (or resume) `cfg`: 'done' after the test evaluation and outlier reports, or 'preempted'.
+    `policy`: what a rerun of an existing run may change (artdist.train.resume)."""
+    return trainer.main(cfg, after_test=audit, policy=policy)

@@ -70,7 +70,7 @@ class CNNLSTM(nn.Module):
             _, (h_n, _) = self.lstm(self._tokens(fmap.float()))
             # Last hidden state of each direction of the top layer: each has read the whole
             # sequence (the backward one ending at the first token), so their concatenation
-            # summarises all of it, and it equals the seeds' vector for pooled (length 1).
+            # summarises all of it, and for pooled (length 1) it is the LSTM's output of the pooled vector.
             directions = 2 if self.lstm.bidirectional else 1
             embedding = torch.cat(list(h_n[-directions:]), dim=1)
             logits = {task: head(self.dropout(embedding)) for task, head in self.heads.items()}
@@ -101,18 +101,36 @@ def _trunk(resnet: torchvision.models.ResNet) -> nn.Sequential:
 
 
 def _imagenet_state(backbone: str) -> dict[str, torch.Tensor]:
+    weights, cached = _imagenet_cache(backbone)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)  # from the cache: it exists
+    except RuntimeError as exc:  # hash mismatch: a truncated or foreign file under the cached name
+        raise UserError(f"model.weights=imagenet: {cached} is damaged ({exc}); delete it and fetch it again with "
+                        f"{PREFETCH_HINT.format(name=backbone, weights=weights.name)}") from None
+
+
+def _imagenet_cache(backbone: str) -> tuple[torchvision.models.WeightsEnum, Path]:
+    """The ImageNet weights of `backbone` and their file in the torchvision cache, which must exist:
+    training never downloads (compute nodes rarely have internet, and N ranks would fetch at once)."""
     enum = torchvision.models.get_model_weights(backbone)
     weights = enum["IMAGENET1K_V2"] if "IMAGENET1K_V2" in enum.__members__ else enum["IMAGENET1K_V1"]
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-    try:
-        return weights.get_state_dict(progress=False, check_hash=True)
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError; hash mismatch is RuntimeError
+    if not cached.is_file():
         raise UserError(
-            f"model.weights=imagenet: {backbone} {weights.name} is not in the torchvision cache ({cached}) "
-            f"and could not be downloaded ({exc}). On a machine with internet (e.g. a login node) run: "
-            f"{PREFETCH_HINT.format(name=backbone, weights=weights.name)} with the same TORCH_HOME "
-            f"(cache dir {torch.hub.get_dir()}), or set model.weights to a local file"
-        ) from None
+            f"model.weights=imagenet: {backbone} {weights.name} is not in the torchvision cache ({cached}). "
+            f"On a machine with internet (e.g. a login node) run "
+            f"{PREFETCH_HINT.format(name=backbone, weights=weights.name)} with the same TORCH_HOME, "
+            f"or set model.weights to a local file")
+    return weights, cached
+
+
+def check_weights(model_cfg: ModelConfig) -> None:
+    """Fail before any data loader or process starts when model.weights cannot be loaded as it is."""
+    if model_cfg.weights == "imagenet":
+        _imagenet_cache(model_cfg.backbone)
+    elif model_cfg.weights != "none" and not Path(model_cfg.weights).is_file():
+        raise UserError(f"model.weights={model_cfg.weights}: no such file; use none, imagenet or a path to a "
+                        "state_dict")
 
 
 def _file_state(path: Path) -> dict[str, torch.Tensor]:

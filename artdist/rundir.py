@@ -22,6 +22,11 @@ HEARTBEAT_S = 60.0  # the holder touches its lock this often...
 STALE_S = 600.0  # ...so a lock from another host untouched this long belongs to a dead process
 
 
+def _entry(name: str) -> property:
+    """A RunDir attribute: the path of `name` inside the run directory."""
+    return property(lambda self: self.path / name)
+
+
 class RunDir:
     """The paths of one run (`cfg.run_dir`, default runs/<name>/)."""
 
@@ -37,38 +42,16 @@ class RunDir:
     def __fspath__(self) -> str:
         return str(self.path)
 
-    @property
-    def config(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def last(self) -> Path:
-        return self.path / LAST
-
-    @property
-    def best(self) -> Path:
-        return self.path / BEST
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.path / "tb"
-
-    @property
-    def class_counts(self) -> Path:
-        """Train-split class counts for the loss weights, cached (a large split takes a while to read)."""
-        return self.path / "class_counts.json"
-
-    @property
-    def stop_file(self) -> Path:
-        return self.path / STOP_FILE
-
-    @property
-    def slurm(self) -> Path:
-        return self.path / "slurm"
+    config = _entry("config.yaml")
+    last = _entry(LAST)
+    best = _entry(BEST)
+    metrics = _entry("metrics.jsonl")
+    tensorboard = _entry("tb")
+    class_counts = _entry("class_counts.json")  # train-split class counts for the loss weights, cached
+    changes = _entry("config_changes.yaml")  # config changes a resume was allowed to make (--resume-with-changes)
+    finished = _entry("finished.json")  # written last, when training, test and reports are done
+    stop_file = _entry(STOP_FILE)
+    slurm = _entry("slurm")
 
     def partial_saves(self) -> list[Path]:
         """Checkpoint temp files (train.checkpoint.save_atomic) left by a process killed mid-save."""

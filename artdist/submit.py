@@ -20,6 +20,7 @@ import submitit
 import torch
 
 from artdist.config import JobConfig
+from artdist.dist import route_interface
 from artdist.errors import UserError
 from artdist.job import main as train_main
 from artdist.rundir import RunDir
@@ -35,6 +36,11 @@ class TrainTask:
         # LOCAL_RANK picks this task's GPU in dist.init_distributed, so every task keeps all the
         # node's GPUs visible instead of submitit's one-device CUDA_VISIBLE_DEVICES.
         dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        # gloo's default interface is the address of this node's host name: loopback on many installs
+        # (127.0.1.1), unreachable from other nodes. The one that reaches MASTER_ADDR always works.
+        ifname = os.environ.get("GLOO_SOCKET_IFNAME") or route_interface(dist_env.master_addr)
+        if ifname and ifname != "lo":
+            os.environ["GLOO_SOCKET_IFNAME"] = ifname
         on_slurm = submitit.JobEnvironment().cluster == "slurm"
         # torchrun would set OMP_NUM_THREADS=1; instead use the cores each task has, without
         # oversubscribing them (SLURM gives each task cpus_per_task; locally the tasks share them).

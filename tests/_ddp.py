@@ -39,6 +39,7 @@ class Job:
     cfg: JobConfig
     touch_stop_file_at: int = 0
     exit_at: int = 0
+    policy: str = "check"  # what a rerun may change: artdist.train.resume.Policy
 
 
 def run_ranks(jobs: list[Job], out: Path, world_size: int = 2, timeout_s: float = 600) -> list[list[dict]]:
@@ -114,7 +115,7 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[Job], out: str) ->
 
         PreemptionWatch.should_stop = should_stop
         try:
-            record["status"] = job_main(job.cfg)
+            record["status"] = job_main(job.cfg, job.policy)
         except Exception as exc:  # recorded for the test to assert on; every rank should fail the same way
             record["error"] = f"{type(exc).__name__}: {exc}"
             record["traceback"] = traceback.format_exc()

@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from PIL import Image
 
 from artdist import cli
 from artdist.bench import Clock, build_corpus, loader_batches, tiled
+from artdist.data.manifest import Manifest, ShardInfo, SplitInfo
 
 TINY = ["--images", "24", "--full-size", "64", "--workers", "0,1", "--steps", "1",
         "--set", "data.image_size=32", "--set", "data.batch_size=4", "--set", "shard.max_short_side=48",
@@ -130,12 +132,11 @@ def test_corpus_has_wikiart_shape_and_is_reused(tmp_path):
 
 
 def test_tiled_manifest_repeats_the_split():
-    manifest = {"splits": {"train": {"num_samples": 30, "shards": [{"name": "a", "num_samples": 10},
-                                                                   {"name": "b", "num_samples": 20}]}}}
+    manifest = Manifest(Path("shards"), {"train": SplitInfo(30, (ShardInfo("a", 10), ShardInfo("b", 20)))}, {}, "jpg")
     tiles = tiled(manifest, "train", 100)
-    assert tiles["splits"]["train"]["num_samples"] == 120
-    assert [s["name"] for s in tiles["splits"]["train"]["shards"]] == ["a", "b"] * 4
-    assert manifest["splits"]["train"]["num_samples"] == 30  # the original is untouched
+    assert tiles.splits["train"].num_samples == 120
+    assert [s.name for s in tiles.splits["train"].shards] == ["a", "b"] * 4
+    assert manifest.splits["train"].num_samples == 30  # the original is untouched
 
 
 @pytest.mark.parametrize("flags, words", [

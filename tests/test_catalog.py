@@ -10,7 +10,6 @@ import pytest
 from artdist.data.catalog import (
     LABEL_FILES,
     Catalog,
-    Record,
     assign_splits,
     load_catalog,
     split_counts,
@@ -99,8 +98,13 @@ def test_real_anomalies(real):
     for kind in ("unparseable_rows", "label_out_of_range", "missing_files", "missing_tasks"):
         assert a[kind] == {"count": 0, "examples": []}
     summary = real.summary()
-    assert "81,446 images" in summary and "conflicting_labels: 1" in summary
-    assert "Art_Nouveau_Modern" in summary
+    assert "81,446 images" in summary and "Art_Nouveau_Modern" in summary
+    anomaly_lines = summary.split("label-file anomalies", 1)[1].splitlines()[1:]
+    # one readable line per kind, no raw dicts, and the real files' anomalies are marked as expected
+    assert len(anomaly_lines) == 4 and not any("{" in line for line in anomaly_lines)
+    assert all(line.endswith(f"expected for WikiArt (the ArtGAN files have {n})")
+               for line, n in zip(anomaly_lines, ("2", "1", "566", "4,334")))
+    assert "1 image(s) with two different labels in one task" in anomaly_lines[1]
 
 
 def test_real_artgan_split(real):

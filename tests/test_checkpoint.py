@@ -145,8 +145,12 @@ def test_training_state_round_trip_resumes_identically(tmp_path):
         _step(*objects, x, step)
 
     ckpt = load_checkpoint(tmp_path / LAST)  # weights_only=True inside
-    assert torch.equal(torch.load(tmp_path / "model_best.pt", weights_only=True)["model"]["0.weight"],
-                       ckpt["model"]["0.weight"])
+    best = torch.load(tmp_path / "model_best.pt", weights_only=True)
+    assert torch.equal(best["model"]["0.weight"], ckpt["model"]["0.weight"])
+    # model_best.pt holds the weights and what evaluate/outliers/predict read, not the training state
+    assert {"optimizer", "scheduler", "scaler", "rng"}.isdisjoint(best) and {"optimizer", "rng"} <= set(ckpt)
+    assert (best["config"], best["class_names"], best["metrics"]) == (ckpt["config"], classes, position["metrics"])
+    assert (tmp_path / "model_best.pt").stat().st_size < (tmp_path / LAST).stat().st_size
     assert ckpt["config"]["name"] == "roundtrip" and ckpt["class_names"] == classes
     fresh = _training_objects(seed=1)
     torch.manual_seed(99)

@@ -172,3 +172,36 @@ def test_cli_config_prints_resolved_yaml_and_fails_cleanly(tmp_path, capsys):
     assert cli_main(["config", "--config", str(write(tmp_path, "bogus: 1\n"))]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'bogus'" in err and "Traceback" not in err
+
+
+def _all_keys(cls, prefix=""):
+    import dataclasses
+    import typing
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _all_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hints[f.name]
+
+
+def test_config_reference_lists_every_key_with_type_default_and_meaning():
+    from artdist.config import reference
+    text = reference()
+    rows = {line.split("|")[1].strip().strip("`"): [c.strip() for c in line.split(" | ")]
+            for line in text.splitlines() if line.startswith("| `")}
+    keys = dict(_all_keys(JobConfig))
+    assert set(rows) == set(keys)
+    for key, cells in rows.items():
+        _, type_cell, default_cell, meaning = cells[0], cells[1], cells[2], cells[3].rstrip(" |")
+        assert type_cell and default_cell.startswith("`"), key
+        assert len(meaning) > 3, f"{key} has no one-line meaning: add a comment on its line in artdist/config.py"
+    assert "| `data.shuffle_buffer` | int in (0, 10000000] | `2000` |" in text  # type, allowed range, default
+    assert "| `train.amp` | auto \\| bf16 \\| fp16 \\| off | `auto` |" in text
+
+
+def test_docs_config_md_is_current(capsys):
+    assert cli_main(["config", "--reference"]) == 0
+    printed = capsys.readouterr().out
+    assert (REPO / "docs" / "config.md").read_text() == printed, \
+        "docs/config.md is out of date: artdist config --reference > docs/config.md"

@@ -1,6 +1,7 @@
 """Tests for artdist.data: manifest errors, equal-length train streams, exactly-once eval, transforms."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -16,7 +17,7 @@ from _ddp import sha256_of
 from artdist.errors import UserError
 from artdist.config import TASKS, DataConfig
 from artdist.data.loader import BAD_ID, TrainLoader, make_eval_loader
-from artdist.data.manifest import num_classes, read_manifest
+from artdist.data.manifest import SplitInfo, read_manifest
 from artdist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, Geometry, apply_geometry_pil,
                                      crop_resize_batch, decode_image, sample_geometry)
 
@@ -87,17 +88,22 @@ def test_unreadable_manifest(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(UserError, match="not an artdist shard manifest"):
         read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "artdist-shards/1", "image_ext": "jpg",
+                                                        "classes": CLASSES, "splits": {"train": {"shards": []}}}))
+    with pytest.raises(UserError, match=r"split 'train': num_samples None is not a whole number >= 0"):
+        read_manifest(tmp_path)
 
 
 def test_manifest_classes_and_unknown_split(uneven):
     manifest = read_manifest(uneven)
-    assert num_classes(manifest) == {task: len(CLASSES[task]) for task in TASKS}
+    assert manifest.num_classes == {task: len(CLASSES[task]) for task in TASKS}
+    assert manifest.num_samples("test") == 0 and manifest.num_samples("train") == manifest.splits["train"].num_samples
     with pytest.raises(UserError, match="'test' is not in"):
         make_eval_loader(_cfg(uneven), manifest, "test", 0, 1)
 
 
 def test_gpu_decode_refuses_non_jpeg_shards(uneven):
-    manifest = {**read_manifest(uneven), "image_ext": "png"}
+    manifest = dataclasses.replace(read_manifest(uneven), image_ext="png")
     with pytest.raises(UserError, match="JPEG only"):
         TrainLoader(_cfg(uneven, decode="gpu"), manifest, 0, 1, seed=0)
 
@@ -114,7 +120,7 @@ def test_gpu_decode_refuses_cpu_device():
 def test_train_ranks_equal_length_and_cover_every_sample(uneven, workers):
     manifest = read_manifest(uneven)
     cfg = _cfg(uneven, num_workers=workers)
-    world, total = 2, manifest["splits"]["train"]["num_samples"]
+    world, total = 2, manifest.splits["train"].num_samples
     seen: list[int] = []
     for rank in range(world):
         loader = TrainLoader(cfg, manifest, rank, world, seed=3)
@@ -142,7 +148,7 @@ def test_train_length_is_whole_accumulation_steps_and_still_covers_every_sample(
         assert len(loader) % accum_steps == 0 and len(loader) % 2 == 0
         loader.set_epoch(0)
         seen |= {i for batch in _ids(list(loader)) for i in batch}
-    assert seen == set(range(manifest["splits"]["train"]["num_samples"]))
+    assert seen == set(range(manifest.splits["train"].num_samples))
 
 
 def test_train_fewer_shards_than_ranks_times_workers(tmp_path):
@@ -204,6 +210,14 @@ def test_skip_batches_out_of_range(uneven):
         loader.set_epoch(0, skip_batches=len(loader) + 1)
 
 
+def with_shard(manifest, split: str, index: int, **changes):
+    """`manifest` with shard `index` of `split` changed (e.g. num_samples=, sha256=)."""
+    info = manifest.splits[split]
+    shards = list(info.shards)
+    shards[index] = dataclasses.replace(shards[index], **changes)
+    return dataclasses.replace(manifest, splits={**manifest.splits, split: SplitInfo(info.num_samples, tuple(shards))})
+
+
 def test_unreadable_image_is_a_counted_placeholder_that_names_the_sample(tmp_path, capfd):
     shards = write_shards(tmp_path, {"train": [2]})
     with tarfile.open(shards / "train-000000.tar", "a") as tar:
@@ -212,8 +226,8 @@ def test_unreadable_image_is_a_counted_placeholder_that_names_the_sample(tmp_pat
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    manifest = read_manifest(shards)
-    manifest["splits"]["train"]["shards"][0].update(num_samples=3, sha256=sha256_of(shards / "train-000000.tar"))
+    manifest = with_shard(read_manifest(shards), "train", 0, num_samples=3,
+                          sha256=sha256_of(shards / "train-000000.tar"))
     batches = list(make_eval_loader(_cfg(shards), manifest, "train", 0, 1))
     ids = torch.cat([b[2] for b in batches])
     labels = torch.cat([b[1] for b in batches])
@@ -225,8 +239,7 @@ def test_unreadable_image_is_a_counted_placeholder_that_names_the_sample(tmp_pat
 @pytest.mark.parametrize("workers", [0, 2])
 def test_damaged_shard_is_reported_in_one_line(tmp_path, workers):
     shards = write_shards(tmp_path, {"train": [4, 4]})
-    manifest = read_manifest(shards)
-    manifest["splits"]["train"]["shards"][1]["num_samples"] = 6  # manifest claims more than the tar holds
+    manifest = with_shard(read_manifest(shards), "train", 1, num_samples=6)  # more than the tar holds
     with pytest.raises(UserError, match="train-000001.tar holds 4 samples, manifest.json says 6") as caught:
         list(TrainLoader(_cfg(shards, batch_size=2, num_workers=workers), manifest, 0, 1, seed=0))
     assert "\n" not in str(caught.value)
@@ -247,7 +260,7 @@ def test_eval_every_sample_exactly_once(uneven, world, workers):
             batches = list(loader)
             assert len(batches) == len(loader)
             seen += [i for b in _ids(batches) for i in b]
-        count = manifest["splits"][split]["num_samples"]
+        count = manifest.splits[split].num_samples
         assert sorted(seen) == list(range(first_id, first_id + count))
 
 
@@ -381,7 +394,7 @@ def test_device_transform_normalizes(channels_last):
 
 def test_demo_shards_end_to_end(demo_shards):
     manifest = read_manifest(demo_shards)
-    classes = num_classes(manifest)
+    classes = manifest.num_classes
     cfg = _cfg(demo_shards, image_size=32, batch_size=16, num_workers=2, augment="rrc")
     transform = DeviceTransform(cfg, "cpu", train=True, channels_last=True)
     train_ids: set[int] = set()
@@ -398,11 +411,11 @@ def test_demo_shards_end_to_end(demo_shards):
             x = transform(images)
             assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
             train_ids.update(ids.tolist())
-    assert len(train_ids) == manifest["splits"]["train"]["num_samples"]
+    assert len(train_ids) == manifest.splits["train"].num_samples
 
     val_ids = [i for rank in range(3) for _, _, ids in make_eval_loader(cfg, manifest, "val", rank, 3)
                for i in ids.tolist()]
-    assert len(val_ids) == len(set(val_ids)) == manifest["splits"]["val"]["num_samples"]
+    assert len(val_ids) == len(set(val_ids)) == manifest.splits["val"].num_samples
     assert not train_ids & set(val_ids)
 
 

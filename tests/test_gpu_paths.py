@@ -12,7 +12,7 @@ from test_data import write_shards
 from test_train import assert_same_weights, tiny_config, weights
 from artdist import cli
 from artdist.checklist import CHECKS, NO_CUDA, check_amp
-from artdist.data.manifest import num_classes, read_manifest
+from artdist.data.manifest import read_manifest
 from artdist.model import build_model
 from artdist.rundir import BEST, LAST
 
@@ -85,8 +85,8 @@ def test_evaluate_and_outliers_from_an_fp16_checkpoint(amp_runs, capsys):
 def test_lstm_and_heads_run_in_fp32_inside_autocast(small_shards, tmp_path, amp, low):
     """The checklist's AMP check on CPU autocast: convolutions in the low precision, the recurrent island fp32."""
     cfg = tiny_config(small_shards, tmp_path / "run", "train.class_weighting=none", *SMALL)
-    classes = num_classes(read_manifest(small_shards))
-    row = check_amp(cfg, classes, None, torch.device("cpu"), steps=1, warmup=0, amp=amp)
+    num_classes = read_manifest(small_shards).num_classes
+    row = check_amp(cfg, num_classes, None, torch.device("cpu"), steps=1, warmup=0, amp=amp)
     assert row["status"] == "ok", row
     assert row["dtypes"] == {"Conv2d": [low], "LSTM": ["float32"], "Linear": ["float32"]}
     assert row["amp"] == low and row["images_per_s"] > 0
@@ -116,14 +116,15 @@ def test_compiled_backbone_trains_saves_plain_keys_resumes_evaluates_and_predict
     """train.compile=true on CPU (inductor): slow, because compiling the backward takes minutes on 2 cores."""
     run = tmp_path / "compiled"
     first = tiny_config(small_shards, run, "train.compile=true", "train.epochs=1", *SMALL)
-    records = run_ranks([Job(first), Job(tiny_config(small_shards, run, "train.compile=true", "train.epochs=2", *SMALL))],
+    records = run_ranks([Job(first), Job(tiny_config(small_shards, run, "train.compile=true", "train.epochs=2", *SMALL),
+                                                        policy="with_changes")],
                         tmp_path / "ranks", world_size=1, timeout_s=1800)
     assert all("error" not in job[0] for job in records), [job[0].get("error") for job in records]
     # The second job resumed where the first ended and trained one more epoch.
     assert records[1][0]["epochs"][0]["global_step"] > records[0][0]["epochs"][-1]["global_step"]
     state = weights(run, BEST)
     assert not [k for k in state if "_orig_mod" in k]
-    build_model(first.model, num_classes(read_manifest(small_shards))).load_state_dict(state, strict=True)
+    build_model(first.model, read_manifest(small_shards).num_classes).load_state_dict(state, strict=True)
     assert cli.main(["evaluate", "--run", str(run), "--split", "val"]) == 0
     assert cli.main(["predict", "--checkpoint", str(run / BEST), str(_any_jpeg(tmp_path))]) == 0
     assert "style" in capsys.readouterr().out

@@ -17,7 +17,8 @@ from submitit.local.local import LocalJob
 
 from artdist import submit
 from artdist.cli import main
-from artdist.config import JobConfig
+from artdist.config import JobConfig, load_config
+from artdist.dist import route_interface
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch.sh"
@@ -48,16 +49,32 @@ def test_outside_slurm_runs_torchrun_standalone_one_process_per_gpu_or_two_on_cp
     assert res.returncode == 0, res.stderr
     nproc = torch.cuda.device_count() or 2
     assert commands(res.stdout) == [
-        f"torchrun --standalone --nproc_per_node={nproc} -m artdist train --config jobs/demo.yaml "
-        r"--set train.epochs=1 --set name=x\ y"]
+        f"env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc_per_node={nproc} --max-restarts=0 "
+        r"-m artdist train --config jobs/demo.yaml --set train.epochs=1 --set name=x\ y"]
     assert "run directory: runs/x y" in res.stdout
     assert "tensorboard --logdir runs/x y/tb" in res.stdout
 
 
 def test_artdist_nproc_overrides_the_process_count():
-    res = launch("jobs/demo.yaml", ARTDIST_DRY_RUN="1", ARTDIST_NPROC="3")
+    res = launch("jobs/demo.yaml", ARTDIST_DRY_RUN="1", ARTDIST_NPROC="3", ARTDIST_MAX_RESTARTS="2")
     assert res.returncode == 0, res.stderr
-    assert commands(res.stdout)[0].startswith("torchrun --standalone --nproc_per_node=3 ")
+    assert "torchrun --standalone --nproc_per_node=3 --max-restarts=2 " in commands(res.stdout)[0]
+
+
+def test_sbatch_mode_asks_for_the_config_slurm_resources():
+    """./launch.sh --sbatch: what artdist submit would ask for; slurm.cpus_per_task is per process."""
+    res = launch("--sbatch", "jobs/wikiart_style_r50.yaml", "--set", "slurm.nodes=2", "--set", "slurm.partition=gpu",
+                 "--set", "slurm.mem_gb=200", ARTDIST_DRY_RUN="1")
+    assert res.returncode == 0, res.stderr
+    assert commands(res.stdout) == [
+        f"sbatch --nodes=2 --gpus-per-node=4 --cpus-per-task=40 --time=720 --signal=B:USR2@120 --partition=gpu "
+        rf"--mem=200G --export=ALL\,ARTDIST_NPROC=4 {LAUNCH} jobs/wikiart_style_r50.yaml --set slurm.nodes=2 "
+        "--set slurm.partition=gpu --set slurm.mem_gb=200"]
+    # On CPU nodes gpus_per_node counts processes and no GPU is asked for.
+    res = launch("--sbatch", "jobs/demo.yaml", "--set", "train.device=cpu", "--set", "slurm.gpus_per_node=2",
+                 "--set", "slurm.cpus_per_task=3", ARTDIST_DRY_RUN="1")
+    assert commands(res.stdout)[0].startswith(
+        r"sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=6 --time=240 --signal=B:USR2@120 --export=ALL\,ARTDIST_NPROC=2 ")
 
 
 def test_demo_prepares_data_once_then_trains(tmp_path):
@@ -68,7 +85,8 @@ def test_demo_prepares_data_once_then_trains(tmp_path):
     steps = commands(first.stdout)
     assert steps[0] == "python -m artdist synth --config jobs/demo.yaml"
     assert steps[1] == "python -m artdist shard --config jobs/demo.yaml"
-    assert re.fullmatch(r"torchrun --standalone --nproc_per_node=\d+ -m artdist train --config jobs/demo.yaml", steps[2])
+    assert re.fullmatch(r"env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc_per_node=\d+ "
+                        r"--max-restarts=0 -m artdist train --config jobs/demo.yaml", steps[2])
     assert len(steps) == 3  # training itself ends with the test evaluation and the outlier reports
     assert "outliers: runs/demo/outliers/val/index.html" in first.stdout
     assert first.stdout.rstrip().endswith("watch it with: tensorboard --logdir runs/demo/tb")
@@ -81,7 +99,7 @@ def test_demo_prepares_data_once_then_trains(tmp_path):
     again = launch(cwd=tmp_path, ARTDIST_DRY_RUN="1")
     assert again.returncode == 0, again.stderr
     steps = commands(again.stdout)
-    assert [s.split()[0] for s in steps] == ["torchrun"]
+    assert len(steps) == 1 and " torchrun " in steps[0]
     assert "skipping artdist synth" in again.stdout and "skipping artdist shard" in again.stdout
 
 
@@ -195,3 +213,71 @@ def test_task_layout_one_task_per_gpu_or_per_cpu_process():
     assert submit.task_layout(cfg, local=False) == (4, 0)
     cfg.slurm.gpus_per_node = 0
     assert submit.task_layout(cfg, local=False) == (1, 0)
+
+
+# A worker that dies on the first attempt; the restarted pair must meet again and all-reduce.
+RESTART_SCRIPT = """
+import os, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+t = torch.ones(1)
+for i in range(4):
+    dist.all_reduce(t)
+    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and dist.get_rank() == 1 and i == 1:
+        os._exit(9)
+print(f"rank {dist.get_rank()} attempt {os.environ['TORCHELASTIC_RESTART_COUNT']} sum {t.item():.0f}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_restart_as_launch_sh_runs_it_meets_again(tmp_path):
+    """torchrun --max-restarts with launch.sh's environment: without it the restarted workers read the
+    dead ones' addresses from the agent's store ("Gloo connectFullMesh failed ... Connection refused",
+    2 of 3 tries here)."""
+    res = launch("jobs/demo.yaml", ARTDIST_DRY_RUN="1", ARTDIST_NPROC="2", ARTDIST_MAX_RESTARTS="1")
+    cmd = commands(res.stdout)[0].split(" -m artdist train ")[0].split()
+    assert cmd[0] == "env" and "--max-restarts=1" in cmd
+    (tmp_path / "worker.py").write_text(RESTART_SCRIPT)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "ARTDIST_", "TORCH"))}
+    base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base['PATH']}"
+    for attempt in range(3):
+        run = subprocess.run([*cmd, str(tmp_path / "worker.py")], env=base, capture_output=True, text=True, timeout=300)
+        out = run.stdout + run.stderr
+        assert run.returncode == 0, f"attempt {attempt}: {out[-3000:]}"
+        assert "rank 0 attempt 1 sum 16" in out and "rank 1 attempt 1 sum 16" in out
+
+
+def test_route_interface_names_the_interface_towards_a_host():
+    assert route_interface("127.0.0.1") == "lo"
+    assert route_interface("no-such-host.invalid") is None
+
+
+@pytest.mark.parametrize("given, route, expected", [
+    (None, "eth7", "eth7"),     # chosen: the interface towards MASTER_ADDR
+    ("ib0", "eth7", "ib0"),     # the user's choice stays
+    (None, "lo", None),         # one node: gloo's default is fine
+    (None, None, None),         # MASTER_ADDR does not resolve here: leave it to gloo
+])
+def test_train_task_picks_the_gloo_interface_towards_the_master(slurm_task_env, monkeypatch, given, route, expected):
+    if given:
+        slurm_task_env["GLOO_SOCKET_IFNAME"] = given
+    else:
+        slurm_task_env.pop("GLOO_SOCKET_IFNAME", None)
+    asked = []
+    monkeypatch.setattr(submit, "route_interface", lambda host: asked.append(host) or route)
+    monkeypatch.setattr(submit, "train_main", lambda cfg: "done")
+    assert submit.TrainTask(JobConfig())() == "done"
+    assert os.environ.get("GLOO_SOCKET_IFNAME") == expected
+    assert asked == ([] if given else ["node1"])
+
+
+def test_eight_gpu_config_follows_the_lr_scaling_rule():
+    """jobs/wikiart_style_r50_2x8gpu.yaml: the LRs of wikiart_style_r50 scaled with the global batch."""
+    def global_batch(cfg):
+        return cfg.data.batch_size * cfg.slurm.nodes * cfg.slurm.gpus_per_node * cfg.train.accum_steps
+
+    base = load_config(REPO / "jobs" / "wikiart_style_r50.yaml")
+    big = load_config(REPO / "jobs" / "wikiart_style_r50_2x8gpu.yaml")
+    assert (big.slurm.nodes, big.slurm.gpus_per_node, global_batch(base), global_batch(big)) == (2, 8, 256, 1024)
+    for key in ("lr", "backbone_lr"):
+        assert getattr(big.train, key) == pytest.approx(getattr(base.train, key) * global_batch(big) / global_batch(base))

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "artdist"
 # Bottom to top; a module's layer is that of the longest prefix listed. Same-layer imports are allowed.
 LAYERS = [
     ("artdist.errors",),
-    ("artdist.config", "artdist.dist", "artdist.metrics", "artdist.rundir"),
+    ("artdist.config", "artdist.dist", "artdist.metrics", "artdist.progress", "artdist.rundir"),
     ("artdist.data",),
     ("artdist.model",),
     ("artdist.train",),

@@ -120,6 +120,23 @@ def test_imagenet_weights_without_cache_explain_prefetch(tmp_path, monkeypatch):
         _model("pooled", weights="imagenet")
 
 
+def test_imagenet_weights_are_checked_without_any_download_attempt(tmp_path, monkeypatch):
+    from artdist.model import check_weights
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    tried = []
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", lambda *a, **k: tried.append(a))
+    cfg = ModelConfig(backbone="resnet50", weights="imagenet", tasks=["style"], primary_task="style")
+    with pytest.raises(UserError, match=r"not in the torchvision cache .*resnet50\(weights='IMAGENET1K_V2'\)"):
+        check_weights(cfg)
+    with pytest.raises(UserError, match="not in the torchvision cache"):
+        build_model(cfg, {"style": 3})
+    assert tried == []  # docs/cluster.md: training never downloads
+    with pytest.raises(UserError, match="no such file"):
+        check_weights(ModelConfig(weights=str(tmp_path / "absent.pth")))
+    check_weights(ModelConfig(weights="none"))
+
+
 def _no_network(*args, **kwargs):
     raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 

@@ -3,6 +3,7 @@ one-line errors, a sharder that deletes only its own files, escaped reports, and
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -26,7 +27,7 @@ from artdist.config import TASKS, DataConfig, ModelConfig, ShardConfig
 from artdist.data import loader as loader_mod
 from artdist.data import verify
 from artdist.data.loader import BAD_ID, TrainLoader, make_eval_loader
-from artdist.data.manifest import read_manifest
+from artdist.data.manifest import Manifest, read_manifest
 from artdist.data.shard import shard_dataset
 from artdist.errors import ConfigError, UserError
 from artdist.metrics import confusion_matrix, format_confusion, format_table, report_from_confusion, topk_correct
@@ -114,7 +115,7 @@ def read_all(shards: Path, split: str = "val", **kw) -> list:
 
 
 def test_flipped_bytes_inside_an_image_stop_every_reader_naming_the_shard(shards):
-    name = read_manifest(shards)["splits"]["val"]["shards"][2]["name"]
+    name = read_manifest(shards).splits["val"].shards[2].name
     data = bytearray((shards / name).read_bytes())
     data[3000:3064] = bytes(64)  # inside the first JPEG member: tar and JPEG stay readable
     (shards / name).write_bytes(bytes(data))
@@ -141,13 +142,13 @@ def test_the_last_shard_undercounted_is_caught(shards):
 
 
 def test_a_cut_shard_is_one_line(shards):
-    name = read_manifest(shards)["splits"]["val"]["shards"][0]["name"]
+    name = read_manifest(shards).splits["val"].shards[0].name
     path = shards / name
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     one_line_error(lambda: read_all(shards), rf"{name} (has sha256|is not a readable tar)")
     # Cut after it was verified (the cache vouches for the old size: not here, since size is in its key) or
     # read without verification: the reader's own one-line error.
-    samples = loader_mod._read_range([str(path)], [read_manifest(shards)["splits"]["val"]["shards"][0]["num_samples"]],
+    samples = loader_mod._read_range([str(path)], [read_manifest(shards).splits["val"].shards[0].num_samples],
                                      0, 10**6)
     one_line_error(lambda: list(samples), rf"{name} (cannot be read after sample|holds)")
 
@@ -155,25 +156,25 @@ def test_a_cut_shard_is_one_line(shards):
 def test_verification_is_done_once_per_file_and_redone_when_it_changes(shards, monkeypatch):
     calls = []
     real = verify.check_shard
-    monkeypatch.setattr(verify, "check_shard", lambda d, e: calls.append(e["name"]) or real(d, e))
+    monkeypatch.setattr(verify, "check_shard", lambda d, e: calls.append(e.name) or real(d, e))
     manifest = read_manifest(shards)
-    val = manifest["splits"]["val"]["shards"]
+    val = manifest.splits["val"].shards
     verify.verify_split(shards, manifest, "val")
-    assert sorted(calls) == sorted(s["name"] for s in val)
+    assert sorted(calls) == sorted(s.name for s in val)
     calls.clear()
     verify.verify_split(shards, manifest, "val")
     assert calls == []  # cached: size and mtime unchanged
-    os.utime(shards / val[1]["name"], ns=(0, 12345))
+    os.utime(shards / val[1].name, ns=(0, 12345))
     verify.verify_split(shards, manifest, "val")
-    assert calls == [val[1]["name"]]
+    assert calls == [val[1].name]
 
 
 def test_verify_command_checks_every_shard_with_progress(shards, capsys):
     assert cli.main(["verify", str(shards)]) == 0
     out, err = capsys.readouterr()
-    total = sum(len(info["shards"]) for info in read_manifest(shards)["splits"].values())
-    assert f"{total} shards OK" in out and f"verified {total}/{total} shards" in err
-    name = read_manifest(shards)["splits"]["test"]["shards"][-1]["name"]
+    total = sum(len(info.shards) for info in read_manifest(shards).splits.values())
+    assert f"{total} shards OK" in out and f"verified: {total}/{total} shards" in err
+    name = read_manifest(shards).splits["test"].shards[-1].name
     with open(shards / name, "r+b") as f:
         f.seek(2000)
         f.write(b"\xff" * 16)
@@ -191,7 +192,7 @@ def test_verify_command_checks_every_shard_with_progress(shards, capsys):
     (lambda b: json.dumps({**json.loads(b), "style": 99}).encode(), r"style label 99 is outside -1\.\.\d+"),
 ])
 def test_a_damaged_json_member_is_one_line_naming_the_sample(shards, change, match):
-    name = read_manifest(shards)["splits"]["val"]["shards"][0]["name"]
+    name = read_manifest(shards).splits["val"].shards[0].name
     key = rewrite_member(shards, name, "json", change)
     one_line_error(lambda: read_all(shards), rf"{name}: sample {key}.*{match}")
 
@@ -242,7 +243,7 @@ def test_a_corrupt_checkpoint_message_promises_nothing_that_is_not_kept(tmp_path
 
 def test_undecodable_samples_keep_every_rank_at_the_same_batch_count(shards):
     manifest = read_manifest(shards)
-    key = rewrite_member(shards, manifest["splits"]["train"]["shards"][0]["name"], "jpg", lambda b: b[:50])
+    key = rewrite_member(shards, manifest.splits["train"].shards[0].name, "jpg", lambda b: b[:50])
     manifest = read_manifest(shards)
     loaders = [TrainLoader(data_cfg(shards), manifest, rank, 2, seed=0) for rank in range(2)]
     batches = [list(loader) for loader in loaders]
@@ -255,14 +256,14 @@ def test_undecodable_samples_keep_every_rank_at_the_same_batch_count(shards):
 def test_training_skips_counts_and_reports_bad_samples_then_stops_past_the_budget(small, tmp_path, capfd):
     shards = small
     manifest = read_manifest(shards)
-    rewrite_member(shards, manifest["splits"]["train"]["shards"][1]["name"], "jpg", lambda b: b"garbage")
-    rewrite_member(shards, manifest["splits"]["val"]["shards"][0]["name"], "jpg", lambda b: b"garbage")
+    rewrite_member(shards, manifest.splits["train"].shards[1].name, "jpg", lambda b: b"garbage")
+    rewrite_member(shards, manifest.splits["val"].shards[0].name, "jpg", lambda b: b"garbage")
     run = tmp_path / "run"
     # The test split has no artist labels: its report must still be written (issue: max() of an empty sequence).
     for split in ("test",):
-        for shard in manifest["splits"][split]["shards"]:
-            for index in range(shard["num_samples"]):
-                rewrite_member(shards, shard["name"], "json",
+        for shard in manifest.splits[split].shards:
+            for index in range(shard.num_samples):
+                rewrite_member(shards, shard.name, "json",
                                lambda b: json.dumps({**json.loads(b), "artist": -1}).encode(), index)
     cfg = tiny_config(shards, run, "train.epochs=1", "data.max_bad_fraction=0.05")
     assert trainer.main(cfg) == "done"
@@ -433,8 +434,8 @@ def test_the_sharder_removes_only_its_own_stale_files_and_says_so(synth_corpus, 
 
 def test_formula_cells_are_guarded_in_csv_and_numbers_stay_numbers(tmp_path):
     row = {"rank": 1, "id": 7, "path": "=HYPERLINK(\"http://x\")", "assigned": "@SUM(A1)", "predicted": "+1",
-           "combined": 2.5, "max_prob": 0.4, "p_assigned": 0.1, "margin": -0.3, "energy": -1.0, "mahalanobis": 3.0,
-           "mahalanobis_z": -0.5, "feature_predicted": "-cmd", "feature_p_assigned": 0.2, "flagged_seeds": True,
+           "combined": 2.5, "max_softmax": 0.4, "p_assigned": 0.1, "margin": -0.3, "energy": -1.0, "mahalanobis": 3.0,
+           "mahalanobis_z": -0.5, "feature_predicted": "-cmd", "feature_p_assigned": 0.2, "flagged_max_softmax": True,
            "flagged_combined": False, "reasons": ["=1+1"]}
     write_rows([row], tmp_path / "t.csv", tmp_path / "t.json", {})
     with open(tmp_path / "t.csv", newline="") as f:
@@ -448,12 +449,12 @@ def test_formula_cells_are_guarded_in_csv_and_numbers_stay_numbers(tmp_path):
 def test_a_split_name_is_escaped_in_index_html(demo_shards, tmp_path):
     evil = "<script>alert(1)</script>"
     manifest = read_manifest(demo_shards)
-    manifest["splits"][evil] = manifest["splits"]["val"]
+    manifest = dataclasses.replace(manifest, splits={**manifest.splits, evil: manifest.splits["val"]})
     ids = np.array(sorted(json.loads(b)["id"] for b in _json_members(demo_shards, manifest, "val")))
     n = len(ids)
     rng = np.random.default_rng(0)
     scores = TaskScores(ids=ids, assigned=np.zeros(n, np.int64), predicted=np.ones(n, np.int64),
-                        max_prob=rng.random(n, np.float32), nll=rng.random(n, np.float32),
+                        max_softmax=rng.random(n, np.float32), nll=rng.random(n, np.float32),
                         margin=rng.random(n, np.float32), energy=rng.random(n, np.float32),
                         mahalanobis=rng.random(n, np.float32), feature_nll=rng.random(n, np.float32),
                         feature_predicted=np.zeros(n, np.int64))
@@ -465,10 +466,10 @@ def test_a_split_name_is_escaped_in_index_html(demo_shards, tmp_path):
     assert summary["tasks"]["artist"]["scored"] == 0
 
 
-def _json_members(shards: Path, manifest: dict, split: str) -> list[bytes]:
+def _json_members(shards: Path, manifest: Manifest, split: str) -> list[bytes]:
     out = []
-    for shard in manifest["splits"][split]["shards"]:
-        with tarfile.open(shards / shard["name"]) as tar:
+    for shard in manifest.splits[split].shards:
+        with tarfile.open(shards / shard.name) as tar:
             out += [tar.extractfile(m).read() for m in tar if m.name.endswith(".json")]
     return out
 

@@ -16,6 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from artdist.data.catalog import assign_splits, load_catalog
+from artdist.data.manifest import read_manifest
 from artdist.cli import main
 from artdist.config import TASKS, ShardConfig, SynthConfig
 from artdist.data.shard import _decode, sample_key, shard_dataset, shard_ranges
@@ -184,6 +185,7 @@ def test_manifest_matches_the_files(odd_corpus, odd_shards):
     out, manifest = odd_shards
     catalog = load_catalog(root / "labels")
     assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert read_manifest(out).to_json() == manifest  # the typed reader keeps every key
     assert manifest["format"] == "artdist-shards/1" and manifest["image_ext"] == "jpg"
     assert manifest["classes"] == catalog.classes
     assert manifest["anomalies"] == catalog.anomalies
@@ -358,13 +360,16 @@ def test_cli_flags_and_help(odd_corpus, tmp_path, capsys):
                  "--out", str(tmp_path), "--max-short-side", "32", "--samples-per-shard", "100",
                  "--workers", "1", "--set", "shard.min_shards=2", "--set", f"shard.max_pixels={MAX_PIXELS}"]) == 0
     err = capsys.readouterr().err
-    assert "anomalies:" in err and "shards" in err and "skipped 5: empty 1, missing 1" in err
+    assert "label-file anomalies" in err and "shards" in err and "skipped 5: empty 1, missing 1" in err
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert [len(manifest["splits"][s]["shards"]) for s in ("train", "val")] == [2, 2]
     assert manifest["options"]["max_short_side"] == 32
     with pytest.raises(SystemExit):
         main(["shard", "--help"])
-    assert "works with any number of shards" in " ".join(capsys.readouterr().out.split())
+    # --help points at the shard-count advice, which lives in the design notes
+    assert 'How many shards to aim for: docs/design.md "Shard format"' in " ".join(capsys.readouterr().out.split())
+    design = " ".join((Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text().split())
+    assert "Training works with any number of shards" in design
     assert main(["shard", "--images", str(root / "images"), "--labels", str(root / "labels"),
                  "--out", str(tmp_path), "--quality", "0"]) == 2
     assert "shard.quality must be 1..100" in capsys.readouterr().err

@@ -135,10 +135,14 @@ def test_planted_noise_is_really_mislabelled_at_the_asked_rate(synth_corpus):
     catalog = load_catalog(synth_corpus / "labels")
     by_path = {r.path: r for r in catalog.records}
     planted = _planted(synth_corpus)
-    assert planted and list(planted[0]) == ["path", "task", "true_label", "assigned_label"]
+    assert planted and list(planted[0]) == ["path", "task", "true_label", "assigned_label", "true_class",
+                                            "assigned_class"]
     for row in planted:
         record = by_path[row["path"]]
         assert record.labels[TASKS.index(row["task"])] == int(row["assigned_label"]) != int(row["true_label"])
+        names = catalog.classes[row["task"]]  # the class names beside the numbers are those of the label files
+        assert (names[int(row["true_label"])], names[int(row["assigned_label"])]) == (row["true_class"],
+                                                                                     row["assigned_class"])
     pairs = sum(label >= 0 for r in catalog.records for label in r.labels)
     assert abs(len(planted) / pairs - 0.1) < 0.01
     # Every split is noised at the same rate (the outlier work audits val and test too).
@@ -151,7 +155,7 @@ def test_planted_noise_is_really_mislabelled_at_the_asked_rate(synth_corpus):
 
 def test_no_noise_writes_only_the_header(tmp_path):
     make_corpus(SynthConfig(out=str(tmp_path), images=20, seed=0, noise=0.0, size=32))
-    assert (tmp_path / "planted_noise.csv").read_text() == "path,task,true_label,assigned_label\n"
+    assert (tmp_path / "planted_noise.csv").read_text() == "path,task,true_label,assigned_label,true_class,assigned_class\n"
 
 
 def test_pictures_follow_the_true_classes(synth_corpus):

@@ -6,17 +6,19 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.multiprocessing import ProcessExitedException
 
 from _ddp import Job, reshard_uneven, run_ranks
 from artdist import cli
 from artdist.config import TASKS, load_config
-from artdist.data.manifest import label_counts
+from artdist.data.manifest import read_manifest
 from artdist.data.shard import shard_dataset
 from artdist.data.synth import make_corpus
 from artdist.errors import UserError
@@ -30,6 +32,7 @@ BATCH = 16
 WORLD = 2
 UNEVEN = [150, 3, 60, 1]  # train shard sizes; the rest of the split goes into a fifth shard
 DEMO = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
+KILLED_SAVE_EVERY = 2  # train.checkpoint_every of the killed run
 
 
 def tiny_config(shards: Path, run_dir: Path, *overrides: str):
@@ -61,7 +64,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def majority_rates(shards: Path, split: str) -> dict[str, float]:
     """Accuracy of always answering the split's most frequent class, per task."""
     manifest = json.loads((shards / "manifest.json").read_text())
-    counts = label_counts(shards, manifest, split, {t: len(manifest["classes"][t]) for t in TASKS})
+    counts = read_manifest(shards).label_counts(split)
     return {t: max(c) / sum(c) for t, c in counts.items()}
 
 
@@ -98,7 +101,8 @@ def demo_corpus_shards(tmp_path_factory) -> Path:
 def runs(shards, demo_corpus_shards, steps_per_epoch, tmp_path_factory) -> dict:
     """Every 2-rank run of this file; starting processes dominates, so one set of ranks runs them in turn.
 
-    killed: every rank exits in mid epoch 2 (own processes: they exit), then resumed; preempted:
+    killed: every rank exits in mid epoch 2 (own processes: they exit), saving every KILLED_SAVE_EVERY
+    steps, then resumed from the last of those saves; preempted:
     stop file after step 3, then resumed; baseline: uninterrupted; accum: 2 micro-batches per step;
     learn: the demo config for 2 epochs; nan: lr=1e30.
     """
@@ -106,14 +110,15 @@ def runs(shards, demo_corpus_shards, steps_per_epoch, tmp_path_factory) -> dict:
     dirs = {name: out / name for name in ("baseline", "preempted", "killed", "accum", "learn", "nan")}
     kill_at = steps_per_epoch + steps_per_epoch // 2
     with pytest.raises(ProcessExitedException) as killed:
-        run_ranks([Job(tiny_config(shards, dirs["killed"]), exit_at=kill_at)], out / "kill")
+        run_ranks([Job(tiny_config(shards, dirs["killed"], f"train.checkpoint_every={KILLED_SAVE_EVERY}"),
+                       exit_at=kill_at)], out / "kill")
     killed_last = torch.load(dirs["killed"] / LAST, weights_only=True)
     killed_had_test_report = (dirs["killed"] / "eval_test.json").exists()
     jobs = {
         "baseline": Job(tiny_config(shards, dirs["baseline"])),
         "preempt": Job(tiny_config(shards, dirs["preempted"]), touch_stop_file_at=3),
         "preempt_resume": Job(tiny_config(shards, dirs["preempted"])),
-        "kill_resume": Job(tiny_config(shards, dirs["killed"])),
+        "kill_resume": Job(tiny_config(shards, dirs["killed"], f"train.checkpoint_every={KILLED_SAVE_EVERY}")),
         "accum": Job(tiny_config(shards, dirs["accum"], "data.batch_size=8", "train.accum_steps=2",
                                  "train.epochs=1")),
         "learn": Job(demo_config(demo_corpus_shards, dirs["learn"], epochs=2)),
@@ -149,11 +154,10 @@ def test_gradient_accumulation_steps_once_per_accumulated_batch(runs, manifest):
 
 
 def test_evaluation_counts_every_sample_exactly_once(runs, shards, manifest):
-    classes = {t: len(manifest["classes"][t]) for t in TASKS}
     for r in runs["baseline"]:  # every rank gets the all-reduced totals
         assert [e["split"] for e in r["evals"]] == ["val", "val", "test"]
         for e in r["evals"]:
-            counts = label_counts(shards, manifest, e["split"], classes)
+            counts = read_manifest(shards).label_counts(e["split"])
             assert e["num_samples"] == manifest["splits"][e["split"]]["num_samples"]
             assert e["labelled"] == {t: sum(c) for t, c in counts.items()}
     report = json.loads((runs["dirs"]["baseline"] / "eval_test.json").read_text())
@@ -165,21 +169,28 @@ def test_only_rank_0_writes(runs):
     assert list((runs["out"] / "cwd1").iterdir()) == [] and list((runs["out"] / "cwd0").iterdir()) == []
     run_dir = runs["dirs"]["baseline"]
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
-        ["config.yaml", "class_counts.json", LAST, BEST, "metrics.jsonl", "eval_test.json", "tb"])
+        ["config.yaml", "class_counts.json", LAST, BEST, "metrics.jsonl", "eval_test.json", "tb", "finished.json"])
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]  # one line per epoch, not one per rank
-    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 2  # the writer's + add_hparams'
+    assert len(list((run_dir / "tb" / run_dir.name).glob("events.out.tfevents.*"))) == 1  # one writer, one run
+    scalars = EventAccumulator(str(run_dir / "tb" / run_dir.name)).Reload().Tags()["scalars"]
+    for task in TASKS:  # validation loss beside training loss, training accuracy beside validation accuracy
+        assert {f"val/{task}/loss", f"train/{task}/loss", f"val/{task}/accuracy", f"train/{task}/accuracy"} <= set(scalars)
     ckpt = torch.load(run_dir / LAST, weights_only=True)
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (2, 0) and len(ckpt["rng"]) == WORLD
 
 
 def test_kill_mid_epoch_then_resume_gives_the_uninterrupted_weights(runs, steps_per_epoch):
     assert runs["kill_exit_code"] == 3
-    assert runs["killed_last"] == {"epoch": 1, "step_in_epoch": 0, "global_step": steps_per_epoch}
+    # The last train.checkpoint_every save before the kill (mid epoch 2), not the end of epoch 1.
+    kill_at = steps_per_epoch + steps_per_epoch // 2
+    saved = (kill_at - 1) // KILLED_SAVE_EVERY * KILLED_SAVE_EVERY
+    assert saved > steps_per_epoch
+    assert runs["killed_last"] == {"epoch": 1, "step_in_epoch": saved - steps_per_epoch, "global_step": saved}
     assert not runs["killed_had_test_report"]
     resumed = runs["kill_resume"]
     assert [r["status"] for r in resumed] == ["done", "done"]
-    assert [e["steps_run"] for e in resumed[0]["epochs"]] == [steps_per_epoch]  # epoch 2 only
+    assert [e["steps_run"] for e in resumed[0]["epochs"]] == [2 * steps_per_epoch - saved]  # the rest of epoch 2
     assert_same_weights(weights(runs["dirs"]["killed"]), weights(runs["dirs"]["baseline"]))
     assert len((runs["dirs"]["killed"] / "metrics.jsonl").read_text().splitlines()) == 2
 
@@ -219,8 +230,9 @@ def test_evaluate_command_reports_a_split_of_a_run(runs, manifest, capsys):
     for task in TASKS:  # the checkpoint's own validation numbers, recomputed
         for key in ("accuracy", "top5", "macro_f1"):
             assert report["tasks"][task][key] == pytest.approx(best[f"{task}/{key}"])
-    out = capsys.readouterr().out
-    assert f"val style: {report['tasks']['style']['num_labelled']} labelled samples" in out
+    captured = capsys.readouterr()
+    assert f"val style: {report['tasks']['style']['num_labelled']} labelled samples" in captured.out
+    assert re.search(r"^evaluate val: (\d+)/\1 batches .* images/s", captured.err, re.M)  # progress, ends at total
     assert cli.main(["evaluate", "--run", str(run_dir), "--split", "nosuch"]) == 2
     assert "split 'nosuch' is not in" in capsys.readouterr().err
 

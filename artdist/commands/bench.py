@@ -17,12 +17,11 @@ from artdist.errors import UserError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
-        "Measure, in one run: (a) shard loading (the real TrainLoader) and (b) the seeds' ImageFolder "
-        "loading of full-size JPEGs, images/s per worker count and their ratio; (c) the model's train step "
-        "on synthetic tensors; (d) end-to-end training from shards with the data-wait fraction; (e) on CUDA, "
-        "AMP dtype / channels_last / torch.compile variants and GPU JPEG decode. Prints a table, then the "
-        "result as one JSON line. Without --config on a CPU-only machine it applies "
-        f"{', '.join(CPU_DEFAULTS)} (your --set wins): about a minute on 2 idle cores, a few minutes on busy ones."
+        "Measure (a) shard loading, (b) ImageFolder loading of full-size JPEGs (the usual way), "
+        "(c) the train step on synthetic tensors, (d) end-to-end training from shards, (e) on CUDA, AMP / "
+        "channels_last / compile variants and GPU decode; prints a table and one JSON line "
+        "(docs/benchmarks.md). Without --config on a CPU-only machine it applies "
+        f"{', '.join(CPU_DEFAULTS)} (your --set wins)."
     )
     add_config_arguments(p)
     p.add_argument("--workdir", default="build/bench",

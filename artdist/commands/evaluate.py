@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
         manifest = read_manifest(cfg.data.shards)
         check_classes(manifest, ckpt, cfg, path)
         model = load_trained_model(ckpt, cfg, device)
-        report = evaluate_split(model, cfg, manifest, args.split, device, resolve_amp(cfg.train.amp, device))
+        report = evaluate_split(model, cfg, manifest, args.split, device, resolve_amp(cfg.train.amp, device),
+                                progress="evaluate")
         if is_main_process():
             write_report(report, RunDir(args.run).eval_report(args.split), str(path))
     finally:

@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from torch.utils.tensorboard import SummaryWriter
-
 from artdist import dist
 from artdist.commands.common import add_run_arguments, open_run
 from artdist.data.manifest import read_manifest
@@ -13,6 +11,7 @@ from artdist.outliers.pipeline import run_outliers
 from artdist.rundir import RunDir, hold
 from artdist.train.checkpoint import check_classes, load_trained_model
 from artdist.train.numerics import resolve_amp
+from artdist.train.tensorboard import open_writer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         check_classes(manifest, ckpt, cfg, path)
         model = load_trained_model(ckpt, cfg, device)
         with hold(run_dir, "outlier audit"):  # not while a training (or another audit) writes there
-            writer = SummaryWriter(str(RunDir(run_dir).tensorboard)) if dist.is_main_process() else None
+            writer = open_writer(RunDir(run_dir)) if dist.is_main_process() else None
             if run_outliers(model, cfg, manifest, args.split, device, resolve_amp(cfg.train.amp, device), writer):
                 writer.close()
     finally:

@@ -12,15 +12,8 @@ from artdist.data.shard import EXTENSIONS, shard_dataset
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Pack the images named by the ArtGAN label files into WebDataset tar shards (train/val/test) "
-        "with a manifest.json. Each split gets ceil(n / samples-per-shard) shards but at least "
-        "shard.min_shards (default 8; --set shard.min_shards=N). Training works with any number of "
-        "shards (the loader splits a split by sample position, not by shard), but each epoch shuffles "
-        "whole shards and a loader worker starting mid-shard reads past that shard's earlier members: "
-        "aim for at least ranks x loader workers shards per split (the default 1000 samples per shard "
-        "gives WikiArt's train split 52). "
-        "Unreadable, missing and oversized images are skipped and listed in the manifest; an "
-        "interrupted run resumes, redoing only unfinished shards (a finished shard is reused as long as "
-        "its samples and the options match; edited source images are not noticed: use a new --out)."
+        "with a manifest.json; skipped images are listed there. Rerun the same command to resume. "
+        "How many shards to aim for: docs/design.md \"Shard format\"."
     )
     add_config_arguments(p)
     p.add_argument("--images", metavar="DIR", help="folder holding the style folders of images (shard.images)")

@@ -19,13 +19,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.shards)
-    splits = args.split or list(manifest["splits"])
-    unknown = [s for s in splits if s not in manifest["splits"]]
+    splits = args.split or list(manifest.splits)
+    unknown = [s for s in splits if s not in manifest.splits]
     if unknown:
-        print(f"artdist verify: error: no split {unknown[0]!r} in {args.shards} (it has {sorted(manifest['splits'])})",
+        print(f"artdist verify: error: no split {unknown[0]!r} in {args.shards} (it has {sorted(manifest.splits)})",
               file=sys.stderr)
         return 2
-    entries = [entry for split in splits for entry in manifest["splits"][split]["shards"]]
+    entries = [entry for split in splits for entry in manifest.splits[split].shards]
     # Every file is read again (this is how a user re-checks what a cache entry vouches for).
     problems = verify_shards(args.shards, entries, workers=args.workers, reuse=False, progress=True)
     for problem in problems:

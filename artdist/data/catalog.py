@@ -101,11 +101,48 @@ class Catalog:
                 f"images train {images['train']:,} val {images['val']:,}"
             )
         found = [(k, v) for k, v in self.anomalies.items() if v["count"]]
-        lines.append("anomalies:" if found else "anomalies: none")
-        for kind, entry in found:
-            lines.append(f"  {kind}: {entry['count']:,}")
-            lines.extend(f"    {example}" for example in entry["examples"][:3])
+        lines.append("label-file anomalies (all listed in manifest.json):" if found else "label-file anomalies: none")
+        lines.extend(f"  {describe_anomaly(kind, entry)}" for kind, entry in found)
         return "\n".join(lines)
+
+
+# Anomalies the real ArtGAN files have, with their counts there: reported, handled, and nothing to fix.
+WIKIART_ANOMALIES = {"header_lines": 2, "conflicting_labels": 1, "cross_task_split": 566, "style_folder_mismatch": 4334}
+
+
+def describe_anomaly(kind: str, entry: dict) -> str:
+    """One readable line for one anomaly kind: what it is, what was done, an example, and whether the
+    real WikiArt label files have it too."""
+    n, examples = entry["count"], entry["examples"]
+    first = examples[0] if examples else {}
+    where = f"{first.get('file')} line {first.get('line')}" if "line" in first else ""
+    if kind == "missing_files":
+        text = f"{n:,} label file(s) missing: {', '.join(e['file'] for e in examples)}"
+    elif kind == "missing_tasks":
+        text = f"{n:,} task(s) without labels: " + "; ".join(f"{e['task']} ({e['reason']})" for e in examples)
+    elif kind == "header_lines":
+        text = f"{n:,} header line(s) skipped ({', '.join(e['file'] for e in examples)})"
+    elif kind in ("unparseable_rows", "label_out_of_range"):
+        what = "row(s) that cannot be used" if kind == "unparseable_rows" else "row(s) with a label outside the class file"
+        text = f"{n:,} {what}, skipped; e.g. {where}: {first.get('reason', '')}"
+    elif kind == "duplicate_rows":
+        text = f"{n:,} repeated row(s) (same image, same label), read once; e.g. {first.get('task')} {first.get('path')}"
+    elif kind == "conflicting_labels":
+        said = ", ".join(f"{r['file']} line {r['line']} says {r['label']}" for r in first.get("rows", []))
+        text = (f"{n:,} image(s) with two different labels in one task: {CONFLICT_RULE}; e.g. {first.get('task')} "
+                f"{first.get('path')}: {said}")
+    elif kind == "cross_task_split":
+        splits = ", ".join(f"{t} {s}" for t, s in first.get("splits", {}).items())
+        text = (f"{n:,} image(s) in train for one task and val for another (the artgan split puts "
+                f"them in val for every task); e.g. {first.get('path')} ({splits})")
+    elif kind == "style_folder_mismatch":
+        text = f"{n:,} image(s) in a folder not named after their style: " + ", ".join(
+            f"{e['folder']}/ holds {e['class']} ({e['count']:,})" for e in examples)
+    else:
+        text = f"{n:,} {kind.replace('_', ' ')}; e.g. {first}"
+    if kind in WIKIART_ANOMALIES:
+        text += f" -- expected for WikiArt (the ArtGAN files have {WIKIART_ANOMALIES[kind]:,})"
+    return text
 
 
 class _Row(NamedTuple):

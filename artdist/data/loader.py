@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from artdist.config import TASKS, DataConfig
-from artdist.data.manifest import MANIFEST_NAME, sample_meta
+from artdist.data.manifest import MANIFEST_NAME, Manifest, sample_meta
 from artdist.data.transforms import decode_image
 from artdist.data.verify import verify_split
 from artdist.errors import UserError
@@ -56,24 +56,20 @@ def bad_samples(ids: torch.Tensor) -> int:
     return int((ids == BAD_ID).sum())
 
 
-def _split_files(data_cfg: DataConfig, manifest: dict, split: str) -> tuple[list[str], list[int]]:
+def _split_files(data_cfg: DataConfig, manifest: Manifest, split: str) -> tuple[list[str], list[int]]:
     """Shard paths and sample counts of one split, in manifest order."""
-    splits = manifest["splits"]
-    if split not in splits:
-        raise UserError(f"split {split!r} is not in {data_cfg.shards}/{MANIFEST_NAME} (it has "
-                        f"{sorted(splits)}); set data.train_split/val_split/test_split to one of those")
-    shards = splits[split]["shards"]
-    urls = [str(Path(data_cfg.shards) / shard["name"]) for shard in shards]
-    counts = [int(shard["num_samples"]) for shard in shards]
+    shards = manifest.split(split).shards
+    urls = [str(Path(data_cfg.shards) / shard.name) for shard in shards]
+    counts = [shard.num_samples for shard in shards]
     if sum(counts) == 0:
         raise UserError(f"split {split!r} in {data_cfg.shards} has no samples; re-run `artdist shard`")
     absent = [url for url in urls if not Path(url).is_file()]
     if absent:
         raise UserError(f"{len(absent)} shard(s) listed in {data_cfg.shards}/{MANIFEST_NAME} are missing, "
                         f"e.g. {absent[0]}; re-run `artdist shard` or copy the whole folder")
-    if data_cfg.decode == "gpu" and manifest["image_ext"] != "jpg":
+    if data_cfg.decode == "gpu" and manifest.image_ext != "jpg":
         raise UserError(f"data.decode=gpu decodes JPEG only but {data_cfg.shards} holds "
-                        f"{manifest['image_ext']} images; use data.decode=cpu or re-shard with shard.format=jpeg")
+                        f"{manifest.image_ext} images; use data.decode=cpu or re-shard with shard.format=jpeg")
     # Checksums and counts of every shard, before a sample is read (cached: once per file and machine).
     verify_split(data_cfg.shards, manifest, split)
     return urls, counts
@@ -307,7 +303,7 @@ class TrainLoader:
     Every rank yields exactly len(self) batches per epoch (see the module docstring for how).
     """
 
-    def __init__(self, data_cfg: DataConfig, manifest: dict, rank: int, world_size: int, seed: int,
+    def __init__(self, data_cfg: DataConfig, manifest: Manifest, rank: int, world_size: int, seed: int,
                  accum_steps: int = 1):
         urls, counts = _split_files(data_cfg, manifest, data_cfg.train_split)
         self.workers = max(1, data_cfg.num_workers)
@@ -316,8 +312,8 @@ class TrainLoader:
         # and leftover batches would be samples that no step ever sees.
         while self.batches_per_worker * self.workers % accum_steps:
             self.batches_per_worker += 1
-        self.dataset = _TrainStream(data_cfg, urls, counts, manifest["image_ext"], rank, world_size,
-                                    self.workers, self.batches_per_worker, seed, manifest["classes"])
+        self.dataset = _TrainStream(data_cfg, urls, counts, manifest.image_ext, rank, world_size,
+                                    self.workers, self.batches_per_worker, seed, manifest.classes)
         self.loader = _Loader(self.dataset, data_cfg.num_workers)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -335,11 +331,11 @@ class TrainLoader:
         return iter(self.loader)
 
 
-def make_eval_loader(data_cfg: DataConfig, manifest: dict, split: str, rank: int, world_size: int) -> _Loader:
+def make_eval_loader(data_cfg: DataConfig, manifest: Manifest, split: str, rank: int, world_size: int) -> _Loader:
     """Batches of `split` for this rank: all ranks together see every sample exactly once, without
     padding; ranks may get different numbers of batches (len() is this rank's count)."""
     urls, counts = _split_files(data_cfg, manifest, split)
     workers = max(1, data_cfg.num_workers)
-    dataset = _EvalStream(data_cfg, urls, counts, manifest["image_ext"], rank, world_size, workers,
-                          manifest["classes"])
+    dataset = _EvalStream(data_cfg, urls, counts, manifest.image_ext, rank, world_size, workers,
+                          manifest.classes)
     return _Loader(dataset, data_cfg.num_workers)

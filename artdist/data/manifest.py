@@ -1,8 +1,10 @@
-"""The shard folder's manifest.json (written by `artdist shard`) and the per-sample metadata in the shards."""
+"""The shard folder's manifest.json as a typed Manifest, and the one reader of the shards' per-sample json members."""
 from __future__ import annotations
 
 import json
 import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from artdist.config import TASKS
@@ -12,25 +14,122 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "artdist-shards/1"
 
 
+@dataclass(frozen=True)
+class ShardInfo:
+    """One tar file of a split."""
 
-def read_manifest(shards_dir: str | Path) -> dict:
-    """The shard folder's manifest.json (docs/design.md "Shard format"), checked for the keys loaders use."""
+    name: str  # file name inside the shard folder
+    num_samples: int
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """The shards of one split, in the order the loaders concatenate them."""
+
+    num_samples: int
+    shards: tuple[ShardInfo, ...]
+
+
+@dataclass(frozen=True)
+class SampleMeta:
+    """A sample's json member (docs/design.md "Shard format") and where it lives."""
+
+    shard: str
+    key: str  # WebDataset's key: the member name up to its first dot
+    meta: dict
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What `artdist shard` wrote to DIR/manifest.json; `extra` keeps the keys loaders do not use
+    (options, anomalies, skipped) so that to_json() gives back the file's content."""
+
+    shards_dir: Path
+    splits: dict[str, SplitInfo]
+    classes: dict[str, list[str]]  # class names per task, index = label
+    image_ext: str
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, tree: dict, shards_dir: str | Path) -> Manifest:
+        splits = {name: SplitInfo(int(s["num_samples"]),
+                                  tuple(ShardInfo(sh["name"], int(sh["num_samples"]), sh.get("sha256", ""))
+                                        for sh in s["shards"]))
+                  for name, s in tree["splits"].items()}
+        extra = {k: v for k, v in tree.items() if k not in ("format", "splits", "classes", "image_ext")}
+        return cls(Path(shards_dir), splits, tree["classes"], tree["image_ext"], extra)
+
+    def to_json(self) -> dict:
+        """The manifest.json tree, keys in the order `artdist shard` writes them."""
+        splits = {name: {"num_samples": s.num_samples,
+                         "shards": [{"name": sh.name, "num_samples": sh.num_samples, "sha256": sh.sha256}
+                                    for sh in s.shards]}
+                  for name, s in self.splits.items()}
+        return {"format": MANIFEST_FORMAT, "splits": splits, "classes": self.classes, "image_ext": self.image_ext,
+                **self.extra}
+
+    @property
+    def num_classes(self) -> dict[str, int]:
+        """Number of classes per task (the heads' sizes)."""
+        return {task: len(self.classes[task]) for task in TASKS}
+
+    def num_samples(self, split: str) -> int:
+        """Samples in `split`; 0 when the manifest has no such split."""
+        info = self.splits.get(split)
+        return info.num_samples if info else 0
+
+    def split(self, split: str) -> SplitInfo:
+        """The split's info; a UserError naming the splits there are when it is absent."""
+        if split not in self.splits:
+            raise UserError(f"split {split!r} is not in {self.shards_dir / MANIFEST_NAME} (it has "
+                            f"{sorted(self.splits)}); set data.train_split/val_split/test_split to one of those")
+        return self.splits[split]
+
+    def samples(self, split: str) -> Iterator[SampleMeta]:
+        """Every sample's json member in `split`, in shard order; image bytes are seeked past, not read."""
+        for shard in self.split(split).shards:
+            with tarfile.open(self.shards_dir / shard.name) as tar:
+                for member in tar:
+                    key, ext = member_key(member.name)
+                    if ext == "json":
+                        meta = sample_meta(tar.extractfile(member).read(), shard.name, key, self.classes)
+                        yield SampleMeta(shard.name, key, meta)
+
+    def label_counts(self, split: str) -> dict[str, list[int]]:
+        """Samples per class and task in `split` (labels of -1, unknown, are not counted)."""
+        counts = {task: [0] * n for task, n in self.num_classes.items()}
+        for sample in self.samples(split):
+            for task, task_counts in counts.items():
+                if sample.meta[task] >= 0:
+                    task_counts[sample.meta[task]] += 1
+        return counts
+
+
+def member_key(name: str) -> tuple[str, str]:
+    """(key, extension) of a tar member, by WebDataset's rule: the key ends at the first dot of the base name."""
+    key, _, ext = name.rpartition("/")[2].partition(".")
+    return key, ext
+
+
+def read_manifest(shards_dir: str | Path) -> Manifest:
+    """The shard folder's manifest.json, checked for the keys loaders use."""
     path = Path(shards_dir) / MANIFEST_NAME
     hint = f"run `artdist shard --out {shards_dir}` first, or point data.shards at a folder it made"
     if not path.is_file():
         raise UserError(f"no shards in {shards_dir}: {path} does not exist; {hint}")
     try:
-        manifest = json.loads(path.read_text())
+        tree = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path} cannot be read ({exc}); {hint}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+    if not isinstance(tree, dict) or tree.get("format") != MANIFEST_FORMAT:
         raise UserError(f"{path} is not an artdist shard manifest (format {MANIFEST_FORMAT!r}); {hint}")
-    missing = [key for key in ("splits", "classes", "image_ext") if key not in manifest]
-    missing += [f"classes.{task}" for task in TASKS if task not in manifest.get("classes", {})]
+    missing = [key for key in ("splits", "classes", "image_ext") if key not in tree]
+    missing += [f"classes.{task}" for task in TASKS if task not in tree.get("classes", {})]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}; {hint}")
-    _check_splits(path, manifest["splits"], hint)
-    return manifest
+    _check_splits(path, tree["splits"], hint)
+    return Manifest.from_json(tree, shards_dir)
 
 
 def _is_count(value: object) -> bool:
@@ -61,11 +160,6 @@ def _check_splits(path: Path, splits: object, hint: str) -> None:
             raise UserError(f"{where}: num_samples {entry['num_samples']} is not the sum of its shards' counts; {hint}")
 
 
-def num_classes(manifest: dict) -> dict[str, int]:
-    return {task: len(manifest["classes"][task]) for task in TASKS}
-
-
-
 def sample_meta(raw: bytes, shard: str, key: str, classes: dict[str, list[str]]) -> dict:
     """The json member of one sample, checked: id, path and one label per task inside its class list."""
     where = f"{shard}: sample {key}"
@@ -87,19 +181,3 @@ def sample_meta(raw: bytes, shard: str, key: str, classes: dict[str, list[str]])
             raise UserError(f"{where}: {task} label {label!r} is outside -1..{n - 1} of the {n} {task} classes in "
                             f"{MANIFEST_NAME}; {fix}")
     return meta
-
-
-def label_counts(shards_dir: str | Path, manifest: dict, split: str,
-                 num_classes: dict[str, int]) -> dict[str, list[int]]:
-    """Samples per class and task in a split, read from the shards' json members (image bytes are seeked past)."""
-    counts = {task: [0] * n for task, n in num_classes.items()}
-    for shard in manifest["splits"][split]["shards"]:
-        with tarfile.open(Path(shards_dir) / shard["name"]) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    meta = sample_meta(tar.extractfile(member).read(), shard["name"], member.name,
-                                       manifest["classes"])
-                    for task, task_counts in counts.items():
-                        if meta[task] >= 0:
-                            task_counts[meta[task]] += 1
-    return counts

@@ -12,7 +12,6 @@ import os
 import re
 import sys
 import tarfile
-import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -23,8 +22,9 @@ from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from artdist.config import TASKS, ShardConfig, to_dict
 from artdist.data.catalog import SPLITS, Catalog, assign_splits, load_catalog, path_key
-from artdist.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME
+from artdist.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
 from artdist.errors import UserError
+from artdist.progress import Progress
 
 EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png"}
 KEY_HEX_DIGITS = 16
@@ -34,7 +34,6 @@ CONTENT_OPTIONS = ("images", "max_short_side", "format", "quality", "max_pixels"
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 WEBP_METHOD = 4
 PNG_COMPRESS_LEVEL = 6
-BAR_WIDTH = 30
 SHARD_NAME = re.compile(rf"(?:{'|'.join(SPLITS)})-[0-9]{{6}}\.tar")  # shard_name()'s pattern
 
 
@@ -220,40 +219,6 @@ def _finished(out: Path, job: _ShardJob) -> dict | None:
     return record if record.get("fingerprint") == job.fingerprint and record.get("bytes") == size else None
 
 
-# --------------------------------------------------------------------------- progress
-
-
-class _Progress:
-    """Shards done/total, images per second and ETA on stderr: a redrawn bar on a terminal, and a line
-    per tenth of the work otherwise (a redrawn bar would be one endless line in SLURM and CI logs)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-        self.done = self.images = 0
-        self.start = time.perf_counter()
-        self.elapsed = 0.0  # until the last finished shard, so the closing rate excludes the wrap-up
-        self.tty = sys.stderr.isatty()
-
-    def rate(self) -> float:
-        return self.images / max(self.elapsed, 1e-9)
-
-    def update(self, images: int) -> None:
-        self.done += 1
-        self.images += images
-        self.elapsed = time.perf_counter() - self.start
-        if not self.enabled:
-            return
-        total = max(self.total, 1)
-        eta = self.elapsed / self.done * (self.total - self.done)
-        text = f"{self.done}/{self.total} shards  {self.rate():7.1f} images/s  eta {eta / 60:.1f} min"
-        if self.tty:
-            filled = BAR_WIDTH * self.done // total
-            bar = "#" * filled + "-" * (BAR_WIDTH - filled)
-            print(f"\r[{bar}] {text}", end="\n" if self.done == self.total else "", file=sys.stderr, flush=True)
-        elif self.done == self.total or 10 * self.done // total != 10 * (self.done - 1) // total:
-            print(text, file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------- the dataset
 
 
@@ -344,7 +309,7 @@ def _remove_stale(out: Path, names: set[str], log) -> None:
         path.unlink()
 
 
-def _run_jobs(jobs: list[_ShardJob], workers: int, progress: _Progress) -> list[dict]:
+def _run_jobs(jobs: list[_ShardJob], workers: int, progress: Progress) -> list[dict]:
     """Write the shards, in this process or in a pool of `workers` processes, whole shards each."""
     records = []
     # The cores this process may use (a SLURM allocation), not every core of the node.
@@ -393,29 +358,21 @@ def shard_dataset(cfg: ShardConfig, progress: bool = True) -> dict:
     todo = [job for job in jobs if records[job.name] is None]
     if len(todo) < len(jobs):
         log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} shards already done")
-    bar = _Progress(len(todo), progress)
+    bar = Progress(len(todo), "shards", enabled=progress)
     records.update({r["name"]: r for r in _run_jobs(todo, cfg.workers, bar)})
 
     for task in TASKS:
         _write_atomic(out / f"class_names_{task}.txt", "".join(f"{name}\n" for name in catalog.classes[task]))
     skipped += [s for job in jobs for s in records[job.name]["skipped"]]
     skipped.sort(key=lambda s: s["path"])
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "splits": {
-            split: {
-                "num_samples": sum(records[j.name]["num_samples"] for j in plan[split]),
-                "shards": [{k: records[j.name][k] for k in ("name", "num_samples", "sha256")} for j in plan[split]],
-            }
-            for split in SPLITS
-        },
-        "classes": catalog.classes,
-        "image_ext": EXTENSIONS[cfg.format],
-        # The output folder is where the manifest lives; leaving it out keeps copies identical.
-        "options": {k: v for k, v in to_dict(cfg).items() if k != "out"},
-        "anomalies": catalog.anomalies,
-        "skipped": skipped,
-    }
+    splits = {split: SplitInfo(sum(records[j.name]["num_samples"] for j in plan[split]),
+                               tuple(ShardInfo(**{k: records[j.name][k] for k in ("name", "num_samples", "sha256")})
+                                     for j in plan[split]))
+              for split in SPLITS}
+    # The output folder is where the manifest lives; leaving it out of the options keeps copies identical.
+    extra = {"options": {k: v for k, v in to_dict(cfg).items() if k != "out"}, "anomalies": catalog.anomalies,
+             "skipped": skipped}
+    manifest = Manifest(out, splits, catalog.classes, EXTENSIONS[cfg.format], extra).to_json()
     # No indent: json's C encoder only runs without one, and 80k skipped entries take seconds else.
     _write_atomic(out / MANIFEST_NAME, json.dumps(manifest) + "\n")
 

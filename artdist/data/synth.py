@@ -421,10 +421,11 @@ def make_corpus(cfg: SynthConfig, num_styles: int = DEFAULT_COUNTS["style"],
 
     with open(out / "planted_noise.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["path", "task", "true_label", "assigned_label"])
+        writer.writerow(["path", "task", "true_label", "assigned_label", "true_class", "assigned_class"])
         for i, task in sorted(planted, key=lambda p: (paths[p[0]], TASKS.index(p[1]))):
             true = to_label[task][(images[i].style, images[i].artist, images[i].genre)[TASKS.index(task)]]
-            writer.writerow([paths[i], task, true, images[i].assigned[task]])
+            assigned = images[i].assigned[task]
+            writer.writerow([paths[i], task, true, assigned, names[task][true], names[task][assigned]])
 
     per_task = {t: {s: sum(img.splits.get(t) == s for img in images) for s in ("train", "val")} for t in TASKS}
     return {

@@ -40,7 +40,7 @@ def sample_geometry(augment: str, width: int, height: int, data_cfg: DataConfig,
         left, top = (width - side) / 2, (height - side) / 2
         return Geometry((left, top, left + side, top + side))
     if augment == "crop_flip":
-        # The seeds' recipe: resize shorter side to size, zero-pad by crop_padding, random crop.
+        # The usual recipe: resize shorter side to size, zero-pad by crop_padding, random crop.
         scale = size / min(width, height)
         pad = data_cfg.crop_padding
         x = int(rng.integers(round(width * scale) + 2 * pad - size + 1)) - pad
@@ -80,8 +80,7 @@ def apply_geometry_pil(img: Image.Image, geom: Geometry, size: int) -> Image.Ima
     left, top, right, bottom = geom.box
     if abs(right - left - size) < 1 and abs(bottom - top - size) < 1:
         # After a JPEG draft the box is often at output scale already: a crop (zero-filled outside
-        # the image, like the padding below) replaces a near no-op resample that cost ~0.6 ms/img
-        # (docs/benchmarks.md).
+        # the image, like the padding below) replaces a near no-op resample (docs/benchmarks.md).
         x, y = round(left), round(top)
         out = img.crop((x, y, x + size, y + size))
         return out.transpose(Image.FLIP_LEFT_RIGHT) if geom.flip else out
@@ -121,10 +120,8 @@ def crop_resize_batch(images: list[torch.Tensor], geoms: list[Geometry], size: i
 def decode_image(data: bytes, augment: str, data_cfg: DataConfig, rng: np.random.Generator | None) -> np.ndarray:
     """Encoded image -> uint8 [S, S, 3] with PIL.
 
-    PIL is the faster CPU path here (597x448 JPEG -> 224 px, one thread, dev machine): 1.7 ms
-    (none) / 2.0 ms (crop_flip) / 3.2 ms (rrc) per image against 3.1-3.2 ms for
-    torchvision.io.decode_jpeg + the tensor resize, because JPEG draft mode lets libjpeg decode
-    at 1/2-1/8 scale whenever the crop needs fewer pixels than the file holds.
+    PIL, not torchvision.io.decode_jpeg, on the CPU: JPEG draft mode lets libjpeg decode at 1/2-1/8
+    scale whenever the crop needs fewer pixels than the file holds (figures: docs/benchmarks.md).
     """
     size = data_cfg.image_size
     img = Image.open(io.BytesIO(data))

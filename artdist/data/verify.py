@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import tarfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from artdist.data.manifest import MANIFEST_NAME
+from artdist.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, member_key
 from artdist.errors import UserError
+from artdist.progress import Progress
 
 BLOCK = 1 << 20
 CACHE_ENV = "ARTDIST_CACHE_DIR"  # where "this file was verified" markers live; default ~/.cache/artdist
@@ -33,46 +32,46 @@ def _cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "artdist") / "verified"
 
 
-def _marker(path: Path, entry: dict) -> Path | None:
+def _marker(path: Path, entry: ShardInfo) -> Path | None:
     """The cache marker of this file as it is now (path, size, mtime) against this manifest entry."""
     try:
         st = path.stat()
     except OSError:
         return None
-    key = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{entry['sha256']}\0{entry['num_samples']}"
+    key = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{entry.sha256}\0{entry.num_samples}"
     return _cache_dir() / hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def check_shard(shards_dir: str | Path, entry: dict) -> str | None:
+def check_shard(shards_dir: str | Path, entry: ShardInfo) -> str | None:
     """None when the shard named by manifest `entry` has its sha256 and sample count, else what is wrong.
 
     One pass: the tar is listed while its bytes are hashed. Samples are counted as WebDataset
     groups them, by key (a member's name up to the first dot of its base name).
     """
-    path = Path(shards_dir) / entry["name"]
+    path = Path(shards_dir) / entry.name
     keys: set[str] = set()
     try:
         with open(path, "rb") as fh:
             stream = _Hashing(fh)
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
-                    keys.add(member.name.rpartition("/")[2].partition(".")[0])
+                    keys.add(member_key(member.name)[0])
             while stream.read(BLOCK):
                 pass
     except FileNotFoundError:
         return f"{path} is missing"
     except (OSError, tarfile.TarError) as exc:
         return f"{path} is not a readable tar ({type(exc).__name__}: {exc}); it may be cut short"
-    if stream.digest.hexdigest() != entry["sha256"]:
-        return f"{path} has sha256 {stream.digest.hexdigest()[:16]}..., {MANIFEST_NAME} says {entry['sha256'][:16]}..."
-    if len(keys) != entry["num_samples"]:
-        return f"{path} holds {len(keys)} samples, {MANIFEST_NAME} says {entry['num_samples']}"
+    if stream.digest.hexdigest() != entry.sha256:
+        return f"{path} has sha256 {stream.digest.hexdigest()[:16]}..., {MANIFEST_NAME} says {entry.sha256[:16]}..."
+    if len(keys) != entry.num_samples:
+        return f"{path} holds {len(keys)} samples, {MANIFEST_NAME} says {entry.num_samples}"
     return None
 
 
-def _check_cached(shards_dir: str | Path, entry: dict, reuse: bool) -> str | None:
+def _check_cached(shards_dir: str | Path, entry: ShardInfo, reuse: bool) -> str | None:
     """check_shard, skipped when `reuse` and this file was verified before; a success is remembered."""
-    path = Path(shards_dir) / entry["name"]
+    path = Path(shards_dir) / entry.name
     marker = _marker(path, entry)
     if reuse and marker is not None and marker.exists():
         return None
@@ -86,39 +85,29 @@ def _check_cached(shards_dir: str | Path, entry: dict, reuse: bool) -> str | Non
     return problem
 
 
-def verify_shards(shards_dir: str | Path, entries: list[dict], workers: int = 4, reuse: bool = True,
+def verify_shards(shards_dir: str | Path, entries: list[ShardInfo], workers: int = 4, reuse: bool = True,
                   progress: bool = False) -> list[str]:
     """Check every entry's shard (`workers` threads: hashing releases the GIL); -> the problems found.
 
     reuse: skip a file already verified on this machine with the same path, size and mtime.
-    progress: a `verified N/M shards, X MiB/s` line on stderr, redrawn on a terminal.
+    progress: a `verified: N/M shards` line on stderr (artdist.progress), redrawn on a terminal.
     """
-    # A shard listed more than once (artdist bench tiles a split) is read once.
-    entries = list({(e["name"], e["sha256"], e["num_samples"]): e for e in entries}.values())
+    # A shard listed more than once (artdist bench tiles a split) is read once (ShardInfo is hashable).
+    entries = list(dict.fromkeys(entries))
     problems: list[str] = []
-    start, done, size = time.perf_counter(), 0, 0
-    tty = sys.stderr.isatty()
+    bar = Progress(len(entries), "shards", label="verified", enabled=progress)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for entry, problem in zip(entries, pool.map(lambda e: _check_cached(shards_dir, e, reuse), entries)):
-            done += 1
-            try:
-                size += (Path(shards_dir) / entry["name"]).stat().st_size
-            except OSError:
-                pass
             if problem:
                 problems.append(problem)
-            if progress and (tty or done == len(entries) or done % max(1, len(entries) // 10) == 0):
-                rate = size / 2**20 / max(time.perf_counter() - start, 1e-9)
-                print(f"{chr(13) if tty else ''}verified {done}/{len(entries)} shards, {rate:.0f} MiB/s, "
-                      f"{len(problems)} bad", end="\n" if done == len(entries) or not tty else "",
-                      file=sys.stderr, flush=True)
+            bar.update(entry.num_samples)
     return problems
 
 
-def verify_split(shards_dir: str | Path, manifest: dict, split: str) -> None:
+def verify_split(shards_dir: str | Path, manifest: Manifest, split: str) -> None:
     """UserError naming the first bad shard of `split` (all checked; cached per machine): every reader calls this
     before a sample reaches a model."""
-    problems = verify_shards(shards_dir, manifest["splits"][split]["shards"])
+    problems = verify_shards(shards_dir, list(manifest.split(split).shards))
     if problems:
         more = f" (and {len(problems) - 1} more shard(s); `artdist verify {shards_dir}` lists them)" \
             if len(problems) > 1 else ""

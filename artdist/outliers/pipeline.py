@@ -13,7 +13,8 @@ import torch
 
 from artdist import dist
 from artdist.config import TASKS, JobConfig
-from artdist.data.loader import BAD_ID, bad_samples, make_eval_loader
+from artdist.data.loader import BAD_ID, bad_samples
+from artdist.data.manifest import Manifest
 from artdist.data.transforms import DeviceTransform
 from artdist.errors import UserError
 from artdist.outliers.ranking import (combined_score, detection_quality, finite_or_none,
@@ -22,6 +23,7 @@ from artdist.outliers.report import quality_table, read_sample_index, write_rows
 from artdist.outliers.scores import ClassGaussian, GaussianAccumulator, TaskScores, softmax_scores
 from artdist.rundir import RunDir
 from artdist.train.engine import run_inference
+from artdist.train.evaluation import eval_batches
 from artdist.train.numerics import use_channels_last
 
 TYPICAL_PER_CLASS = 4  # central samples shown beside a class's outliers
@@ -32,15 +34,15 @@ COMBINED_DESCRIPTION = ("-log p(assigned) of the classifier + -log p(assigned) o
 # --------------------------------------------------------------------------- passes over a split
 
 
-def _batches(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: str, device: torch.device,
+def _batches(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, split: str, device: torch.device,
              amp_dtype: torch.dtype | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]]:
     """This rank's share of a split through the model: (ids, labels, logits per task, embedding)."""
-    loader = make_eval_loader(cfg.data, manifest, split, dist.get_rank(), dist.get_world_size())
+    loader = eval_batches(cfg, manifest, split, progress="outliers")
     transform = DeviceTransform(cfg.data, device, train=False, channels_last=use_channels_last(cfg, device))
     yield from run_inference(model, loader, transform, device, amp_dtype)
 
 
-def fit_class_gaussians(model: torch.nn.Module, cfg: JobConfig, manifest: dict, device: torch.device,
+def fit_class_gaussians(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, device: torch.device,
                         amp_dtype: torch.dtype | None) -> dict[str, ClassGaussian]:
     """Class means + tied covariance per task from the training split, on every rank (all-reduced)."""
     tasks = cfg.model.tasks
@@ -48,7 +50,7 @@ def fit_class_gaussians(model: torch.nn.Module, cfg: JobConfig, manifest: dict, 
     for _, labels, _, emb in _batches(model, cfg, manifest, cfg.data.train_split, device, amp_dtype):
         for task in tasks:
             if task not in acc:
-                acc[task] = GaussianAccumulator(len(manifest["classes"][task]), emb.shape[1], device)
+                acc[task] = GaussianAccumulator(len(manifest.classes[task]), emb.shape[1], device)
             acc[task].add(emb, labels[:, TASKS.index(task)])
     # A rank that got no batch must still join the all-reduces, with the embedding width of the others.
     width = torch.tensor([float(bool(acc)), float(acc[tasks[0]].scatter.shape[0] if acc else 0)], device=device)
@@ -57,14 +59,14 @@ def fit_class_gaussians(model: torch.nn.Module, cfg: JobConfig, manifest: dict, 
         raise UserError(f"split '{cfg.data.train_split}' yielded no samples to fit the class Gaussians on")
     if not acc:
         dim = int(width[1] / width[0])
-        acc = {t: GaussianAccumulator(len(manifest["classes"][t]), dim, device) for t in tasks}
+        acc = {t: GaussianAccumulator(len(manifest.classes[t]), dim, device) for t in tasks}
     for gaussian_acc in acc.values():
         for t in (gaussian_acc.sums, gaussian_acc.counts, gaussian_acc.scatter):
             dist.all_reduce_sum(t)
     return {task: acc[task].fit() for task in tasks}
 
 
-def score_split(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: str, device: torch.device,
+def score_split(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, split: str, device: torch.device,
                 amp_dtype: torch.dtype | None, gaussians: dict[str, ClassGaussian]) -> dict[str, TaskScores] | None:
     """Scores of every labelled sample of `split`, computed on each rank and gathered to rank 0 (sorted by id).
 
@@ -93,8 +95,8 @@ def score_split(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: s
         return None
     all_ids = np.concatenate([g[0] for g in gathered])
     bad = sum(g[2] for g in gathered)
-    expected = manifest["splits"][split]["num_samples"] - bad
-    if bad > cfg.data.max_bad_fraction * manifest["splits"][split]["num_samples"]:
+    expected = manifest.num_samples(split) - bad
+    if bad > cfg.data.max_bad_fraction * manifest.num_samples(split):
         raise UserError(f"outliers: {bad} '{split}' samples are undecodable, more than data.max_bad_fraction="
                         f"{cfg.data.max_bad_fraction} of the split; the warnings above name them: re-run `artdist shard`")
     if len(np.unique(all_ids)) != len(all_ids) or len(all_ids) != expected:
@@ -122,7 +124,7 @@ def _to_scores(batches: list[dict[str, np.ndarray]]) -> TaskScores:
 # --------------------------------------------------------------------------- orchestration
 
 
-def run_outliers(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: str, device: torch.device,
+def run_outliers(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, split: str, device: torch.device,
                  amp_dtype: torch.dtype | None, writer: Any = None) -> dict | None:
     """Score `split`, rank, and write the reports under run_dir/outliers/split (call on every rank).
 
@@ -138,22 +140,22 @@ def run_outliers(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: 
                          {t: g.shrinkage for t, g in gaussians.items()})
 
 
-def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: dict, split: str,
+def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: Manifest, split: str,
                   planted: set[tuple[str, str]] | None = None, writer: Any = None,
                   shrinkage: dict[str, float] | None = None) -> dict:
     """Rank each task, write CSV/JSON/index.html/summary.json (+ TensorBoard grids); with `planted`
     (read_planted), measure every score against the planted label noise."""
     out_dir = RunDir(cfg.run_dir).outliers(split)
     out_dir.mkdir(parents=True, exist_ok=True)
-    index = read_sample_index(Path(cfg.data.shards), manifest, split)
+    index = read_sample_index(manifest, split)
     summary: dict[str, Any] = {
-        "split": split, "num_samples": manifest["splits"][split]["num_samples"],
+        "split": split, "num_samples": manifest.num_samples(split),
         "threshold": cfg.outliers.threshold, "flag_fraction": cfg.outliers.flag_fraction,
         "combined": COMBINED_DESCRIPTION, "tasks": {},
     }
     pages: dict[str, dict[str, Any]] = {}
     for task, scores in per_task.items():
-        names = manifest["classes"][task]
+        names = manifest.classes[task]
         combined = combined_score(scores)
         task_summary, rows, typical = _rank_task(task, scores, combined, names, cfg, index, out_dir)
         if shrinkage is not None:
@@ -167,11 +169,12 @@ def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: dic
         pages[task] = {"outliers": shown, "typical": typical,
                        "summary": (f"{len(scores.ids)} samples scored; {task_summary['flagged_combined']} flagged "
                                    f"by the combined score (top {len(shown)} shown), "
-                                   f"{task_summary['flagged_seeds']} by the seeds' max-softmax rule.")}
+                                   f"{task_summary['flagged_max_softmax']} by the max_softmax rule "
+                                   f"(top probability < {cfg.outliers.threshold:g}).")}
     # Split names come from manifest.json, which may have been edited: escaped like every other name.
     intro = (f"<p>Split <b>{html.escape(split)}</b>. Ranked by the {COMBINED_DESCRIPTION}, fitted on "
              f"'{html.escape(cfg.data.train_split)}'. Green: typical paintings of the class; red: outliers.</p>")
-    write_visuals(pages, index, Path(cfg.data.shards), manifest["image_ext"], out_dir,
+    write_visuals(pages, index, Path(cfg.data.shards), manifest.image_ext, out_dir,
                   f"artdist outliers — {cfg.name}", intro, f"outliers/{split}", writer)
     if planted is not None:
         table = quality_table(split, {t: s["quality"] for t, s in summary["tasks"].items()})
@@ -190,28 +193,29 @@ def _rank_task(task: str, scores: TaskScores, combined: np.ndarray, names: list[
     order = np.lexsort((scores.ids, -combined))  # ties: lower id first, so runs are reproducible
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(1, n + 1)
-    flag_seeds = scores.max_prob < cfg.outliers.threshold
+    flag_max_softmax = scores.max_softmax < cfg.outliers.threshold
     flag_combined = rank <= math.ceil(cfg.outliers.flag_fraction * n)
     maha_z, energy_z = robust_z(scores.mahalanobis), robust_z(scores.energy)
     rows = []
-    for i in order[(flag_seeds | flag_combined)[order]].tolist():
+    for i in order[(flag_max_softmax | flag_combined)[order]].tolist():
         rows.append({
             "rank": int(rank[i]), "id": int(scores.ids[i]), "path": index[int(scores.ids[i])].path,
             "assigned": names[scores.assigned[i]], "predicted": names[scores.predicted[i]],
             **{name: finite_or_none(float(value[i])) for name, value in (
-                ("combined", combined), ("max_prob", scores.max_prob), ("p_assigned", scores.p_assigned),
+                ("combined", combined), ("max_softmax", scores.max_softmax), ("p_assigned", scores.p_assigned),
                 ("margin", scores.margin), ("energy", scores.energy), ("mahalanobis", scores.mahalanobis),
                 ("mahalanobis_z", maha_z))},
             "feature_predicted": names[scores.feature_predicted[i]],
             "feature_p_assigned": finite_or_none(math.exp(-float(scores.feature_nll[i]))),
-            "flagged_seeds": bool(flag_seeds[i]), "flagged_combined": bool(flag_combined[i]),
+            "flagged_max_softmax": bool(flag_max_softmax[i]), "flagged_combined": bool(flag_combined[i]),
             "reasons": reasons_for(scores, i, names, cfg.outliers.threshold, maha_z, energy_z)
             or [f"combined score in the top {cfg.outliers.flag_fraction:.0%}"],
         })
     meta = {"task": task, "scored": n, "threshold": cfg.outliers.threshold,
             "flag_fraction": cfg.outliers.flag_fraction}
     write_rows(rows, out_dir / f"{task}.csv", out_dir / f"{task}.json", meta)
-    summary = {"scored": n, "flagged_seeds": int(flag_seeds.sum()), "flagged_combined": int(flag_combined.sum()),
+    summary = {"scored": n, "flagged_max_softmax": int(flag_max_softmax.sum()),
+               "flagged_combined": int(flag_combined.sum()),
                "csv": str(out_dir / f"{task}.csv")}
     return summary, rows, _typical(scores, names, flag_combined, index)
 

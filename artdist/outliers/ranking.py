@@ -11,8 +11,8 @@ import numpy as np
 from artdist.errors import UserError
 from artdist.outliers.scores import TaskScores
 
-# Scores oriented so that higher = more unusual; "seeds" is the seed projects' 1 - max softmax.
-RANKED_SCORES = ("seeds", "nll", "margin", "energy", "mahalanobis", "feature_nll", "combined")
+# Scores oriented so that higher = more unusual (max_softmax ranks by 1 - the top softmax probability).
+RANKED_SCORES = ("max_softmax", "nll", "margin", "energy", "mahalanobis", "feature_nll", "combined")
 REASON_Z = 2.0  # robust z above which a feature-space or energy score is named as a reason
 
 
@@ -38,15 +38,8 @@ def combined_score(scores: TaskScores) -> np.ndarray:
     """-log p(assigned) of the classifier head plus -log p(assigned) of the Gaussian classifier on the embedding.
 
     Both are surprisals in nats, so they add without rescaling: -log of the product of two experts'
-    probabilities for the label on file. The Gaussian posteriors are the sharper of the two, so they
-    lead at the top of the ranking and the head's term reorders the rest. Measured on two demo models
-    (val and train splits x 3 tasks, 12 cases), mean planted-noise AUROC: this sum 0.938, Gaussian term
-    alone 0.925, head alone 0.867, mean percentile rank of the two 0.921, Fisher's combination of their
-    empirical tail probabilities 0.930, raw Mahalanobis distance to the assigned class 0.603, seeds' rule
-    (1 - max softmax) 0.505. The raw distance fails because the embedding is shared by the three tasks:
-    its within-class spread along directions a task does not use drowns that task's signal, which the
-    class-relative posterior cancels. Where the assigned class had no training samples the head's term
-    counts twice.
+    probabilities for the label on file (the alternatives measured against it: docs/benchmarks.md
+    "Outlier scores"). Where the assigned class had no training samples the head's term counts twice.
     """
     feature = np.where(np.isfinite(scores.feature_nll), scores.feature_nll, scores.nll)
     return (scores.nll + feature).astype(np.float32)
@@ -55,7 +48,7 @@ def combined_score(scores: TaskScores) -> np.ndarray:
 def oriented_scores(scores: TaskScores, combined: np.ndarray) -> dict[str, np.ndarray]:
     """Every score with higher = more unusual, keyed as in RANKED_SCORES."""
     return {
-        "seeds": 1.0 - scores.max_prob,
+        "max_softmax": 1.0 - scores.max_softmax,
         "nll": scores.nll,
         "margin": scores.margin,
         "energy": scores.energy,
@@ -94,7 +87,7 @@ def reasons_for(scores: TaskScores, i: int, names: list[str], threshold: float, 
     out = []
     p = float(scores.p_assigned[i])
     if scores.predicted[i] != scores.assigned[i]:
-        out.append(f"predicted {names[scores.predicted[i]]} with {scores.max_prob[i]:.2f}")
+        out.append(f"predicted {names[scores.predicted[i]]} with {scores.max_softmax[i]:.2f}")
     if p < 0.5:
         out.append(f"p({names[scores.assigned[i]]})={p:.2g}")
     if not math.isfinite(scores.feature_nll[i]):
@@ -106,8 +99,8 @@ def reasons_for(scores: TaskScores, i: int, names: list[str], threshold: float, 
         out.append(f"embedding {maha_z[i]:.1f}σ farther from its class mean than typical")
     if energy_z[i] >= REASON_Z:
         out.append(f"weak response to every class (energy {energy_z[i]:.1f}σ above typical)")
-    if scores.max_prob[i] < threshold:
-        out.append(f"below {threshold:g} confidence ({scores.max_prob[i]:.2f})")
+    if scores.max_softmax[i] < threshold:
+        out.append(f"below {threshold:g} confidence ({scores.max_softmax[i]:.2f})")
     return out
 
 
@@ -125,7 +118,7 @@ def read_planted(path: str | Path) -> set[tuple[str, str]]:
         missing = {"path", "task"} - set(reader.fieldnames or ())
         if missing:
             raise UserError(f"{path} lacks column(s) {sorted(missing)}; expected the header "
-                            "path,task,true_label,assigned_label as written by `artdist synth`")
+                            "path,task,true_label,assigned_label,true_class,assigned_class as written by `artdist synth`")
         return {(row["task"], row["path"]) for row in reader}
 
 

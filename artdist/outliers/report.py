@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from artdist.data.manifest import sample_meta
+from artdist.data.manifest import Manifest, member_key
 
 THUMB_SIDE = 128  # px, longer side: ~4 KB a JPEG keeps index.html a few MB even for 3 tasks x top 50
 CAPTION_HEIGHT = 34  # px under each TensorBoard grid cell: two lines of PIL's default font
@@ -24,8 +24,8 @@ GRID_MAX = 32  # outliers per task in the TensorBoard grid
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # OWASP's list for CSV injection
 
 ROW_FIELDS = (
-    "rank", "id", "path", "assigned", "predicted", "combined", "max_prob", "p_assigned", "margin",
-    "energy", "mahalanobis", "mahalanobis_z", "feature_predicted", "feature_p_assigned", "flagged_seeds",
+    "rank", "id", "path", "assigned", "predicted", "combined", "max_softmax", "p_assigned", "margin",
+    "energy", "mahalanobis", "mahalanobis_z", "feature_predicted", "feature_p_assigned", "flagged_max_softmax",
     "flagged_combined", "reasons",
 )
 
@@ -39,24 +39,9 @@ class SampleRef:
     key: str
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    """WebDataset's rule: the key ends at the first dot of the member's base name."""
-    key, _, ext = name.rpartition("/")[2].partition(".")
-    return key, ext
-
-
-def read_sample_index(shards_dir: Path, manifest: dict, split: str) -> dict[int, SampleRef]:
+def read_sample_index(manifest: Manifest, split: str) -> dict[int, SampleRef]:
     """id -> (path, shard, key) from the json members of a split's shards; image bytes are skipped."""
-    index: dict[int, SampleRef] = {}
-    for shard in manifest["splits"][split]["shards"]:
-        with tarfile.open(Path(shards_dir) / shard["name"]) as tar:
-            for member in tar:
-                key, ext = _split_member(member.name)
-                if ext != "json":
-                    continue
-                meta = sample_meta(tar.extractfile(member).read(), shard["name"], key, manifest["classes"])
-                index[meta["id"]] = SampleRef(meta["path"], shard["name"], key)
-    return index
+    return {int(s.meta["id"]): SampleRef(s.meta["path"], s.shard, s.key) for s in manifest.samples(split)}
 
 
 def read_thumbnails(shards_dir: Path, index: dict[int, SampleRef], ids: set[int], image_ext: str,
@@ -70,7 +55,7 @@ def read_thumbnails(shards_dir: Path, index: dict[int, SampleRef], ids: set[int]
     for shard, keys in wanted.items():
         with tarfile.open(Path(shards_dir) / shard) as tar:
             for member in tar:
-                key, ext = _split_member(member.name)
+                key, ext = member_key(member.name)
                 if ext != image_ext or key not in keys:
                     continue
                 with Image.open(tar.extractfile(member)) as img:
@@ -99,7 +84,7 @@ def write_rows(rows: list[dict[str, Any]], csv_path: Path, json_path: Path, meta
         for row in rows:
             flat = dict(row)
             flat["reasons"] = "; ".join(row["reasons"])
-            for flag in ("flagged_seeds", "flagged_combined"):
+            for flag in ("flagged_max_softmax", "flagged_combined"):
                 flat[flag] = "yes" if row[flag] else "no"
             out.writerow({key: csv_cell(value) for key, value in flat.items()})
     json_path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
@@ -152,7 +137,7 @@ def render_html(title: str, intro_html: str, tasks: dict[str, dict[str, Any]], t
             for row in rows:
                 parts.append(_figure("outlier", row, thumbs, [
                     f"#{row['rank']} {row['path']}",
-                    f"predicted {row['predicted']} ({row['max_prob']:.2f})",
+                    f"predicted {row['predicted']} ({row['max_softmax']:.2f})",
                 ]))
             parts.append("</div></div>")
         parts.append("</section>")
@@ -174,7 +159,7 @@ def outlier_grid(rows: list[dict[str, Any]], thumbs: dict[int, bytes], side: int
             with Image.open(io.BytesIO(thumbs[row["id"]])) as img:
                 canvas.paste(img.convert("RGB"), (x + (side - img.width) // 2, y + (side - img.height) // 2))
         draw.text((x + 2, y + side + 2), f"#{row['rank']} filed {row['assigned']}"[:24], fill="black", font=font)
-        draw.text((x + 2, y + side + 17), f"pred {row['predicted']} {row['max_prob']:.2f}"[:24],
+        draw.text((x + 2, y + side + 17), f"pred {row['predicted']} {row['max_softmax']:.2f}"[:24],
                   fill="firebrick", font=font)
     return np.asarray(canvas)
 
@@ -195,7 +180,7 @@ def write_visuals(pages: dict[str, dict[str, Any]], index: dict[int, SampleRef],
 
 
 def quality_table(split: str, quality: dict[str, dict[str, Any]]) -> str:
-    """Text table of detection quality per task and score (seeds' rule first, combined last)."""
+    """Text table of detection quality per task and score (max_softmax first, combined last)."""
     def fmt(x: float | None) -> str:
         return "  n/a" if x is None else f"{x:5.3f}"
 
@@ -205,7 +190,6 @@ def quality_table(split: str, quality: dict[str, dict[str, Any]]) -> str:
     for task, q in quality.items():
         for n, (name, s) in enumerate(q["scores"].items()):
             head = f"{task:8s} {str(q['planted']) + '/' + str(q['scored']):>9s}" if n == 0 else " " * 18
-            label = "seeds' rule" if name == "seeds" else name
-            lines.append(f"{head}  {label:12s} {fmt(s['auroc'])}  {fmt(s['precision_at_k'])}  "
+            lines.append(f"{head}  {name:12s} {fmt(s['auroc'])}  {fmt(s['precision_at_k'])}  "
                          f"{fmt(s['precision_at_extra_k'])}")
     return "\n".join(lines)

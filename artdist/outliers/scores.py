@@ -23,7 +23,7 @@ class TaskScores:
     ids: np.ndarray  # int64 catalog ids
     assigned: np.ndarray  # int64
     predicted: np.ndarray  # int64
-    max_prob: np.ndarray  # float32 from here on
+    max_softmax: np.ndarray  # float32 from here on
     nll: np.ndarray
     margin: np.ndarray
     energy: np.ndarray
@@ -48,12 +48,12 @@ def softmax_scores(logits: torch.Tensor, assigned: torch.Tensor) -> dict[str, to
     logits = logits.float()
     log_probs = torch.log_softmax(logits, dim=1)
     probs = log_probs.exp()
-    max_prob, predicted = probs.max(dim=1)
+    max_softmax, predicted = probs.max(dim=1)
     p_assigned = probs.gather(1, assigned[:, None]).squeeze(1)
     others = probs.scatter(1, assigned[:, None], float("-inf"))
     return {
         "predicted": predicted,
-        "max_prob": max_prob,
+        "max_softmax": max_softmax,
         "nll": -log_probs.gather(1, assigned[:, None]).squeeze(1),
         "margin": others.max(dim=1).values - p_assigned,
         "energy": -torch.logsumexp(logits, dim=1),

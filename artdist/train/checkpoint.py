@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save (tmp + fsync + os.replace), checked load, and the Checkpointer that saves and resumes a run."""
+"""Checkpoints: atomic save (tmp + fsync + os.replace), checked load, the Checkpointer that saves and resumes a run."""
 from __future__ import annotations
 
 import os
@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from artdist.config import JobConfig, to_dict
+from artdist.data.manifest import Manifest
 from artdist.dist import broadcast_object, gather_objects, get_rank, get_world_size, is_main_process
 from artdist.errors import UserError
 from artdist.model import CNNLSTM, build_model
@@ -128,6 +129,15 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
 
 
+BEST_KEYS = ("format", "model", "epoch", "step_in_epoch", "global_step", "best_metric", "metrics", "config",
+             "class_names")
+
+
+def weights_only(ckpt: dict) -> dict:
+    """A training checkpoint without optimizer, scaler, RNG and layout: model_best.pt."""
+    return {key: ckpt[key] for key in BEST_KEYS if key in ckpt}
+
+
 class Checkpointer:
     """Saves and resumes one run's training state (model_last.pt / model_best.pt), holding what it saves.
 
@@ -145,8 +155,9 @@ class Checkpointer:
         self.cfg, self.class_names, self.layout = cfg, class_names, layout
 
     def save(self, position: dict, best: bool) -> None:
-        """Every rank (each rank's RNG state is gathered); rank 0 writes model_last.pt and, when
-        `best`, the same state to model_best.pt."""
+        """Every rank (each rank's RNG state is gathered); rank 0 writes model_last.pt (the whole
+        training state) and, when `best`, model_best.pt (weights_only: what evaluate, outliers and
+        predict read, without the optimizer state that would triple its size)."""
         rng = gather_objects(rng_state())
         failure = None
         if is_main_process():
@@ -174,22 +185,23 @@ class Checkpointer:
         # BEST first: killed between the two writes, the resumed run finds the old model_last.pt and
         # redoes this epoch, whereas the other order would leave a best_metric that model_best.pt lacks.
         if best:
-            save_atomic(ckpt, self.run_dir.best)
+            save_atomic(weights_only(ckpt), self.run_dir.best)
         save_atomic(ckpt, self.run_dir.last)
 
-    def resume(self, path: Path, seed: int) -> dict:
-        """Load the state saved in `path` into this rank's objects; -> its position.
+    def resume(self, path: Path, seed: int, ckpt: dict | None = None) -> dict:
+        """Load the state saved in `path` (already loaded: `ckpt`) into this rank's objects; -> its position.
 
         When the saved layout differs from this job's (more GPUs, another batch size...), a step no
         longer means the same samples: the position is carried over as the same fraction of the
         epoch, in this job's steps, and the LR schedule (a function of global_step) continues there.
 
         The optimizer keeps this job's hyper-parameters (base LRs, weight decay), so a run can resume
-        with, say, a lower train.lr after a non-finite loss; with an unchanged config every value is
+        with, say, a lower train.lr after a non-finite loss (`artdist train --resume-with-changes`, see
+        train.resume); with an unchanged config every value is
         the saved one. RNG states continue exactly when the world size is unchanged; otherwise each
         rank is reseeded from (seed, rank, global step): training continues, but not bit-identically.
         """
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path) if ckpt is None else ckpt
         configured = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         try:
             self.model.load_state_dict(ckpt["model"])
@@ -236,9 +248,9 @@ def load_trained_model(ckpt: dict, cfg: JobConfig, device: torch.device) -> CNNL
     return model.to(device).eval()
 
 
-def check_classes(manifest: dict, ckpt: dict, cfg: JobConfig, path: Path) -> None:
+def check_classes(manifest: Manifest, ckpt: dict, cfg: JobConfig, path: Path) -> None:
     """Refuse shards whose class lists differ from the ones the checkpoint's heads were trained on."""
-    changed = [t for t in cfg.model.tasks if manifest["classes"][t] != ckpt["class_names"][t]]
+    changed = [t for t in cfg.model.tasks if manifest.classes[t] != ckpt["class_names"][t]]
     if changed:
         raise UserError(f"{cfg.data.shards} defines other {'/'.join(changed)} classes than {path} was trained "
                         "with; use shards made from the same label files (--set data.shards=DIR)")

@@ -1,4 +1,4 @@
-"""Training and evaluation loops only: TrainState, train_one_epoch, run_inference, evaluate."""
+"""Training and evaluation loops only: TrainState, train_one_epoch, run_inference, count_predictions."""
 from __future__ import annotations
 
 import contextlib
@@ -52,34 +52,38 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
 
 def train_one_epoch(state: TrainState, loader: Iterable, *, steps: int, start_step: int = 0,
                     should_stop: Callable[[], bool] = lambda: False, log_every: int = 0,
-                    log: Callable[[dict], None] | None = None, max_bad: int | None = None) -> dict:
+                    log: Callable[[dict], None] | None = None, max_bad: int | None = None,
+                    after_step: Callable[[int, int], None] | None = None) -> dict:
     """Optimizer steps `start_step`..`steps`-1 of one epoch; `loader` must already skip the first ones.
 
     Every rank runs the same number of steps (the loader guarantees equal batches per rank). After
     each step the ranks agree on (1) whether any task's loss was non-finite (-> NonFiniteLossError
     before the weights are touched) and (2) `should_stop()` (preemption): then the epoch ends early.
-    `log` (rank 0 only) gets running stats every `log_every` steps.
+    `log` (rank 0 only) gets running stats every `log_every` steps; `after_step` (every rank) gets
+    (step in the epoch, global step) after each step that does not stop the epoch.
     Undecodable samples (data.loader.BAD_ID placeholders) are counted; once the ranks together saw more
     than `max_bad` of them this epoch, every rank raises the same UserError after that step.
     Returns {"step": position in the epoch, "global_step", "stopped", "loss", "task_loss",
-    "images_per_sec", "data_wait_frac", "lr", "bad_samples": [count per rank]} (losses averaged over ranks
-    and steps).
+    "task_accuracy", "images_per_sec", "data_wait_frac", "lr", "bad_samples": [count per rank]} (losses
+    averaged over ranks and steps; accuracy over the labelled training samples of all ranks, as the model
+    predicted them while it learned).
     """
     model, optimizer, scaler, accum_steps = state.model, state.optimizer, state.scaler, state.accum_steps
     model.train()
     world = get_world_size()
     tasks = state.loss_fn.tasks
     batches = iter(loader)
-    # [loss per task..., images, seconds waiting for the loader, steps]: over the epoch and since the last log
-    epoch_sums = torch.zeros(len(tasks) + 3, dtype=torch.float64)
+    # [loss, correct, labelled per task..., images, seconds waiting for the loader, steps]: over the epoch
+    # and since the last log
+    epoch_sums = torch.zeros(3 * len(tasks) + 3, dtype=torch.float64)
     window_sums = torch.zeros_like(epoch_sums)
     epoch_start = window_start = time.perf_counter()
     step, stopped = start_step, False
     lr = set_lr(optimizer, state.lr_factor(state.global_step))
     local_bad = epoch_bad = 0
     while step < steps and not stopped:
-        # [loss per task..., bad samples]: one all-reduce per step for both
-        step_sums = torch.zeros(len(tasks) + 1, device=state.device)
+        # [loss, correct, labelled per task..., bad samples]: one all-reduce per step for all of them
+        step_sums = torch.zeros(3 * len(tasks) + 1, device=state.device)
         images_seen, wait = 0, 0.0
         for micro in range(accum_steps):
             t0 = time.perf_counter()
@@ -99,9 +103,10 @@ def train_one_epoch(state: TrainState, loader: Iterable, *, steps: int, start_st
                     logits = model(x)
                 loss, per_task = state.loss_fn(logits, labels)
                 scaler.scale(loss / accum_steps).backward()
-            step_sums[:-1] += per_task
-        all_reduce_sum(step_sums)
-        step_loss = step_sums[:-1] / (accum_steps * world)
+            step_sums[:len(tasks)] += per_task.detach()
+            step_sums[len(tasks):-1] += _hits(logits, labels, tasks)
+        all_reduce_sum(step_sums)  # one all-reduce: the ranks agree on the loss and count every rank's hits
+        step_loss = step_sums[:len(tasks)] / (accum_steps * world)
         epoch_bad += int(step_sums[-1].item())
         if max_bad is not None and epoch_bad > max_bad:
             optimizer.zero_grad(set_to_none=True)
@@ -120,10 +125,13 @@ def train_one_epoch(state: TrainState, loader: Iterable, *, steps: int, start_st
         optimizer.zero_grad(set_to_none=True)
         step += 1
         state.global_step += 1
-        sums = torch.cat([step_loss.double().cpu(), torch.tensor([images_seen, wait, 1], dtype=torch.float64)])
+        sums = torch.cat([step_loss.double().cpu(), step_sums[len(tasks):-1].double().cpu(),
+                          torch.tensor([images_seen, wait, 1], dtype=torch.float64)])
         epoch_sums += sums
         window_sums += sums
         stopped = should_stop()
+        if after_step is not None and not stopped:
+            after_step(step, state.global_step)
         if log_every and state.global_step % log_every == 0:
             now = time.perf_counter()
             if log is not None:
@@ -143,14 +151,28 @@ def per_rank(value: int, device: torch.device) -> list[int]:
     return [int(v) for v in all_reduce_sum(slots).tolist()]
 
 
+def _hits(logits: dict[str, torch.Tensor], labels: torch.Tensor, tasks: list[str]) -> torch.Tensor:
+    """[correct per task..., labelled per task...] of one batch (labels of -1 are not counted)."""
+    correct, labelled = [], []
+    for task in tasks:
+        y = labels[:, TASKS.index(task)]
+        known = y >= 0
+        correct.append((logits[task].detach().argmax(dim=1)[known] == y[known]).sum())
+        labelled.append(known.sum())
+    return torch.stack(correct + labelled).to(torch.float32)
+
+
 def _stats(tasks: list[str], sums: torch.Tensor, elapsed: float, lr: float, step: int, global_step: int) -> dict:
-    images, wait, steps = sums[len(tasks):].tolist()
-    task_loss = (sums[:len(tasks)] / max(steps, 1)).tolist()
+    n = len(tasks)
+    images, wait, steps = sums[3 * n:].tolist()
+    task_loss = (sums[:n] / max(steps, 1)).tolist()
+    accuracy = (sums[n:2 * n] / sums[2 * n:3 * n].clamp(min=1)).tolist()
     return {
         "step": step,
         "global_step": global_step,
         "loss": sum(task_loss),
         "task_loss": dict(zip(tasks, task_loss)),
+        "task_accuracy": dict(zip(tasks, accuracy)),
         "lr": lr,
         "images_per_sec": images / max(elapsed, 1e-9),
         "data_wait_frac": wait / max(elapsed, 1e-9),
@@ -163,8 +185,8 @@ def _non_finite_message(tasks: list[str], step_loss: torch.Tensor, global_step: 
     return (f"non-finite training loss at global step {global_step} (step {step + 1} of this epoch) in task "
             f"{', '.join(bad)} (loss per task, mean over ranks: {values}); the weights were not updated. "
             f"Try a lower train.lr / train.backbone_lr, train.amp=off (or bf16 instead of fp16), a smaller "
-            f"train.grad_clip, or check the data; a rerun with the changed config resumes from model_last.pt, "
-            f"if one was saved")
+            f"train.grad_clip, or check the data; `artdist train --resume-with-changes` with the changed config "
+            f"resumes from model_last.pt, if one was saved")
 
 
 # --------------------------------------------------------------------------- inference
@@ -188,20 +210,22 @@ def run_inference(model: torch.nn.Module, loader: Iterable, transform: Callable[
             yield (ids.to(device), labels.to(device), {t: v.float() for t, v in logits.items()}, embedding.float())
 
 
-def evaluate(model: torch.nn.Module, loader: Iterable, transform: Callable[[torch.Tensor], torch.Tensor],
-             device: torch.device, amp_dtype: torch.dtype | None, tasks: list[str],
-             num_classes: dict[str, int]) -> dict:
+def count_predictions(model: torch.nn.Module, loader: Iterable, transform: Callable[[torch.Tensor], torch.Tensor],
+                      device: torch.device, amp_dtype: torch.dtype | None, tasks: list[str],
+                      num_classes: dict[str, int]) -> dict:
     """Confusion matrices, top-5 hits and sample counts over a split, summed over ranks.
 
     Every rank gets the same result: {"num_samples": samples seen (labelled or not, undecodable ones
-    not), "confusion": {task: [C, C] int64 on CPU}, "top5_correct": {task: int}, "bad_samples": [undecodable
-    samples per rank]}. Labels of -1 are left out of that task's matrix and hits.
+    not), "confusion": {task: [C, C] int64 on CPU}, "top5_correct": {task: int}, "loss_sum": {task: summed
+    cross-entropy, nats}, "bad_samples": [undecodable samples per rank]}. Labels of -1 are left out of that
+    task's matrix, hits and loss.
     """
     sizes = [num_classes[t] ** 2 for t in tasks]
     # One flat counter vector -> one all-reduce: [confusions..., top5 per task, samples seen].
     counts = torch.zeros(sum(sizes) + len(tasks) + 1, dtype=torch.int64, device=device)
     cms = {t: flat.view(num_classes[t], num_classes[t]) for t, flat in zip(tasks, counts[:sum(sizes)].split(sizes))}
     top5 = counts[sum(sizes):-1]
+    losses = torch.zeros(len(tasks), dtype=torch.float64, device=device)
     bad = 0
     for ids, labels, logits, _ in run_inference(model, loader, transform, device, amp_dtype):
         batch_bad = bad_samples(ids)
@@ -211,10 +235,13 @@ def evaluate(model: torch.nn.Module, loader: Iterable, transform: Callable[[torc
             y = labels[:, TASKS.index(task)]
             cms[task] += confusion_matrix(logits[task].argmax(dim=1), y, num_classes[task])
             top5[i] += topk_correct(logits[task], y, 5)
+            losses[i] += torch.nn.functional.cross_entropy(logits[task], y, ignore_index=-1, reduction="sum").double()
     all_reduce_sum(counts)
+    all_reduce_sum(losses)
     return {
         "num_samples": int(counts[-1]),
         "confusion": {t: cm.cpu() for t, cm in cms.items()},
         "top5_correct": {t: int(top5[i]) for i, t in enumerate(tasks)},
+        "loss_sum": {t: float(losses[i]) for i, t in enumerate(tasks)},
         "bad_samples": per_rank(bad, device),
     }

@@ -2,35 +2,41 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from artdist.config import HEADLINE, JobConfig
 from artdist.data.loader import make_eval_loader
-from artdist.data.manifest import num_classes
+from artdist.data.manifest import Manifest
 from artdist.data.transforms import DeviceTransform
-from artdist.dist import get_rank, get_world_size
+from artdist.dist import get_rank, get_world_size, is_main_process
 from artdist.errors import UserError
 from artdist.metrics import format_confusion, format_table, report_from_confusion
+from artdist.progress import Progress, track
 from artdist.train import engine
 from artdist.train.numerics import use_channels_last
 
 
 
-def evaluate_split(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split: str, device: torch.device,
-                   amp_dtype: torch.dtype | None) -> dict:
+def evaluate_split(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, split: str, device: torch.device,
+                   amp_dtype: torch.dtype | None, progress: str = "") -> dict:
     """Every rank: evaluate `model` (unwrapped) on `split`; every rank gets the same report.
 
     -> {"split", "num_samples", "bad_samples": [per rank], "tasks": {task: metrics.report_from_confusion(...)
-    + "top5"}}; a UserError when more than data.max_bad_fraction of the split was undecodable.
+    + "top5" + "loss"}}; a UserError when more than data.max_bad_fraction of the split was undecodable.
+    With `progress` (a label), rank 0 reports its batches done on stderr.
     """
-    loader = make_eval_loader(cfg.data, manifest, split, get_rank(), get_world_size())
+    loader = eval_batches(cfg, manifest, split, progress)
     transform = DeviceTransform(cfg.data, device, train=False, channels_last=use_channels_last(cfg, device))
-    result = engine.evaluate(model, loader, transform, device, amp_dtype, cfg.model.tasks, num_classes(manifest))
-    tasks = {task: report_from_confusion(result["confusion"][task], manifest["classes"][task],
+    result = engine.count_predictions(model, loader, transform, device, amp_dtype, cfg.model.tasks,
+                                      manifest.num_classes)
+    tasks = {task: report_from_confusion(result["confusion"][task], manifest.classes[task],
                                          result["top5_correct"][task])
              for task in cfg.model.tasks}
+    for task, report in tasks.items():  # mean cross-entropy of the labelled samples (no smoothing or weights)
+        report["loss"] = result["loss_sum"][task] / max(report["num_labelled"], 1)
     bad = sum(result["bad_samples"])
     if bad > cfg.data.max_bad_fraction * (result["num_samples"] + bad):
         raise UserError(f"{bad} of the {result['num_samples'] + bad} '{split}' samples are undecodable (per rank: "
@@ -39,6 +45,15 @@ def evaluate_split(model: torch.nn.Module, cfg: JobConfig, manifest: dict, split
     if bad and get_rank() == 0:
         print(f"warning: {bad} undecodable '{split}' samples skipped (per rank: {result['bad_samples']})", flush=True)
     return {"split": split, "num_samples": result["num_samples"], "bad_samples": result["bad_samples"], "tasks": tasks}
+
+
+def eval_batches(cfg: JobConfig, manifest: Manifest, split: str, progress: str = "") -> Iterable:
+    """This rank's eval loader of `split`; with `progress` (a label), rank 0 reports its batches on stderr."""
+    loader = make_eval_loader(cfg.data, manifest, split, get_rank(), get_world_size())
+    if not progress:
+        return loader
+    return track(loader, Progress(len(loader), "batches", f"{progress} {split}", enabled=is_main_process()),
+                 lambda batch: len(batch[2]))
 
 
 def headline(report: dict) -> dict[str, float]:

@@ -9,8 +9,8 @@ from artdist.config import JobConfig
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """train.amp -> autocast dtype (None = full fp32). auto: bf16/fp16 on GPUs, off on CPUs.
 
-    CPUs without native bf16 run bf16 autocast 12-18x slower than fp32, so auto never picks it
-    there; an explicit bf16/fp16 is honoured anyway.
+    CPUs without native bf16 run bf16 autocast many times slower than fp32 (docs/benchmarks.md),
+    so auto never picks it there; an explicit bf16/fp16 is honoured anyway.
     """
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
