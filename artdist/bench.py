@@ -1,8 +1,11 @@
 """`artdist bench`: shard-loader, ImageFolder, model-step, end-to-end and GPU throughput in one run.
 
 What each part times (images/s over the batches after the warm-up ones):
+  shard        the sharder (shard_dataset, one process) per CPU second against a naive decode -> LANCZOS ->
+               encode of the same files and the bare draft-decode floor; each as a ratio to the floor
   loader       shards -> the real TrainLoader (decode + augment) -> uint8 batches, per worker count;
-               normalizing is DeviceTransform's job on the training device, so it is not CPU work here
+               normalizing is DeviceTransform's job on the training device, so it is not CPU work here;
+               with its floors on the same shard members (bare decode; full decode + one box resize)
   imagefolder  the usual way: loose full-size JPEGs -> torchvision ImageFolder + Resize/RandomCrop(padding)/
                flip/ToTensor/Normalize -> DataLoader, per worker count; (loader / imagefolder) at equal
                workers is the per-core ratio, and for workers=0 also per CPU second (robust to other load)
@@ -13,13 +16,16 @@ What each part times (images/s over the batches after the warm-up ones):
 
 The corpus (cached under --workdir): synth pictures of side 3/4 * --full-size, stretched to
 --full-size x 3/4 --full-size (bicubic, JPEG quality 90), i.e. 800x600 = 0.48 MP by default like
-the WikiArt median (~0.47 MP); the style folders are the ImageFolder view; `shard_dataset` packs
-them at shard.max_short_side. Loaders read a manifest whose shard list is repeated as often as
+the WikiArt median (~0.47 MP); or, with --images-dir, copies of the image files found there (under
+synthetic ArtGAN paths and labels: only the pixels matter here). The style folders are the
+ImageFolder view; `shard_dataset` packs them at shard.max_short_side. Loaders read a manifest whose shard list is repeated as often as
 the timed batches need, so one DataLoader epoch covers the whole measurement (no worker restarts).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import itertools
 import json
 import math
@@ -27,29 +33,33 @@ import os
 import platform
 import shutil
 import statistics
+import tarfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, RandomSampler
 from torchvision import transforms
 
-from artdist.config import TASKS, JobConfig, SynthConfig
+from artdist.config import MIN_SYNTH_IMAGES, TASKS, JobConfig, SynthConfig
+from artdist.data.image import prepare_image, short_side_size
 from artdist.data.loader import TrainLoader
 from artdist.data.manifest import Manifest, SplitInfo, read_manifest
 from artdist.data.shard import shard_dataset
 from artdist.data.synth import JPEG_QUALITY, make_corpus
-from artdist.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform
+from artdist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, decode_drafted, decode_image,
+                                     sample_geometry)
 from artdist.errors import UserError
 from artdist.train.engine import TrainState, train_one_epoch
 from artdist.train.numerics import resolve_amp, use_channels_last
 from artdist.train.trainer import build_training
 
-PARTS = ("loader", "imagefolder", "model", "e2e", "gpu")
+PARTS = ("shard", "loader", "imagefolder", "model", "e2e", "gpu")
 # Without --config on a CPU-only machine: a run that ends in about a minute on 2 idle cores (applied
 # before the user's --set, which wins). One loader worker leaves the other core to the model.
 CPU_DEFAULTS = ("model.backbone=resnet18", "data.batch_size=16", "data.num_workers=1")
@@ -156,6 +166,44 @@ def build_corpus(out: Path, images: int, full_size: int) -> dict:
     return info
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The files under `folder` that PIL recognises as images (header only), sorted."""
+    found = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            with Image.open(path):
+                found.append(path)
+        except (UnidentifiedImageError, OSError):
+            continue
+    return found
+
+
+def build_real_corpus(out: Path, images_dir: Path) -> dict:
+    """The image files of `images_dir`, copied over the pictures of a synth corpus of as many images
+    (its ArtGAN paths and labels; only the pixels matter here), under `out` (reused when complete)."""
+    marker = out / "corpus.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    files = image_files(images_dir)
+    if len(files) < MIN_SYNTH_IMAGES:
+        raise UserError(f"--images-dir {images_dir}: {len(files)} image files found, the bench needs at least "
+                        f"{MIN_SYNTH_IMAGES}")
+    shutil.rmtree(out, ignore_errors=True)  # an interrupted build: start over
+    make_corpus(SynthConfig(out=str(out), images=len(files), seed=0, size=16))
+    for dest, src in zip(sorted((out / "images").rglob("*.jpg")), files):
+        shutil.copyfile(src, dest)
+    sizes, pixels = [], []
+    for path in files:
+        sizes.append(path.stat().st_size)
+        with Image.open(path) as im:
+            pixels.append(im.width * im.height / 1e6)
+    info = {"dir": str(out), "images": len(files), "megapixels": statistics.median(pixels),
+            "mean_megapixels": statistics.mean(pixels), "max_megapixels": max(pixels),
+            "median_kb": statistics.median(sizes) / 1024, "how": f"the image files of {images_dir}"}
+    marker.write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
 def build_shards(cfg: JobConfig, corpus: Path) -> tuple[Path, Manifest]:
     """The corpus packed by the real sharder with the config's shard options (resumes/reuses)."""
     sc = cfg.shard
@@ -217,6 +265,128 @@ def bench_loader(cfg: JobConfig, shards: Path, manifest: Manifest, workers: list
         with torch_threads(1):
             rows.append(per_core({"workers": w, **drain(loader, count, warmup)}, cpus))
     return rows
+
+
+def cpu_ms(work: Callable[[Any], Any], items: list, repeats: int = 2) -> float:
+    """CPU milliseconds (this process) per item of `work`, the best of `repeats` passes: the best
+    pass is the one least disturbed by other jobs on the machine."""
+    best = math.inf
+    for _ in range(repeats):
+        start = time.process_time()
+        for item in items:
+            work(item)
+        best = min(best, time.process_time() - start)
+    return best / len(items) * 1000
+
+
+def draft_decode(path: Path, max_short_side: int) -> Image.Image:
+    """The floor of sharding one file: open, JPEG draft as prepare_image does, decode; nothing else."""
+    with Image.open(path) as im:
+        scale = max_short_side / min(im.size)
+        if im.format == "JPEG" and scale < 1:
+            im.draft(None, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
+        im.load()
+        return im
+
+
+def naive_shard_image(path: Path, max_short_side: int, quality: int) -> bytes:
+    """The naive way to shard one file: full decode, LANCZOS to the short side, JPEG encode."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    size = short_side_size(im.width, im.height, max_short_side)
+    if size is not None:
+        im = im.resize(size, Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
+    return 10 * math.log10(255**2 / mse) if mse > 0 else math.inf
+
+
+def filter_difference(files: list[Path], cfg: JobConfig) -> dict:
+    """How far shard.resample's pictures are from LANCZOS's: PSNR and max abs error at the shard size,
+    and after both are brought to a data.image_size short side (bilinear, like the loader)."""
+    sc = cfg.shard
+    at_shard, at_train, max_abs = [], [], 0
+    for path in files:
+        ours = prepare_image(path, sc.max_short_side, sc.max_pixels, sc.resample)
+        ref = prepare_image(path, sc.max_short_side, sc.max_pixels, "lanczos")
+        if np.array_equal(np.asarray(ours), np.asarray(ref)):
+            continue  # no residual resize after the draft (or the same filter)
+        at_shard.append(psnr(np.asarray(ours), np.asarray(ref)))
+        small = short_side_size(ours.width, ours.height, cfg.data.image_size) or ours.size
+        a, b = (np.asarray(im.resize(small, Image.Resampling.BILINEAR)) for im in (ours, ref))
+        at_train.append(psnr(a, b))
+        max_abs = max(max_abs, int(np.abs(a.astype(np.int16) - b).max()))
+    if not at_shard:
+        return {"resample": sc.resample, "resized_images": 0}
+    return {"resample": sc.resample, "resized_images": len(at_shard),
+            "psnr_db_at_shard_size": statistics.mean(at_shard), "min_psnr_db_at_shard_size": min(at_shard),
+            "psnr_db_at_image_size": statistics.mean(at_train), "min_psnr_db_at_image_size": min(at_train),
+            "max_abs_error_at_image_size": max_abs}
+
+
+def bench_shard(cfg: JobConfig, corpus: Path) -> dict:
+    """The sharder (shard_dataset in this process, tar and checksums included) per CPU second, against
+    the naive way and the draft-decode floor on the same files; every figure also as a ratio to the floor."""
+    sc = cfg.shard
+    files = sorted((corpus / "images").rglob("*.jpg"))
+    floor = cpu_ms(lambda path: draft_decode(path, sc.max_short_side), files)
+    naive = cpu_ms(lambda path: naive_shard_image(path, sc.max_short_side, sc.quality), files)
+    rows = {"floor": floor, "naive": naive}
+    variants = [sc.resample] + (["lanczos"] if sc.resample != "lanczos" else [])
+    for resample in variants:
+        best = math.inf
+        for _ in range(2):
+            out = corpus / "shard-timing"
+            shutil.rmtree(out, ignore_errors=True)  # this bench's own output of the previous pass
+            start = time.process_time()
+            shard_dataset(replace(sc, images=str(corpus / "images"), labels=str(corpus / "labels"), out=str(out),
+                                  resample=resample, workers=1), progress=False)
+            best = min(best, time.process_time() - start)
+        rows[f"sharder_{resample}"] = best / len(files) * 1000
+    shutil.rmtree(corpus / "shard-timing", ignore_errors=True)
+    return {"images": len(files), "resample": sc.resample,
+            "ms_per_image": rows, "ratio_to_floor": {k: v / floor for k, v in rows.items()},
+            "speedup_over_naive": naive / rows[f"sharder_{sc.resample}"],
+            "filter_difference": filter_difference(files, cfg)}
+
+
+def shard_members(shards: Path, manifest: Manifest, split: str, count: int) -> list[bytes]:
+    """The image bytes of the first `count` samples of `split` (repeated if it holds fewer)."""
+    found: list[bytes] = []
+    ext = "." + manifest.image_ext
+    for shard in manifest.split(split).shards:
+        with tarfile.open(shards / shard.name) as tar:
+            found += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(ext)]
+        if len(found) >= count:
+            break
+    return list(itertools.islice(itertools.cycle(found), count))
+
+
+def loader_floors(cfg: JobConfig, shards: Path, manifest: Manifest, images: int) -> dict:
+    """CPU ms per image of the least work the loader could do on the same shard members: a bare full
+    decode; the draft decode its crops allow; a full decode plus one box resize of its crops; and
+    decode_image alone (the loader's per-image work, without tar reading, labels and batching)."""
+    data_cfg, size = cfg.data, cfg.data.image_size
+    members = shard_members(shards, manifest, data_cfg.train_split, images)
+    rng = np.random.default_rng(cfg.train.seed)
+
+    def box_resize(data: bytes) -> Image.Image:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        left, top, right, bottom = sample_geometry(data_cfg.augment, im.width, im.height, data_cfg, rng).box
+        box = (max(left, 0), max(top, 0), min(right, im.width), min(bottom, im.height))
+        return im.resize((size, size), Image.Resampling.BILINEAR, box=box)
+
+    return {"augment": data_cfg.augment, "images": len(members),
+            "decode": cpu_ms(lambda data: Image.open(io.BytesIO(data)).load(), members),
+            "draft_decode": cpu_ms(lambda data: decode_drafted(data, data_cfg.augment, data_cfg, rng), members),
+            "decode_box_resize": cpu_ms(box_resize, members),
+            "decode_image": cpu_ms(lambda data: decode_image(data, data_cfg.augment, data_cfg, rng), members)}
 
 
 def bench_imagefolder(cfg: JobConfig, root: Path, workers: list[int], images: int, cpus: int) -> list[dict]:
@@ -351,9 +521,29 @@ def format_table(result: dict) -> str:
              f"settings: {s['backbone']} {s['image_size']} px, batch {s['batch_size']}, amp {s['amp']}, "
              f"e2e workers {s['num_workers']}, shards max_short_side {s['max_short_side']}"
              + (f"; cpu defaults {', '.join(s['cpu_defaults'])}" if s["cpu_defaults"] else "")]
-    if c:
+    if c and "width" in c:
         lines.append(f"corpus: {c['images']} JPEGs {c['width']}x{c['height']} ({c['megapixels']:.2f} MP, median "
                      f"{c['median_kb']:.0f} KB) in {c['dir']}")
+    elif c:
+        lines.append(f"corpus: {c['how']}: {c['images']} images, median {c['megapixels']:.2f} MP (mean "
+                     f"{c['mean_megapixels']:.2f}, max {c['max_megapixels']:.1f}), median {c['median_kb']:.0f} KB")
+    sh = result["shard"]
+    if "skipped" not in sh:
+        ms, ratio = sh["ms_per_image"], sh["ratio_to_floor"]
+        lines += ["", f"sharding, CPU ms per image over {sh['images']} files (one process; ratio to the draft-decode floor):"]
+        for key, what in (("floor", "floor: open + JPEG draft + decode"),
+                          ("naive", "naive: full decode, LANCZOS, encode"),
+                          (f"sharder_{sh['resample']}", f"artdist shard, shard.resample={sh['resample']}"),
+                          ("sharder_lanczos", "artdist shard, shard.resample=lanczos")):
+            if key in ms and not (key == "sharder_lanczos" and sh["resample"] == "lanczos"):
+                lines.append(f"  {what:<42} {ms[key]:7.2f} ms  {ratio[key]:5.2f}x floor")
+        lines.append(f"  sharder speed-up over naive: {sh['speedup_over_naive']:.2f}x")
+        fd = sh["filter_difference"]
+        if fd.get("resized_images"):
+            lines.append(f"  {fd['resample']} vs lanczos on {fd['resized_images']} resized pictures: PSNR "
+                         f"{fd['psnr_db_at_shard_size']:.1f} dB at shard size, {fd['psnr_db_at_image_size']:.1f} dB "
+                         f"(min {fd['min_psnr_db_at_image_size']:.1f}, max abs error {fd['max_abs_error_at_image_size']}) "
+                         f"at the {s['image_size']} px training size")
     loader, folder = result["loader"], result["imagefolder"]
     if isinstance(loader, list) or isinstance(folder, list):
         ratio = {r["workers"]: r["ratio"] for r in result.get("ratio", [])}
@@ -374,7 +564,16 @@ def format_table(result: dict) -> str:
             lines.append(f"workers 0, images per CPU second (unaffected by other load): (a) "
                          f"{by_w[0]['images_per_cpu_s']:.0f}, (b) {fby_w[0]['images_per_cpu_s']:.0f}, "
                          f"(a)/(b) {cpu[0]['ratio_cpu']:.2f}x")
-    for key, title in (("loader", "(a) loader"), ("imagefolder", "(b) imagefolder")):
+    fl = result.get("loader_floor")
+    if fl:
+        lines.append(f"loader floors on the same shard members ({fl['augment']}), CPU ms per image: bare decode "
+                     f"{fl['decode']:.2f}, draft decode {fl['draft_decode']:.2f}, full decode + one box resize "
+                     f"{fl['decode_box_resize']:.2f}" + (
+                         f"; loader (workers 0) {fl['loader_ms']:.2f} = {fl['ratio']['decode']:.2f}x bare decode, "
+                         f"{fl['ratio']['draft_decode']:.2f}x draft decode, {fl['ratio']['decode_box_resize']:.2f}x "
+                         f"decode + box resize, {fl['ratio']['decode_image']:.2f}x its own decode_image "
+                         f"({fl['decode_image']:.2f})" if "ratio" in fl else ""))
+    for key, title in (("shard", "sharding"), ("loader", "(a) loader"), ("imagefolder", "(b) imagefolder")):
         if "skipped" in result[key]:
             lines.append(f"{title}: skipped: {result[key]['skipped']}")
     lines.append("")
@@ -406,7 +605,7 @@ def format_table(result: dict) -> str:
 
 
 def run_bench(cfg: JobConfig, *, workdir: Path, images: int, full_size: int, workers: list[int], steps: int | None,
-              only: list[str], cpu_defaults: list[str], device: torch.device) -> dict:
+              only: list[str], cpu_defaults: list[str], device: torch.device, images_dir: Path | None = None) -> dict:
     """Every selected part; unselected parts are reported as skipped. Returns the JSON-able result."""
     kind = device.type if device.type in DEFAULT_STEPS else "cpu"
     steps = steps or DEFAULT_STEPS[kind]
@@ -419,12 +618,17 @@ def run_bench(cfg: JobConfig, *, workdir: Path, images: int, full_size: int, wor
         "settings": {"backbone": cfg.model.backbone, "image_size": cfg.data.image_size,
                      "batch_size": cfg.data.batch_size, "num_workers": cfg.data.num_workers,
                      "amp": str(resolve_amp(cfg.train.amp, device) or "off").removeprefix("torch."),
-                     "max_short_side": cfg.shard.max_short_side, "steps": steps, "warmup_steps": warmup,
+                     "max_short_side": cfg.shard.max_short_side, "resample": cfg.shard.resample,
+                     "quality": cfg.shard.quality, "augment": cfg.data.augment, "steps": steps, "warmup_steps": warmup,
                      "loader_images": images, "loader_warmup_rounds": WARMUP_ROUNDS, "cpu_defaults": cpu_defaults},
         "corpus": {},
         **{part: {"skipped": "not selected (--only)"} for part in PARTS},
     }
-    corpus = build_corpus(workdir / f"corpus-{images}-{full_size}", images, full_size)
+    if images_dir is None:
+        corpus = build_corpus(workdir / f"corpus-{images}-{full_size}", images, full_size)
+    else:
+        tag = hashlib.sha1(str(images_dir.resolve()).encode("utf-8")).hexdigest()[:10]
+        corpus = build_real_corpus(workdir / f"real-{images_dir.name}-{tag}", images_dir)
     result["corpus"] = corpus
     shards, manifest = build_shards(cfg, Path(corpus["dir"]))
     result["corpus"]["shards"] = str(shards)
@@ -433,8 +637,18 @@ def run_bench(cfg: JobConfig, *, workdir: Path, images: int, full_size: int, wor
     if cfg.train.class_weighting != "none":
         counts = manifest.label_counts(cfg.data.train_split)
 
+    if "shard" in only:
+        result["shard"] = bench_shard(cfg, Path(corpus["dir"]))
     if "loader" in only:
         result["loader"] = bench_loader(cfg, shards, manifest, workers, images, info["cores"])
+        floors = loader_floors(cfg, shards, manifest, images)
+        in_process = [row for row in result["loader"] if row["workers"] == 0]
+        if in_process:
+            loader_ms = 1000 / in_process[0]["images_per_cpu_s"]
+            floors["loader_ms"] = loader_ms
+            floors["ratio"] = {k: loader_ms / floors[k]
+                               for k in ("decode", "draft_decode", "decode_box_resize", "decode_image")}
+        result["loader_floor"] = floors
     if "imagefolder" in only:
         result["imagefolder"] = bench_imagefolder(cfg, Path(corpus["dir"]) / "images", workers, images, info["cores"])
     if "loader" in only and "imagefolder" in only:

@@ -17,6 +17,7 @@ COMMANDS = {
     "evaluate": "evaluate a run's model_best.pt on a split",
     "predict": "top-k style, artist and genre for image files",
     "outliers": "rank the paintings that do not fit their assigned labels",
+    "relabel": "apply a review's exported decisions as label corrections to a new shard set",
     "submit": "submit a training job to SLURM through submitit",
     "bench": "measure loader, model and end-to-end throughput",
     "config": "print a job's resolved config (YAML + --set overrides)",

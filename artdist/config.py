@@ -111,6 +111,8 @@ class ShardConfig(Section):
     test_fraction: float = fraction(0.1)  # artgan: share of train carved out as test
     seed: int = ranged(0, *SEED_RANGE)  # random split / test carving salt; deterministic from the path either way
     max_short_side: int = positive(448, 16384)  # shorter side at most this many px: serves 224-448 px training
+    resample: Literal["lanczos", "bicubic", "hamming", "bilinear", "box"] = (  # downscale filter after the JPEG draft;
+        "hamming")  # lanczos: ~2x the cost for a 224 px difference the size of the q85 JPEG error (docs/benchmarks.md)
     format: Literal["jpeg", "webp", "png"] = "jpeg"  # image encoding inside the shards
     quality: int = ranged(85, 1, 100, interval=True)  # jpeg/webp quality (why 85: docs/benchmarks.md)
     samples_per_shard: int = positive(1000, 10_000_000)  # target images per tar shard
@@ -189,9 +191,11 @@ class OutlierConfig(Section):
     SECTION: ClassVar[str] = "outliers"
     enabled: bool = True  # write val-split reports at the end of training
     threshold: float = fraction(0.6, hi_open=False)  # flagged when max_softmax < threshold
-    top_k: int = positive(50, 100_000)  # outliers per task shown in HTML/TensorBoard
+    top_k: int = positive(50, 100_000)  # outliers per task in the TensorBoard grid; the second k of precision@k
     flag_fraction: float = fraction(0.05, lo_open=True, hi_open=False)  # share of samples flagged by the combined score
     planted: str = ""  # planted_noise.csv from `artdist synth --noise`: measure AUROC/precision@k against it
+    page_rows: int = positive(1000, 100_000)  # rows per task in index.html, best combined ranks first (CSV: all)
+    projector: int = ranged(1000, 0, 16_384)  # embeddings in TensorBoard's projector (half top outliers, half a fixed sample); 0: none; at most (8192 px sprite sheet / 64 px)^2
 
 
 @dataclass

@@ -16,7 +16,7 @@ from artdist.bench import Clock, build_corpus, loader_batches, tiled
 from artdist.data.manifest import Manifest, ShardInfo, SplitInfo
 
 TINY = ["--images", "24", "--full-size", "64", "--workers", "0,1", "--steps", "1",
-        "--set", "data.image_size=32", "--set", "data.batch_size=4", "--set", "shard.max_short_side=48",
+        "--set", "data.image_size=32", "--set", "data.batch_size=4", "--set", "shard.max_short_side=40",
         "--set", "model.lstm_hidden=16", "--set", "model.lstm_layers=1", "--set", "data.shuffle_buffer=8"]
 
 
@@ -57,6 +57,55 @@ def test_every_part_measured_with_positive_finite_rates(tiny_run):
     assert result["e2e"]["decode"] == "cpu"
     assert result["corpus"]["width"] == 64 and result["corpus"]["height"] == 48
     assert result["settings"]["cpu_defaults"] or torch.cuda.is_available()
+
+
+def test_shard_part_compares_the_sharder_with_naive_and_the_floor(tiny_run):
+    result, _, out = tiny_run
+    shard = result["shard"]
+    ms = shard["ms_per_image"]
+    assert shard["images"] == 24 and shard["resample"] == "hamming"
+    assert set(ms) == {"floor", "naive", "sharder_hamming", "sharder_lanczos"}
+    for key, value in ms.items():
+        assert math.isfinite(value) and value > 0, key
+        assert shard["ratio_to_floor"][key] == pytest.approx(value / ms["floor"], rel=1e-12)
+    assert shard["speedup_over_naive"] == pytest.approx(ms["naive"] / ms["sharder_hamming"], rel=1e-12)
+    diff = shard["filter_difference"]  # 64x48 pictures -> 40 px short side: every one resized
+    assert diff["resized_images"] == 24
+    assert 20 < diff["min_psnr_db_at_image_size"] <= diff["psnr_db_at_image_size"] < math.inf
+    assert 0 < diff["max_abs_error_at_image_size"] <= 255
+    assert "x floor" in out and "speed-up over naive" in out
+
+
+def test_loader_floors_are_measured_on_the_same_shards(tiny_run):
+    result, _, out = tiny_run
+    floor = result["loader_floor"]
+    assert floor["augment"] == "crop_flip" and floor["images"] == 24
+    loader_ms = 1000 / result["loader"][0]["images_per_cpu_s"]
+    assert floor["loader_ms"] == pytest.approx(loader_ms)
+    for key in ("decode", "draft_decode", "decode_box_resize", "decode_image"):
+        assert math.isfinite(floor[key]) and floor[key] > 0
+        assert floor["ratio"][key] == pytest.approx(loader_ms / floor[key])
+    assert "loader floors on the same shard members" in out
+
+
+def test_images_dir_replaces_the_synthetic_corpus(tmp_path):
+    folder = tmp_path / "paintings" / "Some_Style"
+    folder.mkdir(parents=True)
+    for i in range(9):
+        size = (60 + 7 * i, 50 + 5 * i)
+        Image.new("RGB", size, (20 * i, 100, 200 - 10 * i)).save(folder / f"p{i}.jpg", quality=90)
+    Image.new("RGBA", (70, 90), (0, 0, 0, 0)).save(folder / "odd name.png\"", "PNG")  # a real name seen in WikiArt files
+    (tmp_path / "paintings" / "README.md").write_text("not a picture")
+    work = tmp_path / "work"
+    code, out, err = _main(["bench", "--workdir", str(work), "--images-dir", str(tmp_path / "paintings"),
+                            "--only", "shard,loader", "--workers", "0", "--images", "24", *TINY[6:]])
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["corpus"]["images"] == 10 and str(tmp_path / "paintings") in result["corpus"]["how"]
+    assert result["shard"]["images"] == 10 and result["loader"][0]["images"] >= 10
+    assert result["imagefolder"] == {"skipped": "not selected (--only)"}
+    code, _, err = _main(["bench", "--workdir", str(work), "--images-dir", str(tmp_path / "nosuch")])
+    assert code == 2 and "--images-dir" in err and "Traceback" not in err
 
 
 def test_ratio_is_loader_over_imagefolder(tiny_run):

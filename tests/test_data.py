@@ -16,7 +16,7 @@ from PIL import Image
 from _ddp import sha256_of
 from artdist.errors import UserError
 from artdist.config import TASKS, DataConfig
-from artdist.data.loader import BAD_ID, TrainLoader, make_eval_loader
+from artdist.data.loader import BAD_ID, TrainLoader, _tar_samples, make_eval_loader
 from artdist.data.manifest import SplitInfo, read_manifest
 from artdist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, Geometry, apply_geometry_pil,
                                      crop_resize_batch, decode_image, sample_geometry)
@@ -270,6 +270,28 @@ def test_eval_images_are_deterministic_center_crops(uneven):
     again = next(iter(make_eval_loader(cfg, read_manifest(uneven), "val", 0, 1)))
     assert torch.equal(first[0], again[0])
     assert first[0].shape == (5, 3, 16, 16) and first[0].dtype == torch.uint8
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def test_tar_reader_gives_webdatasets_samples(uneven, tmp_path):
+    from webdataset.tariterators import tarfile_samples
+
+    url = str(uneven / "train-000002.tar")
+    ours = list(_tar_samples(url))
+    theirs = [{k: v for k, v in s.items() if k != "__local_path__"} for s in tarfile_samples([{"url": url}])]
+    assert len(ours) == 60 and ours == theirs
+    data = Path(url).read_bytes()
+    for cut in (len(data) // 2, 700):  # inside a member's data; inside the second header
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        with pytest.raises(tarfile.ReadError):
+            list(_tar_samples(str(tmp_path / "cut.tar")))
+    flipped = bytearray(data)
+    flipped[10] ^= 0xFF  # a byte of the first member's name: the header checksum no longer matches
+    (tmp_path / "flipped.tar").write_bytes(bytes(flipped))
+    with pytest.raises(tarfile.ReadError, match="checksum"):
+        list(_tar_samples(str(tmp_path / "flipped.tar")))
 
 
 # --------------------------------------------------------------------------- decode + geometry

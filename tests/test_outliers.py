@@ -274,19 +274,26 @@ def expected_flags(s: TaskScores, cfg: JobConfig) -> tuple[set[int], list[int]]:
     return below | set(top), top
 
 
-def test_csv_json_html_and_tensorboard_show_exactly_the_flagged_samples(probed, tmp_path):
+def page_data(page: Path) -> dict:
+    """The data the review page renders, as inlined in index.html."""
+    found = re.search(r'<script type="application/json" id="artdist-data">(.*?)</script>', page.read_text(), re.S)
+    return json.loads(found.group(1))
+
+
+def test_csv_json_page_and_tensorboard_show_exactly_the_flagged_samples(probed, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
     cfg, manifest, _, _, scores = probed
     cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "run"))
     writer = SummaryWriter(str(tmp_path / "tb"))
-    pipeline.write_reports(scores, cfg, manifest, SPLIT, writer=writer)
+    planted = ranking.read_planted(cfg.outliers.planted)
+    pipeline.write_reports(scores, cfg, manifest, SPLIT, planted, writer=writer)
     writer.close()
     out = tmp_path / "run" / "outliers" / SPLIT
-    page = (out / "index.html").read_text()
-    sections = dict(re.findall(r'<section id="task-(\w+)">(.*?)</section>', page, flags=re.S))
-    assert set(sections) == set(cfg.model.tasks)
+    data = page_data(out / "index.html")
+    assert data["tasks"] == list(cfg.model.tasks)
+    paths = {int(i): p for i, p in data["paths"].items()}
     for task, s in scores.items():
         flagged, top = expected_flags(s, cfg)
         with open(out / f"{task}.csv", newline="") as f:
@@ -303,26 +310,79 @@ def test_csv_json_html_and_tensorboard_show_exactly_the_flagged_samples(probed, 
                 assert f"predicted {r['predicted']} with" in r["reasons"]
         js = json.loads((out / f"{task}.json").read_text())
         assert [r["id"] for r in js["rows"]] == [int(r["id"]) for r in rows]
-        shown = [int(i) for i in re.findall(r'class="outlier" data-id="(\d+)"', sections[task])]
-        assert sorted(shown) == sorted(top[: cfg.outliers.top_k])  # grouped by class, so not in rank order
-        assigned = {int(r["id"]): r["assigned"] for r in rows}
-        for group in re.findall(r'<div class="cls">(.*?)</div></div>', sections[task], flags=re.S):
-            cls = re.search(r'<span class="label">([^<]+)</span>', group).group(1)
-            assert {assigned[int(i)] for i in re.findall(r'class="outlier" data-id="(\d+)"', group)} == {cls}
-        typical = [int(i) for i in re.findall(r'class="typical" data-id="(\d+)"', sections[task])]
+        # the page: every flagged row (page_rows is above their count here), same ranks, labels and paths
+        shown = [r for r in data["rows"] if r["task"] == task]
+        assert [r["id"] for r in shown] == [int(r["id"]) for r in rows]
+        for r, c in zip(shown, rows):
+            assert r["ranks"]["combined"] == int(c["rank"]) and paths[r["id"]] == c["path"]
+            assert (r["assigned"], r["predicted"]) == (c["assigned"], c["predicted"])
+            assert r["planted"] == ((task, c["path"]) in planted)
+            assert "other" not in r["kinds"]  # every reason text has a kind for the page's filter
+            for other, (label, predicted) in r["others"].items():
+                o = scores[other]
+                j = int(np.flatnonzero(o.ids == r["id"])[0])
+                assert label == manifest.classes[other][o.assigned[j]]
+                assert predicted == manifest.classes[other][o.predicted[j]]
+        assert any(r["planted"] for r in shown) or not any((task, p) in planted for p in paths.values())
+        typical = [i for members in data["typical"][task].values() for i in members]
         assert typical and not set(typical) & set(top)
-    # self-contained: every image is an inline JPEG, nothing is fetched
-    sources = re.findall(r'<img src="([^"]+)"', page)
-    assert sources and all(src.startswith("data:image/jpeg;base64,") for src in sources)
-    for src in sources[:5]:
+        assert set(data["typical"][task]) <= set(manifest.classes[task])
+    assert data["quality"]["style"]["planted"] > 0
+    # thumbnails inline, enlarged views beside the page, nothing fetched from a network
+    assert set(data["thumbs"]) == set(data["paths"]) == set(data["large"])
+    for i, src in list(data["thumbs"].items())[:5]:
+        assert src.startswith("data:image/jpeg;base64,")
         with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as img:
             assert img.format == "JPEG" and max(img.size) <= 128
-    assert "http" not in page
+        with Image.open(out / data["large"][i]) as img:  # the shard's own picture: 64 px square here
+            assert img.format == "JPEG" and img.size == (64, 64)
+    assert "http" not in (out / "index.html").read_text()
+    for i, uri in data["originals"].items():  # the synthetic images are reachable: each links its original
+        assert uri == (Path(manifest.extra["options"]["images"]) / data["paths"][i]).resolve().as_uri()
+    assert set(data["originals"]) == set(data["paths"])
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
     events.Reload()
     assert set(events.Tags()["images"]) == {f"outliers/{SPLIT}/{t}" for t in cfg.model.tasks}
     image = events.Images(f"outliers/{SPLIT}/style")[0]
     assert image.width > 128 and image.height > 128
+
+
+def test_projector_holds_the_top_outliers_and_a_fixed_sample_with_their_labels(probed, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    cfg, manifest, model, gaussians, _ = probed
+    cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "run"),
+                              outliers=dataclasses.replace(cfg.outliers, projector=20))
+    projected: list = []
+    scores = pipeline.score_split(model, cfg, manifest, SPLIT, torch.device("cpu"), None, gaussians, projected)
+    ids, emb = projected[0]
+    assert len(ids) == 20 == len(set(ids.tolist())) and emb.shape == (20, gaussians["style"].means.shape[1])
+    worst = {}
+    for s in scores.values():
+        for i, c in zip(s.ids.tolist(), ranking.combined_score(s).tolist()):
+            worst[i] = max(worst.get(i, -math.inf), c)
+    top = sorted(worst, key=lambda i: (-worst[i], i))[:10]
+    assert set(top) <= set(ids.tolist())
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    pipeline.write_reports(scores, cfg, manifest, SPLIT, writer=writer, projected=(ids, emb))
+    writer.close()
+    [config] = list((tmp_path / "tb").rglob("projector_config.pbtxt"))
+    assert "sprite" in config.read_text()
+    folder = next(p.parent for p in (tmp_path / "tb").rglob("metadata.tsv"))
+    lines = (folder / "metadata.tsv").read_text().splitlines()
+    header, rows = lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
+    assert header[:4] == ["path", "style", "style_predicted", "style_outlier_rank"]
+    index = read_sample_index(manifest, SPLIT)
+    assert [r[0] for r in rows] == [index[i].path for i in ids.tolist()]
+    style = scores["style"]
+    rank = ranking.descending_ranks(ranking.combined_score(style), style.ids)
+    for i, r in zip(ids.tolist(), rows):
+        j = int(np.flatnonzero(style.ids == i)[0])
+        assert r[1] == manifest.classes["style"][style.assigned[j]] and r[3] == str(rank[j])
+    vectors = np.loadtxt(folder / "tensors.tsv", delimiter="\t")
+    np.testing.assert_allclose(vectors, emb, rtol=1e-4, atol=1e-5)
+    with Image.open(folder / "sprite.png") as sprite:
+        assert sprite.width >= 64 * 4
 
 
 def test_a_lost_or_repeated_sample_is_an_error(probed, monkeypatch):
@@ -352,15 +412,17 @@ from artdist.model import build_model
 model = build_model(cfg.model, manifest.num_classes).eval()
 model.load_state_dict(torch.load(state_path))
 gaussians = pipeline.fit_class_gaussians(model, cfg, manifest, device, None)
-scores = pipeline.score_split(model, cfg, manifest, "val", device, None, gaussians)
+projected = []
+scores = pipeline.score_split(model, cfg, manifest, "val", device, None, gaussians, projected)
 if dist.is_main_process():
-    pickle.dump((scores, {t: g.means for t, g in gaussians.items()}), open(out_path, "wb"))
+    pickle.dump((scores, {t: g.means for t, g in gaussians.items()}, projected), open(out_path, "wb"))
 dist.cleanup()
 """
 
 
 def test_two_ranks_give_the_same_scores_and_ids_as_one(probed, tmp_path):
-    cfg, _, model, gaussians, scores = probed
+    cfg, manifest, model, gaussians, scores = probed
+    cfg = dataclasses.replace(cfg, outliers=dataclasses.replace(cfg.outliers, projector=15))
     torch.save(model.state_dict(), tmp_path / "model.pt")
     with open(tmp_path / "args.pkl", "wb") as f:
         pickle.dump((cfg, str(tmp_path / "model.pt"), str(tmp_path / "out.pkl")), f)
@@ -376,7 +438,11 @@ def test_two_ranks_give_the_same_scores_and_ids_as_one(probed, tmp_path):
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     with open(tmp_path / "out.pkl", "rb") as f:
-        two, two_means = pickle.load(f)
+        two, two_means, two_projected = pickle.load(f)
+    one_projected: list = []
+    pipeline.score_split(model, cfg, manifest, SPLIT, torch.device("cpu"), None, gaussians, one_projected)
+    np.testing.assert_array_equal(two_projected[0][0], one_projected[0][0])  # the same paintings chosen
+    np.testing.assert_allclose(two_projected[0][1], one_projected[0][1], rtol=1e-4, atol=1e-5)
     for task, one in scores.items():
         np.testing.assert_array_equal(two[task].ids, one.ids)
         np.testing.assert_array_equal(two[task].assigned, one.assigned)
@@ -401,8 +467,8 @@ def test_cli_scores_a_saved_run_and_explains_bad_input(probed, tmp_path, capsys)
         flagged, top = expected_flags(s, cfg)
         with open(out / f"{task}.csv", newline="") as f:
             assert {int(r["id"]) for r in csv.DictReader(f)} == flagged
-    page = (out / "index.html").read_text()
-    assert len(re.findall(r'class="outlier"', page)) == 3 * len(scores)
+    assert {r["task"] for r in page_data(out / "index.html")["rows"]} == set(scores)
+    assert (out / "images").is_dir()
 
     def error(*argv: str) -> str:
         assert cli_main(["outliers", *argv]) == 2

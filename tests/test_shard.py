@@ -13,13 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from artdist.data.catalog import assign_splits, load_catalog
 from artdist.data.manifest import read_manifest
 from artdist.cli import main
-from artdist.config import TASKS, ShardConfig, SynthConfig
-from artdist.data.shard import _decode, sample_key, shard_dataset, shard_ranges
+from artdist.config import TASKS, DataConfig, ShardConfig, SynthConfig
+from artdist.config import JobConfig
+from artdist.data.image import BadImage, eval_pixels, prepare_image, shard_options, to_rgb, upright
+from artdist.data.shard import sample_key, shard_dataset, shard_ranges
+from artdist.data.transforms import decode_image
 from artdist.data.synth import make_corpus
 from artdist.errors import UserError
 
@@ -167,17 +170,75 @@ def test_odd_modes_become_rgb(odd_corpus, odd_shards):
     assert samples[cases["huge"]]["image"].size == (72, SHORT_SIDE)
 
 
-def test_huge_jpeg_is_decoded_in_draft_mode(odd_corpus):
+def test_huge_jpeg_is_decoded_in_draft_mode(odd_corpus, monkeypatch):
     root, cases = odd_corpus
-    path = root / "images" / cases["huge"]
-    start = time.perf_counter()
-    im = _decode(path, SHORT_SIDE, MAX_PIXELS)
-    draft_s = time.perf_counter() - start
-    assert im.size == (HUGE[0] // 8, HUGE[1] // 8)  # DCT scaling at 1/8, never the full 24 MP
-    start = time.perf_counter()
-    with Image.open(path) as full:
-        full.load()
-    assert draft_s < (time.perf_counter() - start) / 2
+    decoded = []
+    load = JpegImagePlugin.JpegImageFile.load
+
+    def spy(self):
+        decoded.append(self.size)  # the size libjpeg decodes at, after the draft
+        return load(self)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", spy)
+    im = prepare_image(root / "images" / cases["huge"], SHORT_SIDE, MAX_PIXELS)
+    assert decoded[0] == (HUGE[0] // 8, HUGE[1] // 8)  # DCT scaling at 1/8, never the full 24 MP
+    assert im.size == (72, SHORT_SIDE)
+
+
+@pytest.mark.parametrize("case", ["grey", "cmyk", "palette", "rgba", "sixteen_bit", "rotated", "huge"])
+def test_predict_and_the_eval_loader_see_the_same_pixels(odd_corpus, odd_shards, case):
+    """One preparation: a file through `eval_pixels` (what predict runs) equals, bit for bit, its
+    shard member decoded by the eval loader's decode_image."""
+    root, cases = odd_corpus
+    out, manifest = odd_shards
+    data_cfg = DataConfig(image_size=32)
+    with tarfile.open(out / _read_back(out, manifest)[cases[case]]["shard"]) as tar:
+        data = tar.extractfile(f"{sample_key(cases[case])}.jpg").read()
+    loader = decode_image(data, "none", data_cfg, None)
+    shard = ShardConfig(**{k: v for k, v in manifest["options"].items() if k in ShardConfig.__dataclass_fields__})
+    assert np.array_equal(eval_pixels(root / "images" / cases[case], shard, data_cfg), loader)
+
+
+def test_upright_rgb_pictures_are_not_copied():
+    im = Image.new("RGB", (8, 6), (1, 2, 3))
+    assert to_rgb(im) is im and upright(im) is im
+    assert to_rgb(Image.new("L", (8, 6))) is not im
+
+
+def test_predict_takes_the_shard_options_from_the_runs_manifest(odd_shards, tmp_path):
+    out, manifest = odd_shards
+    cfg = JobConfig()
+    cfg.data.shards = str(out)
+    assert (shard_options(cfg).max_short_side, shard_options(cfg).resample) == (SHORT_SIDE, "hamming")
+    old = {**manifest, "options": {k: v for k, v in manifest["options"].items() if k != "resample"}}
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    cfg.data.shards = str(tmp_path)
+    assert shard_options(cfg).resample == "lanczos"  # written before shard.resample existed
+    cfg.data.shards = str(tmp_path / "elsewhere")
+    assert shard_options(cfg) == cfg.shard  # no shards here: the run config's own shard section
+
+
+def _png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_eval_pixels_of_odd_modes():
+    shard, data_cfg = ShardConfig(max_short_side=64), DataConfig(image_size=32)
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))  # a 16-bit PNG, mean 32767.5
+    assert eval_pixels(_png_bytes(Image.fromarray(ramp)), shard, data_cfg).mean() == pytest.approx(127.5, abs=1.5)
+    rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # fully transparent: white, not black
+    assert eval_pixels(_png_bytes(rgba), shard, data_cfg).min() >= 250
+    tall = Image.new("RGB", (32, 64), (200, 30, 30))
+    tall.paste((30, 30, 200), (0, 32, 32, 64))  # red top, blue bottom
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored turned a quarter: rotate 90° counter-clockwise on display
+    stored = tall.transpose(Image.Transpose.ROTATE_270)
+    pixels = eval_pixels(_jpeg(stored, exif=exif.tobytes(), quality=95), shard, data_cfg).astype(int)
+    assert np.abs(pixels[2, 16] - (200, 30, 30)).max() <= 12 and np.abs(pixels[-3, 16] - (30, 30, 200)).max() <= 12
+    with pytest.raises(BadImage, match="not an image"):
+        eval_pixels(b"no picture", shard, data_cfg)
 
 
 def test_manifest_matches_the_files(odd_corpus, odd_shards):

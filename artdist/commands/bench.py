@@ -1,4 +1,4 @@
-"""`artdist bench`: loader, model and end-to-end throughput (docs/benchmarks.md)."""
+"""`artdist bench`: sharding, loader, model and end-to-end throughput (docs/benchmarks.md)."""
 from __future__ import annotations
 
 import argparse
@@ -17,11 +17,11 @@ from artdist.errors import UserError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
-        "Measure (a) shard loading, (b) ImageFolder loading of full-size JPEGs (the usual way), "
-        "(c) the train step on synthetic tensors, (d) end-to-end training from shards, (e) on CUDA, AMP / "
-        "channels_last / compile variants and GPU decode; prints a table and one JSON line "
-        "(docs/benchmarks.md). Without --config on a CPU-only machine it applies "
-        f"{', '.join(CPU_DEFAULTS)} (your --set wins)."
+        "Measure sharding per CPU second against a naive way and the decode floor, (a) shard loading, "
+        "(b) ImageFolder loading of full-size JPEGs (the usual way), (c) the train step on synthetic tensors, "
+        "(d) end-to-end training from shards, (e) on CUDA, AMP / channels_last / compile variants and GPU "
+        "decode; prints a table and one JSON line (docs/benchmarks.md). Without --config on a CPU-only "
+        f"machine it applies {', '.join(CPU_DEFAULTS)} (your --set wins)."
     )
     add_config_arguments(p)
     p.add_argument("--workdir", default="build/bench",
@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="full-size JPEGs in the bench corpus; also the images timed per loader setting (default 400)")
     p.add_argument("--full-size", type=int, default=800, metavar="PX",
                    help="width of the corpus pictures; height is 3/4 of it (default 800: 800x600, WikiArt's median)")
+    p.add_argument("--images-dir", metavar="DIR",
+                   help="time the shard, loader and imagefolder parts on the image files under DIR (any layout, "
+                        "e.g. ../shared/wikiart_sample) instead of the synthetic corpus")
     p.add_argument("--workers", default="0,1,2", help="loader worker counts to time for (a) and (b) (default 0,1,2)")
     p.add_argument("--steps", type=int, help=f"timed train steps for model/e2e/gpu after the warm-up ones "
                                              f"(default {DEFAULT_STEPS['cpu']} on CPU, {DEFAULT_STEPS['cuda']} on CUDA)")
@@ -51,13 +54,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--images {args.images}: the corpus needs at least {MIN_SYNTH_IMAGES} pictures")
     if args.full_size < 32:
         raise UserError(f"--full-size {args.full_size}: must be >= 32 px")
+    if args.images_dir is not None and not Path(args.images_dir).is_dir():
+        raise UserError(f"--images-dir {args.images_dir} is not a folder")
     cpu_defaults = list(CPU_DEFAULTS) if args.config is None and not torch.cuda.is_available() else []
     cfg = load_config(args.config, cpu_defaults + args.overrides)
     device = init_distributed(cfg.train.device)
     if args.gpu_checklist:
         return _checklist(args, cfg, device)
     result = run_bench(cfg, workdir=Path(args.workdir), images=args.images, full_size=args.full_size,
-                       workers=workers, steps=args.steps, only=only, cpu_defaults=cpu_defaults, device=device)
+                       workers=workers, steps=args.steps, only=only, cpu_defaults=cpu_defaults, device=device,
+                       images_dir=Path(args.images_dir) if args.images_dir else None)
     print(format_table(result), flush=True)
     text = json.dumps(result)
     if args.json:

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from artdist.config import from_dict
-from artdist.data.transforms import DeviceTransform, decode_image
+from artdist.data.image import BadImage, eval_pixels, shard_options
+from artdist.data.transforms import DeviceTransform
 from artdist.errors import UserError
 from artdist.progress import Progress
 from artdist.train.checkpoint import load_checkpoint, load_trained_model
@@ -66,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = from_dict(ckpt["config"], f"{args.checkpoint} config")
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     model = load_trained_model(ckpt, cfg, device)
-    # Files are decoded here, on the CPU, exactly as the eval loader does (transforms.decode_image, no augmentation).
+    # Files are prepared as `artdist shard` did for training and decoded as the eval loader does.
+    shard = shard_options(cfg)
     data_cfg = dataclasses.replace(cfg.data, decode="cpu")
     transform = DeviceTransform(data_cfg, device, train=False, channels_last=use_channels_last(cfg, device))
     amp_dtype = resolve_amp(cfg.train.amp, device)
@@ -75,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
     results, failed = [], 0
     for path in paths:
         try:
-            pixels = decode_image(path.read_bytes(), "none", data_cfg, None)
-        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-            print(f"{path}: error: cannot read this image ({type(exc).__name__}: {exc}); skipped", file=sys.stderr)
+            pixels = eval_pixels(path, shard, data_cfg)
+        except BadImage as exc:
+            print(f"{path}: error: cannot read this image ({exc}); skipped", file=sys.stderr)
             failed += 1
             progress.update(0)
             continue

@@ -11,12 +11,12 @@ cover every sample each epoch; the price is reading (not decoding) at most one s
 worker to reach its start. q is rounded up so that each worker yields whole batches; the
 `world * workers * q - num_samples` extra positions wrap around to the START of the epoch's
 stream (the cycling choice), so those first samples are seen twice that epoch — and nothing else.
-The tar members are read with webdataset's `tariterators.tarfile_samples`.
+The tar members are read by a plain USTAR parser (`_tar_samples`), webdataset's sample layout.
 
 Batches are assembled inside the workers, so batch b of a rank comes from worker b % workers and
 `skip_batches` can skip raw samples before any decoding. Randomness is explicit: shard order from
-(seed, epoch), the shuffle buffer from (seed, epoch, global worker), each sample's augmentation
-from (seed, epoch, global worker, index in the worker's stream) — a run is reproducible and a
+(seed, epoch), the shuffle buffer from (seed, epoch, global worker), each batch's augmentation
+from (seed, epoch, global worker, batch index in the worker's stream) — a run is reproducible and a
 resumed epoch yields exactly the batches it would have.
 """
 from __future__ import annotations
@@ -33,10 +33,9 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
 
 from artdist.config import TASKS, DataConfig
-from artdist.data.manifest import MANIFEST_NAME, Manifest, sample_meta
+from artdist.data.manifest import MANIFEST_NAME, Manifest, member_key, sample_meta
 from artdist.data.transforms import decode_image
 from artdist.data.verify import verify_split
 from artdist.errors import UserError
@@ -78,6 +77,45 @@ def _split_files(data_cfg: DataConfig, manifest: Manifest, split: str) -> tuple[
 # --------------------------------------------------------------------------- reading
 
 
+TAR_BLOCK = 512
+
+
+def _octal(field: bytes) -> int:
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _tar_samples(url: str) -> Iterator[dict]:
+    """The samples of one shard as webdataset's tarfile_samples gives them ({"__key__", "__url__",
+    ext: bytes}), read with a plain USTAR parser: the sharder writes nothing else, and Python's
+    tarfile spends ~0.25 ms per sample (a fifth of a decode) on what this does in ~0.03."""
+    sample: dict | None = None
+    with open(url, "rb") as fh:
+        while True:
+            header = fh.read(TAR_BLOCK)
+            if len(header) < TAR_BLOCK:  # every tar ends with zero blocks: this one was cut
+                raise tarfile.ReadError("unexpected end of data")
+            if not header.strip(b"\0"):
+                break
+            if _octal(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+                raise tarfile.ReadError("bad tar header checksum")
+            if header[156:157] not in (b"0", b"\0"):
+                raise tarfile.ReadError(f"member type {header[156:157]!r}: not a tar written by `artdist shard`")
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+            size = _octal(header[124:136])
+            data = fh.read(size)
+            if len(data) < size:
+                raise tarfile.ReadError("unexpected end of data")
+            fh.seek(-size % TAR_BLOCK, 1)
+            key, ext = member_key(name)
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            sample[ext.lower()] = data
+    if sample is not None:
+        yield sample
+
+
 def _read_range(urls: list[str], counts: list[int], start: int, length: int) -> Iterator[dict]:
     """Raw samples at positions start, start+1, ... (length of them) of the concatenated shards,
     wrapping around to the first shard after the last."""
@@ -88,7 +126,7 @@ def _read_range(urls: list[str], counts: list[int], start: int, length: int) -> 
     while length > 0:
         seen = 0
         if counts[shard] > skip:
-            samples = tarfile_samples([{"url": urls[shard]}])
+            samples = _tar_samples(urls[shard])
             while True:
                 try:
                     sample = next(samples, None)
@@ -214,7 +252,9 @@ class _TrainStream(IterableDataset):
         raw = _shuffled(raw, cfg.shuffle_buffer, _rng(self.seed, epoch, global_worker, 1))
         # Batches b = j * workers + worker of this rank come from here; skip those below skip_batches.
         skip = max(0, (skip_batches - worker + self.workers - 1) // self.workers) * cfg.batch_size
-        rngs = (_rng(self.seed, epoch, global_worker, 2, index) for index in range(skip, per_worker))
+        # One generator per batch, drawn from in sample order: seeding one per sample cost ~5% of a decode.
+        rngs = (rng for batch in range(skip // cfg.batch_size, self.batches_per_worker)
+                for rng in itertools.repeat(_rng(self.seed, epoch, global_worker, 2, batch), cfg.batch_size))
         kept = (sample for index, sample in enumerate(raw) if index >= skip)
         yield from _batches(kept, cfg, self.ext, cfg.augment, rngs, self.classes)
 

@@ -1,7 +1,6 @@
 """Images + ArtGAN label files -> deterministic, resumable WebDataset tar shards and a manifest."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -12,16 +11,12 @@ import os
 import re
 import sys
 import tarfile
-import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
-
-import numpy as np
-from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from artdist.config import TASKS, ShardConfig, to_dict
 from artdist.data.catalog import SPLITS, Catalog, assign_splits, load_catalog, path_key
+from artdist.data.image import BadImage, encode_image, prepare_image
 from artdist.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
 from artdist.errors import UserError
 from artdist.progress import Progress
@@ -30,10 +25,7 @@ EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png"}
 KEY_HEX_DIGITS = 16
 DONE_DIR = ".done"
 # Options that change what a shard holds; a done record made under other values is redone.
-CONTENT_OPTIONS = ("images", "max_short_side", "format", "quality", "max_pixels")
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
-WEBP_METHOD = 4
-PNG_COMPRESS_LEVEL = 6
+CONTENT_OPTIONS = ("images", "max_short_side", "resample", "format", "quality", "max_pixels")
 SHARD_NAME = re.compile(rf"(?:{'|'.join(SPLITS)})-[0-9]{{6}}\.tar")  # shard_name()'s pattern
 
 
@@ -53,86 +45,6 @@ def shard_ranges(n: int, samples_per_shard: int, min_shards: int) -> list[tuple[
     """
     k = max(math.ceil(n / samples_per_shard), min(min_shards, n))
     return [(j * n // k, (j + 1) * n // k) for j in range(k)]
-
-
-# --------------------------------------------------------------------------- one image
-
-
-@contextlib.contextmanager
-def _pixel_limit(max_pixels: int) -> Iterator[None]:
-    """PIL's decompression-bomb check at max_pixels, raising instead of warning above it."""
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """RGB of any mode: 16-bit scaled to 8 (PIL's own conversion clips), alpha composited on white."""
-    if im.mode in SIXTEEN_BIT_MODES or (im.mode == "I" and np.asarray(im).max() > 255):
-        im = Image.fromarray((np.asarray(im, dtype=np.float32) / 257 + 0.5).clip(0, 255).astype(np.uint8))
-    elif im.mode in ("I", "F"):
-        im = Image.fromarray(np.asarray(im, dtype=np.float32).clip(0, 255).astype(np.uint8))
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-def _decode(path: Path, max_short_side: int, max_pixels: int) -> Image.Image | tuple[str, str]:
-    """The RGB picture, upright, at least max_short_side on its shorter side where the file allows,
-    or (reason, detail) when it cannot be used."""
-    try:
-        if path.stat().st_size == 0:
-            return "empty", ""
-        with Image.open(path) as im:
-            if im.width * im.height > max_pixels:
-                return "too large", f"{im.width}x{im.height} px > max_pixels {max_pixels}"
-            scale = max_short_side / min(im.size)
-            if isinstance(im, JpegImagePlugin.JpegImageFile) and scale < 1:
-                # DCT-domain downscaling: a 17 MP painting is never decoded at full size.
-                im.draft(None, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
-            im.load()
-            return _to_rgb(ImageOps.exif_transpose(im))
-    except FileNotFoundError:
-        return "missing", ""
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return "too large", str(exc)
-    except UnidentifiedImageError:
-        return "not an image", ""
-    except OSError as exc:
-        # strerror, not str(exc): the latter names the absolute path, which the manifest must not hold.
-        return ("truncated" if "truncated" in str(exc) else "unreadable"), exc.strerror or str(exc)
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types on corrupt files; one must not stop 80k
-        return "undecodable", f"{type(exc).__name__}: {exc}"
-
-
-def _resize(im: Image.Image, max_short_side: int) -> Image.Image:
-    """Shorter side exactly max_short_side when larger; never upscales."""
-    w, h = im.size
-    if min(w, h) <= max_short_side:
-        return im
-    size = (max_short_side, max(1, round(h * max_short_side / w))) if w <= h else \
-        (max(1, round(w * max_short_side / h)), max_short_side)
-    return im.resize(size, Image.Resampling.LANCZOS)
-
-
-def _encode(im: Image.Image, fmt: str, quality: int) -> bytes:
-    """Fixed encoder settings and no metadata, so the bytes depend on the pixels only."""
-    im.info = {}  # PIL's encoders copy some source metadata (a JPEG comment, a PNG's ICC profile)
-    buf = io.BytesIO()
-    if fmt == "jpeg":
-        im.save(buf, "JPEG", quality=quality)
-    elif fmt == "webp":
-        im.save(buf, "WEBP", quality=quality, method=WEBP_METHOD)
-    else:
-        im.save(buf, "PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- one shard
@@ -183,15 +95,17 @@ def _write_shard(job: _ShardJob) -> dict:
     ext = EXTENSIONS[opts["format"]]
     tmp = out / f"{job.name}.tmp"
     skipped, written = [], 0
-    with _pixel_limit(opts["max_pixels"]), tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in job.samples:
-            im = _decode(Path(opts["images"]) / sample["path"], opts["max_short_side"], opts["max_pixels"])
-            if isinstance(im, tuple):
-                reason, detail = im
-                skipped.append({"path": sample["path"], "reason": reason, **({"detail": detail} if detail else {})})
+            try:
+                im = prepare_image(Path(opts["images"]) / sample["path"], opts["max_short_side"],
+                                   opts["max_pixels"], opts["resample"])
+            except BadImage as exc:
+                skipped.append({"path": sample["path"], "reason": exc.reason,
+                                **({"detail": exc.detail} if exc.detail else {})})
                 continue
             key = sample_key(sample["path"])
-            data = _encode(_resize(im, opts["max_short_side"]), opts["format"], opts["quality"])
+            data = encode_image(im, opts["format"], opts["quality"])
             _add_member(tar, f"{key}.{ext}", data)
             _add_member(tar, f"{key}.json", json.dumps(sample).encode("utf-8"))
             written += 1

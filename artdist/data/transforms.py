@@ -117,12 +117,10 @@ def crop_resize_batch(images: list[torch.Tensor], geoms: list[Geometry], size: i
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def decode_image(data: bytes, augment: str, data_cfg: DataConfig, rng: np.random.Generator | None) -> np.ndarray:
-    """Encoded image -> uint8 [S, S, 3] with PIL.
-
-    PIL, not torchvision.io.decode_jpeg, on the CPU: JPEG draft mode lets libjpeg decode at 1/2-1/8
-    scale whenever the crop needs fewer pixels than the file holds (figures: docs/benchmarks.md).
-    """
+def decode_drafted(data: bytes, augment: str, data_cfg: DataConfig,
+                   rng: np.random.Generator | None) -> tuple[Image.Image, Geometry]:
+    """Encoded image -> (RGB picture, its crop for `augment` in that picture's pixels), decoded by
+    libjpeg at 1/2-1/8 scale whenever the crop needs fewer pixels than the file holds."""
     size = data_cfg.image_size
     img = Image.open(io.BytesIO(data))
     width, height = img.size
@@ -131,10 +129,24 @@ def decode_image(data: bytes, augment: str, data_cfg: DataConfig, rng: np.random
     # Rounded down: draft only reduces by 2/4/8 when the file is at least that many times the
     # request, and 597x448 -> 298.5x224 must still allow 1/2. At worst this upsamples by < 1 px.
     img.draft("RGB", (max(1, int(width * size / (right - left))), max(1, int(height * size / (bottom - top)))))
-    img = img.convert("RGB")
+    if img.mode == "RGB":
+        img.load()  # convert("RGB") would copy the decoded picture
+    else:
+        img = img.convert("RGB")
     fx, fy = img.width / width, img.height / height
-    geom = Geometry((left * fx, top * fy, right * fx, bottom * fy), geom.flip)
-    return np.asarray(apply_geometry_pil(img, geom, size))
+    return img, Geometry((left * fx, top * fy, right * fx, bottom * fy), geom.flip)
+
+
+def decode_image(data: bytes, augment: str, data_cfg: DataConfig, rng: np.random.Generator | None) -> np.ndarray:
+    """Encoded image -> uint8 [S, S, 3] with PIL.
+
+    PIL, not torchvision.io.decode_jpeg, on the CPU: JPEG draft mode lets libjpeg decode at 1/2-1/8
+    scale whenever the crop needs fewer pixels than the file holds. Crop and flip stay in PIL: a numpy
+    view of the picture instead (cropped or reversed) made the batch stack slower (figures:
+    docs/benchmarks.md).
+    """
+    img, geom = decode_drafted(data, augment, data_cfg, rng)
+    return np.asarray(apply_geometry_pil(img, geom, data_cfg.image_size))
 
 
 

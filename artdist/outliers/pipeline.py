@@ -1,7 +1,6 @@
 """The outlier passes over a split (every rank joins), then the ranked reports written by rank 0."""
 from __future__ import annotations
 
-import html
 import json
 import math
 from dataclasses import fields
@@ -17,9 +16,11 @@ from artdist.data.loader import BAD_ID, bad_samples
 from artdist.data.manifest import Manifest
 from artdist.data.transforms import DeviceTransform
 from artdist.errors import UserError
-from artdist.outliers.ranking import (combined_score, detection_quality, finite_or_none,
+from artdist.outliers import projector
+from artdist.outliers.ranking import (combined_score, descending_ranks, detection_quality, finite_or_none,
                                       oriented_scores, read_planted, reasons_for, robust_z)
-from artdist.outliers.report import quality_table, read_sample_index, write_rows, write_visuals
+from artdist.outliers.report import quality_table, read_sample_index, write_grids, write_rows
+from artdist.outliers.review import write_page
 from artdist.outliers.scores import ClassGaussian, GaussianAccumulator, TaskScores, softmax_scores
 from artdist.rundir import RunDir
 from artdist.train.engine import run_inference
@@ -67,18 +68,26 @@ def fit_class_gaussians(model: torch.nn.Module, cfg: JobConfig, manifest: Manife
 
 
 def score_split(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, split: str, device: torch.device,
-                amp_dtype: torch.dtype | None, gaussians: dict[str, ClassGaussian]) -> dict[str, TaskScores] | None:
+                amp_dtype: torch.dtype | None, gaussians: dict[str, ClassGaussian],
+                projected: list | None = None) -> dict[str, TaskScores] | None:
     """Scores of every labelled sample of `split`, computed on each rank and gathered to rank 0 (sorted by id).
 
     Checks that the gathered ids are unique and cover the split exactly; returns None on other ranks.
+    With `projected` (a list), rank 0 appends (ids, embeddings) of the outliers.projector samples chosen
+    for TensorBoard's projector (projector.select).
     """
     parts: dict[str, list[dict[str, np.ndarray]]] = {t: [] for t in cfg.model.tasks}
     seen: list[np.ndarray] = []
     bad = 0
+    embeddings: list[np.ndarray] = []
+    keep_embeddings = projected is not None and cfg.outliers.projector > 0
     for ids, labels, logits, emb in _batches(model, cfg, manifest, split, device, amp_dtype):
         ids, labels = ids.cpu(), labels.cpu()
         bad += bad_samples(ids)  # their labels are all -1: no task scores them
-        seen.append(ids[ids != BAD_ID].numpy().astype(np.int64))
+        good = ids != BAD_ID
+        seen.append(ids[good].numpy().astype(np.int64))
+        if keep_embeddings:
+            embeddings.append(emb[good.to(emb.device)].float().cpu().numpy())
         for task in cfg.model.tasks:
             y = labels[:, TASKS.index(task)]
             keep = y >= 0
@@ -90,11 +99,16 @@ def score_split(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, spli
             batch["ids"], batch["assigned"] = ids[keep], assigned
             parts[task].append({k: v.numpy() for k, v in batch.items()})
     local = {task: _to_scores(p) for task, p in parts.items()}
-    gathered = dist.gather_objects((np.concatenate(seen) if seen else np.zeros(0, np.int64), local, bad))
+    seen_ids = np.concatenate(seen) if seen else np.zeros(0, np.int64)
+    shown = None
+    if keep_embeddings:
+        emb_all = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32)
+        shown = projector.candidates(seen_ids, emb_all, local, cfg.outliers.projector)
+    gathered = dist.gather_objects((seen_ids, local, shown, bad))
     if gathered is None:
         return None
     all_ids = np.concatenate([g[0] for g in gathered])
-    bad = sum(g[2] for g in gathered)
+    bad = sum(g[3] for g in gathered)
     expected = manifest.num_samples(split) - bad
     if bad > cfg.data.max_bad_fraction * manifest.num_samples(split):
         raise UserError(f"outliers: {bad} '{split}' samples are undecodable, more than data.max_bad_fraction="
@@ -109,6 +123,8 @@ def score_split(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, spli
     for task in cfg.model.tasks:
         scores = TaskScores.concat([g[1][task] for g in gathered])
         merged[task] = scores.take(np.argsort(scores.ids, kind="stable"))
+    if keep_embeddings:
+        projected.append(projector.select([g[2] for g in gathered if len(g[2][0])], merged, cfg.outliers.projector))
     return merged
 
 
@@ -133,18 +149,21 @@ def run_outliers(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, spl
     """
     planted = read_planted(cfg.outliers.planted) if cfg.outliers.planted else None  # a bad path fails first
     gaussians = fit_class_gaussians(model, cfg, manifest, device, amp_dtype)
-    per_task = score_split(model, cfg, manifest, split, device, amp_dtype, gaussians)
+    projected: list = []
+    per_task = score_split(model, cfg, manifest, split, device, amp_dtype, gaussians, projected)
     if per_task is None:
         return None
     return write_reports(per_task, cfg, manifest, split, planted, writer,
-                         {t: g.shrinkage for t, g in gaussians.items()})
+                         {t: g.shrinkage for t, g in gaussians.items()}, projected[0] if projected else None)
 
 
 def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: Manifest, split: str,
                   planted: set[tuple[str, str]] | None = None, writer: Any = None,
-                  shrinkage: dict[str, float] | None = None) -> dict:
-    """Rank each task, write CSV/JSON/index.html/summary.json (+ TensorBoard grids); with `planted`
-    (read_planted), measure every score against the planted label noise."""
+                  shrinkage: dict[str, float] | None = None,
+                  projected: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Rank each task, write CSV/JSON/index.html/summary.json (+ TensorBoard grids, and the projector
+    with `projected` = (ids, embeddings)); with `planted` (read_planted), measure every score against
+    the planted label noise."""
     out_dir = RunDir(cfg.run_dir).outliers(split)
     out_dir.mkdir(parents=True, exist_ok=True)
     index = read_sample_index(manifest, split)
@@ -154,6 +173,7 @@ def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: Man
         "combined": COMBINED_DESCRIPTION, "tasks": {},
     }
     pages: dict[str, dict[str, Any]] = {}
+    grids: dict[str, list[dict[str, Any]]] = {}
     for task, scores in per_task.items():
         names = manifest.classes[task]
         combined = combined_score(scores)
@@ -166,20 +186,24 @@ def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: Man
                                                         cfg.outliers.top_k)
         summary["tasks"][task] = task_summary
         shown = [r for r in rows if r["flagged_combined"]][: cfg.outliers.top_k]
-        pages[task] = {"outliers": shown, "typical": typical,
+        grids[task] = shown
+        pages[task] = {"rows": rows, "combined": combined, "typical": typical,
                        "summary": (f"{len(scores.ids)} samples scored; {task_summary['flagged_combined']} flagged "
-                                   f"by the combined score (top {len(shown)} shown), "
-                                   f"{task_summary['flagged_max_softmax']} by the max_softmax rule "
-                                   f"(top probability < {cfg.outliers.threshold:g}).")}
-    # Split names come from manifest.json, which may have been edited: escaped like every other name.
-    intro = (f"<p>Split <b>{html.escape(split)}</b>. Ranked by the {COMBINED_DESCRIPTION}, fitted on "
-             f"'{html.escape(cfg.data.train_split)}'. Green: typical paintings of the class; red: outliers.</p>")
-    write_visuals(pages, index, Path(cfg.data.shards), manifest.image_ext, out_dir,
-                  f"artdist outliers — {cfg.name}", intro, f"outliers/{split}", writer)
+                                   f"by the combined score, {task_summary['flagged_max_softmax']} by the "
+                                   f"max_softmax rule (top probability < {cfg.outliers.threshold:g}); "
+                                   f"{len(rows)} rows.")}
     if planted is not None:
         table = quality_table(split, {t: s["quality"] for t, s in summary["tasks"].items()})
         print(table, flush=True)
         summary["table"] = table
+    thumbs = write_page(out_dir, pages, per_task, manifest, index, Path(cfg.data.shards), planted, summary,
+                        f"artdist outliers — {cfg.name} — {split}", cfg.outliers.page_rows,
+                        f"artdist-review:{cfg.name}:{split}")
+    if writer is not None:
+        write_grids(grids, thumbs, f"outliers/{split}", writer)
+        if projected is not None:
+            projector.write_projector(writer, *projected, per_task, manifest, index, Path(cfg.data.shards),
+                                      f"outliers/{split}")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"outlier reports: {out_dir}/index.html (+ <task>.csv/.json, summary.json)", flush=True)
     return summary
@@ -190,9 +214,8 @@ def _rank_task(task: str, scores: TaskScores, combined: np.ndarray, names: list[
                ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Rank one task, write its CSV/JSON of flagged samples; return summary, rows, typical per class."""
     n = len(scores.ids)
-    order = np.lexsort((scores.ids, -combined))  # ties: lower id first, so runs are reproducible
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(1, n + 1)
+    rank = descending_ranks(combined, scores.ids)
+    order = np.argsort(rank)
     flag_max_softmax = scores.max_softmax < cfg.outliers.threshold
     flag_combined = rank <= math.ceil(cfg.outliers.flag_fraction * n)
     maha_z, energy_z = robust_z(scores.mahalanobis), robust_z(scores.energy)
@@ -221,11 +244,14 @@ def _rank_task(task: str, scores: TaskScores, combined: np.ndarray, names: list[
 
 
 def _typical(scores: TaskScores, names: list[str], flagged: np.ndarray, index: dict) -> dict[str, list[dict]]:
-    """Per class, the samples nearest its training mean among those the model also puts in that class."""
-    ok = (scores.predicted == scores.assigned) & ~flagged & np.isfinite(scores.mahalanobis)
+    """Per class, the unflagged samples nearest its training mean, preferring those the model also puts there."""
+    ok = ~flagged & np.isfinite(scores.mahalanobis)
+    agree = scores.predicted == scores.assigned
     out: dict[str, list[dict]] = {}
     for c in np.unique(scores.assigned[ok]).tolist():
-        members = np.flatnonzero(ok & (scores.assigned == c))
+        members = np.flatnonzero(ok & (scores.assigned == c) & agree)
+        if not len(members):  # a weak model: the unflagged samples nearest the class mean still show the class
+            members = np.flatnonzero(ok & (scores.assigned == c))
         nearest = members[np.argsort(scores.mahalanobis[members], kind="stable")[:TYPICAL_PER_CLASS]]
         out[names[c]] = [{"id": int(scores.ids[i]), "path": index[int(scores.ids[i])].path} for i in nearest]
     return out

@@ -58,6 +58,14 @@ def oriented_scores(scores: TaskScores, combined: np.ndarray) -> dict[str, np.nd
     }
 
 
+def descending_ranks(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """1-based rank of each sample, highest value first; ties: lower id first, so runs are reproducible."""
+    order = np.lexsort((ids, -np.asarray(values, dtype=np.float64)))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(1, len(order) + 1)
+    return rank
+
+
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve via the Mann-Whitney U statistic (ties count 1/2); NaN without both classes."""
     positive = np.asarray(positive, dtype=bool)

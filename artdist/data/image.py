@@ -1,0 +1,171 @@
+"""One image preparation for every entry point: a file -> the upright RGB picture, at most max_short_side."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import math
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+
+from artdist.config import DataConfig, JobConfig, ShardConfig
+from artdist.data.manifest import read_manifest
+from artdist.data.transforms import decode_image
+from artdist.errors import UserError
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+EXIF_ORIENTATION = 0x0112
+# Antialiased filters for the downscale left after the JPEG draft (choices of shard.resample).
+RESAMPLE = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "hamming": Image.Resampling.HAMMING,
+    "bilinear": Image.Resampling.BILINEAR,
+    "box": Image.Resampling.BOX,
+}
+# Non-JPEG files (no DCT draft) are first reduced by whole factors while 3x the target remains,
+# which Pillow documents as indistinguishable from a direct resample.
+REDUCING_GAP = 3.0
+WEBP_METHOD = 4
+PNG_COMPRESS_LEVEL = 6
+
+
+class BadImage(Exception):
+    """A file that cannot be used as a picture; reason is a short fixed word (manifest 'skipped' entries)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """PIL's decompression-bomb check at max_pixels, raising instead of warning above it."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB of any mode: 16-bit scaled to 8 (PIL's own conversion clips), alpha composited on white;
+    an RGB picture is returned as it is, not copied."""
+    if im.mode == "RGB" and "transparency" not in im.info:
+        return im
+    if im.mode in SIXTEEN_BIT_MODES or (im.mode == "I" and np.asarray(im).max() > 255):
+        im = Image.fromarray((np.asarray(im, dtype=np.float32) / 257 + 0.5).clip(0, 255).astype(np.uint8))
+    elif im.mode in ("I", "F"):
+        im = Image.fromarray(np.asarray(im, dtype=np.float32).clip(0, 255).astype(np.uint8))
+    if im.mode in ALPHA_MODES or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The picture turned as its EXIF orientation says; untouched (no copy) when it says nothing."""
+    if im.getexif().get(EXIF_ORIENTATION, 1) not in range(2, 9):
+        return im
+    return ImageOps.exif_transpose(im)
+
+
+def short_side_size(width: int, height: int, max_short_side: int) -> tuple[int, int] | None:
+    """(width, height) with the shorter side max_short_side, or None when it is not longer than that."""
+    if min(width, height) <= max_short_side:
+        return None
+    if width <= height:
+        return max_short_side, max(1, round(height * max_short_side / width))
+    return max(1, round(width * max_short_side / height)), max_short_side
+
+
+def prepare_image(source: str | Path | bytes, max_short_side: int, max_pixels: int,
+                  resample: str = "hamming") -> Image.Image:
+    """The RGB picture of a file (path or bytes): upright, any mode converted (to_rgb), shorter side
+    exactly max_short_side when larger (never upscaled). Raises BadImage saying why not.
+
+    JPEGs are decoded at 1/2-1/8 scale in the DCT domain when that still leaves max_short_side, so a
+    17 MP painting is never decoded at full size; `resample` (a RESAMPLE key) does the rest.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise BadImage("empty")
+        opened = io.BytesIO(source)
+    else:
+        try:
+            if Path(source).stat().st_size == 0:
+                raise BadImage("empty")
+        except FileNotFoundError:
+            raise BadImage("missing") from None
+        opened = source
+    try:
+        with pixel_limit(max_pixels), Image.open(opened) as im:
+            if im.width * im.height > max_pixels:
+                raise BadImage("too large", f"{im.width}x{im.height} px > max_pixels {max_pixels}")
+            scale = max_short_side / min(im.size)
+            if isinstance(im, JpegImagePlugin.JpegImageFile) and scale < 1:
+                im.draft(None, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
+            im.load()
+            out = to_rgb(upright(im))
+    except BadImage:
+        raise
+    except FileNotFoundError:
+        raise BadImage("missing") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage("too large", str(exc)) from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image") from None
+    except OSError as exc:
+        # strerror, not str(exc): the latter names the absolute path, which the manifest must not hold.
+        raise BadImage("truncated" if "truncated" in str(exc) else "unreadable", exc.strerror or str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types on corrupt files; one must not stop 80k
+        raise BadImage("undecodable", f"{type(exc).__name__}: {exc}") from None
+    size = short_side_size(out.width, out.height, max_short_side)
+    if size is None:
+        return out
+    return out.resize(size, RESAMPLE[resample], reducing_gap=REDUCING_GAP)
+
+
+def encode_image(im: Image.Image, fmt: str, quality: int) -> bytes:
+    """Fixed encoder settings and no metadata, so the bytes depend on the pixels only."""
+    im.info = {}  # PIL's encoders copy some source metadata (a JPEG comment, a PNG's ICC profile)
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        im.save(buf, "JPEG", quality=quality)
+    elif fmt == "webp":
+        im.save(buf, "WEBP", quality=quality, method=WEBP_METHOD)
+    else:
+        im.save(buf, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
+def eval_pixels(source: str | Path | bytes, shard: ShardConfig, data_cfg: DataConfig) -> np.ndarray:
+    """A file as evaluation sees it, uint8 [S, S, 3]: prepared and encoded as `artdist shard` does with
+    `shard`'s options, then decoded and center-cropped as the eval loader does (bit for bit the pixels
+    it gets from that file's shard member). Raises BadImage."""
+    im = prepare_image(source, shard.max_short_side, shard.max_pixels, shard.resample)
+    return decode_image(encode_image(im, shard.format, shard.quality), "none", data_cfg, None)
+
+
+def shard_options(cfg: JobConfig) -> ShardConfig:
+    """The options a run's training pictures were prepared with: those in its shards' manifest when
+    the folder is readable here, else the run config's shard section."""
+    try:
+        options = read_manifest(cfg.data.shards).extra.get("options", {})
+    except UserError:
+        return cfg.shard
+    # Manifests written before shard.resample existed were made with LANCZOS.
+    options = {"resample": "lanczos", **options}
+    usable = {k: v for k, v in options.items()
+              if k in ("max_short_side", "format", "quality", "max_pixels", "resample")
+              and type(v) is type(getattr(cfg.shard, k)) and (k != "resample" or v in RESAMPLE)}
+    return dataclasses.replace(cfg.shard, **usable)
