@@ -217,6 +217,17 @@ class SlurmConfig(Section):
 
 
 @dataclass
+class AuditConfig(Section):
+    """`artdist audit`: K fold trainings that score every painting out of sample."""
+
+    SECTION: ClassVar[str] = "audit"
+    folds: int = ranged(5, 2, 1000)  # K: each fold's model trains on the other K-1 folds and scores its own
+    splits: list[str] = field(default_factory=list)  # the splits audited together; empty: every split of the shards
+    epochs: int = ranged(0, 0, 10_000)  # train.epochs of each fold run; 0: the job's train.epochs
+    overrides: list[str] = field(default_factory=list)  # more KEY=VALUE for the fold runs, e.g. train.label_smoothing=0
+
+
+@dataclass
 class JobConfig:
     """One training job: everything a run needs, saved into its run directory."""
 
@@ -229,6 +240,7 @@ class JobConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # `artdist submit` resources
     synth: SynthConfig = field(default_factory=SynthConfig)  # `artdist synth` corpus
     shard: ShardConfig = field(default_factory=ShardConfig)  # `artdist shard` packing
+    audit: AuditConfig = field(default_factory=AuditConfig)  # `artdist audit` folds
 
     @property
     def run_dir(self) -> Path:
@@ -524,6 +536,7 @@ __all__ = [
     "TrainConfig",
     "OutlierConfig",
     "SlurmConfig",
+    "AuditConfig",
     "JobConfig",
     "load_config",
     "apply_overrides",

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import submitit
 import torch
@@ -27,10 +29,14 @@ from artdist.rundir import RunDir
 
 
 class TrainTask:
-    """The submitted callable: one per task; submitit pickles it (and the config) for the job."""
+    """The submitted callable: one per task; submitit pickles it (and the config) for the job.
 
-    def __init__(self, cfg: JobConfig):
+    `main` trains the config on every rank (default: the training job, artdist.job.main).
+    """
+
+    def __init__(self, cfg: JobConfig, main: Callable[[JobConfig], str] | None = None):
         self.cfg = cfg
+        self.main = main
 
     def __call__(self) -> str:
         # LOCAL_RANK picks this task's GPU in dist.init_distributed, so every task keeps all the
@@ -51,7 +57,7 @@ class TrainTask:
         if requeue:
             os.environ["ARTDIST_REQUEUE"] = "1"
         # Stopped by a notice (USR2 from SLURM is a signal: 'terminated'; the stop file: 'preempted').
-        outcome = train_main(self.cfg)
+        outcome = (self.main or train_main)(self.cfg)
         outcome = "preempted" if outcome == "terminated" else outcome
         if outcome == "preempted" and requeue:
             # Rank 0 has requeued the job: end without a result, as submitit does after its own
@@ -103,8 +109,15 @@ def submit_job(cfg: JobConfig, local: bool = False) -> submitit.Job:
     if local and cfg.slurm.nodes != 1:
         raise UserError(f"--local runs on this machine only: use --nodes 1 (got {cfg.slurm.nodes})")
     executor = make_executor(cfg, local)
-    try:
+    with sbatch_errors(cfg):
         return executor.submit(TrainTask(cfg))
+
+
+@contextmanager
+def sbatch_errors(cfg: JobConfig) -> Iterator[None]:
+    """sbatch refusing a submission -> one UserError line (with the CPU-node hint where it applies)."""
+    try:
+        yield
     except submitit.core.utils.FailedJobError as exc:
         hint = ""
         if "gres" in str(exc).lower() and cfg.train.device != "cpu":

@@ -12,11 +12,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "artdist"
 LAYERS = [
     ("artdist.errors",),
     ("artdist.config", "artdist.dist", "artdist.metrics", "artdist.progress", "artdist.rundir"),
-    ("artdist.data",),
+    ("artdist.data", "artdist.audit.folds", "artdist.audit"),
     ("artdist.model",),
     ("artdist.train",),
-    ("artdist.outliers", "artdist.bench", "artdist.checklist"),
-    ("artdist.job", "artdist.submit"),
+    ("artdist.outliers", "artdist.bench", "artdist.checklist", "artdist.audit.merge", "artdist.audit.peer"),
+    ("artdist.job", "artdist.submit", "artdist.audit.run"),
     ("artdist.commands",),
     ("artdist.cli", "artdist.__main__"),
 ]

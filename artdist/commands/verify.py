@@ -27,7 +27,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     entries = [entry for split in splits for entry in manifest.splits[split].shards]
     # Every file is read again (this is how a user re-checks what a cache entry vouches for).
-    problems = verify_shards(args.shards, entries, workers=args.workers, reuse=False, progress=True)
+    keeps = {split: manifest.keep(split) for split in splits}
+    if all(keep is None for keep in keeps.values()):
+        problems = verify_shards(args.shards, entries, workers=args.workers, reuse=False, progress=True)
+    else:  # an audit fold's view: each split counts only the samples it keeps
+        problems = [problem for split in splits
+                    for problem in verify_shards(args.shards, list(manifest.splits[split].shards), workers=args.workers,
+                                                 reuse=False, progress=True, keep=keeps[split])]
     for problem in problems:
         print(f"BAD {problem}")
     if problems:

@@ -55,8 +55,10 @@ def bad_samples(ids: torch.Tensor) -> int:
     return int((ids == BAD_ID).sum())
 
 
-def _split_files(data_cfg: DataConfig, manifest: Manifest, split: str) -> tuple[list[str], list[int]]:
-    """Shard paths and sample counts of one split, in manifest order."""
+def _split_files(data_cfg: DataConfig, manifest: Manifest, split: str
+                 ) -> tuple[list[str], list[int], frozenset[str] | None]:
+    """Shard paths and sample counts of one split, in manifest order, and the sample keys it keeps
+    (None: all; see Manifest.keep — the counts are then of the kept samples)."""
     shards = manifest.split(split).shards
     urls = [str(Path(data_cfg.shards) / shard.name) for shard in shards]
     counts = [shard.num_samples for shard in shards]
@@ -71,7 +73,7 @@ def _split_files(data_cfg: DataConfig, manifest: Manifest, split: str) -> tuple[
                         f"{manifest.image_ext} images; use data.decode=cpu or re-shard with shard.format=jpeg")
     # Checksums and counts of every shard, before a sample is read (cached: once per file and machine).
     verify_split(data_cfg.shards, manifest, split)
-    return urls, counts
+    return urls, counts, manifest.keep(split)
 
 
 # --------------------------------------------------------------------------- reading
@@ -116,9 +118,11 @@ def _tar_samples(url: str) -> Iterator[dict]:
         yield sample
 
 
-def _read_range(urls: list[str], counts: list[int], start: int, length: int) -> Iterator[dict]:
+def _read_range(urls: list[str], counts: list[int], start: int, length: int,
+                keep: frozenset[str] | None = None) -> Iterator[dict]:
     """Raw samples at positions start, start+1, ... (length of them) of the concatenated shards,
-    wrapping around to the first shard after the last."""
+    wrapping around to the first shard after the last; with `keep`, positions count only the samples
+    whose key it holds (the others are read past, never yielded)."""
     bounds = np.cumsum([0, *counts])
     start %= int(bounds[-1])
     shard = int(np.searchsorted(bounds, start, side="right")) - 1
@@ -127,9 +131,10 @@ def _read_range(urls: list[str], counts: list[int], start: int, length: int) -> 
         seen = 0
         if counts[shard] > skip:
             samples = _tar_samples(urls[shard])
+            kept = samples if keep is None else (sample for sample in samples if sample["__key__"] in keep)
             while True:
                 try:
-                    sample = next(samples, None)
+                    sample = next(kept, None)
                 except (tarfile.TarError, OSError, ValueError) as exc:  # changed on disk since it was verified
                     raise UserError(f"{urls[shard]} cannot be read after sample {seen} ({type(exc).__name__}: "
                                     f"{exc}); the shard is damaged: run `artdist verify`, re-run `artdist shard`") \
@@ -229,8 +234,10 @@ class _TrainStream(IterableDataset):
     """One rank's training stream; the DataLoader runs a copy in each worker."""
 
     def __init__(self, data_cfg: DataConfig, urls: list[str], counts: list[int], ext: str, rank: int,
-                 world_size: int, workers: int, batches_per_worker: int, seed: int, classes: dict[str, list[str]]):
+                 world_size: int, workers: int, batches_per_worker: int, seed: int, classes: dict[str, list[str]],
+                 keep: frozenset[str] | None):
         self.data_cfg, self.urls, self.counts, self.ext, self.classes = data_cfg, urls, counts, ext, classes
+        self.keep = keep
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.batches_per_worker, self.seed = batches_per_worker, seed
         self.epoch = 0
@@ -248,7 +255,7 @@ class _TrainStream(IterableDataset):
         per_worker = self.batches_per_worker * cfg.batch_size
         order = _rng(self.seed, epoch).permutation(len(self.urls))
         raw = _read_range([self.urls[i] for i in order], [self.counts[i] for i in order],
-                          global_worker * per_worker, per_worker)
+                          global_worker * per_worker, per_worker, self.keep)
         raw = _shuffled(raw, cfg.shuffle_buffer, _rng(self.seed, epoch, global_worker, 1))
         # Batches b = j * workers + worker of this rank come from here; skip those below skip_batches.
         skip = max(0, (skip_batches - worker + self.workers - 1) // self.workers) * cfg.batch_size
@@ -264,8 +271,9 @@ class _EvalStream(IterableDataset):
     [g * N // G, (g + 1) * N // G), so the ranks together see every sample once."""
 
     def __init__(self, data_cfg: DataConfig, urls: list[str], counts: list[int], ext: str, rank: int,
-                 world_size: int, workers: int, classes: dict[str, list[str]]):
+                 world_size: int, workers: int, classes: dict[str, list[str]], keep: frozenset[str] | None):
         self.data_cfg, self.urls, self.counts, self.ext, self.classes = data_cfg, urls, counts, ext, classes
+        self.keep = keep
         self.rank, self.world_size, self.workers = rank, world_size, workers
 
     def _range(self, worker: int) -> tuple[int, int]:
@@ -281,7 +289,7 @@ class _EvalStream(IterableDataset):
         start, end = self._range(_worker_id())
         if end == start:
             return iter(())
-        raw = _read_range(self.urls, self.counts, start, end - start)
+        raw = _read_range(self.urls, self.counts, start, end - start, self.keep)
         return _batches(raw, self.data_cfg, self.ext, "none", itertools.repeat(None), self.classes)
 
 
@@ -345,7 +353,7 @@ class TrainLoader:
 
     def __init__(self, data_cfg: DataConfig, manifest: Manifest, rank: int, world_size: int, seed: int,
                  accum_steps: int = 1):
-        urls, counts = _split_files(data_cfg, manifest, data_cfg.train_split)
+        urls, counts, keep = _split_files(data_cfg, manifest, data_cfg.train_split)
         self.workers = max(1, data_cfg.num_workers)
         self.batches_per_worker = math.ceil(sum(counts) / (world_size * self.workers * data_cfg.batch_size))
         # len(self) a multiple of accum_steps: the trainer runs len // accum_steps optimizer steps,
@@ -353,7 +361,7 @@ class TrainLoader:
         while self.batches_per_worker * self.workers % accum_steps:
             self.batches_per_worker += 1
         self.dataset = _TrainStream(data_cfg, urls, counts, manifest.image_ext, rank, world_size,
-                                    self.workers, self.batches_per_worker, seed, manifest.classes)
+                                    self.workers, self.batches_per_worker, seed, manifest.classes, keep)
         self.loader = _Loader(self.dataset, data_cfg.num_workers)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -374,8 +382,8 @@ class TrainLoader:
 def make_eval_loader(data_cfg: DataConfig, manifest: Manifest, split: str, rank: int, world_size: int) -> _Loader:
     """Batches of `split` for this rank: all ranks together see every sample exactly once, without
     padding; ranks may get different numbers of batches (len() is this rank's count)."""
-    urls, counts = _split_files(data_cfg, manifest, split)
+    urls, counts, keep = _split_files(data_cfg, manifest, split)
     workers = max(1, data_cfg.num_workers)
     dataset = _EvalStream(data_cfg, urls, counts, manifest.image_ext, rank, world_size, workers,
-                          manifest.classes)
+                          manifest.classes, keep)
     return _Loader(dataset, data_cfg.num_workers)

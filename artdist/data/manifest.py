@@ -29,6 +29,9 @@ class SplitInfo:
 
     num_samples: int
     shards: tuple[ShardInfo, ...]
+    # A file beside manifest.json with one sample key per line: the split is then those samples of its
+    # shards only (num_samples count just them). How an audit fold reads some samples of shared shards.
+    keep: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Manifest:
     def from_json(cls, tree: dict, shards_dir: str | Path) -> Manifest:
         splits = {name: SplitInfo(int(s["num_samples"]),
                                   tuple(ShardInfo(sh["name"], int(sh["num_samples"]), sh.get("sha256", ""))
-                                        for sh in s["shards"]))
+                                        for sh in s["shards"]), s.get("keep", ""))
                   for name, s in tree["splits"].items()}
         extra = {k: v for k, v in tree.items() if k not in ("format", "splits", "classes", "image_ext")}
         return cls(Path(shards_dir), splits, tree["classes"], tree["image_ext"], extra)
@@ -64,7 +67,7 @@ class Manifest:
         """The manifest.json tree, keys in the order `artdist shard` writes them."""
         splits = {name: {"num_samples": s.num_samples,
                          "shards": [{"name": sh.name, "num_samples": sh.num_samples, "sha256": sh.sha256}
-                                    for sh in s.shards]}
+                                    for sh in s.shards], **({"keep": s.keep} if s.keep else {})}
                   for name, s in self.splits.items()}
         return {"format": MANIFEST_FORMAT, "splits": splits, "classes": self.classes, "image_ext": self.image_ext,
                 **self.extra}
@@ -86,13 +89,26 @@ class Manifest:
                             f"{sorted(self.splits)}); set data.train_split/val_split/test_split to one of those")
         return self.splits[split]
 
+    def keep(self, split: str) -> frozenset[str] | None:
+        """The sample keys `split` is restricted to (SplitInfo.keep), or None for all its shards' samples."""
+        name = self.split(split).keep
+        if not name:
+            return None
+        path = self.shards_dir / name
+        try:
+            return frozenset(path.read_text().split())
+        except OSError as exc:
+            raise UserError(f"{path} (the sample keys of split {split!r}) cannot be read ({exc}); "
+                            "re-run the command that wrote it") from None
+
     def samples(self, split: str) -> Iterator[SampleMeta]:
-        """Every sample's json member in `split`, in shard order; image bytes are seeked past, not read."""
+        """Every sample's json member in `split` (those it keeps), in shard order; image bytes are seeked past, not read."""
+        keep = self.keep(split)
         for shard in self.split(split).shards:
             with tarfile.open(self.shards_dir / shard.name) as tar:
                 for member in tar:
                     key, ext = member_key(member.name)
-                    if ext == "json":
+                    if ext == "json" and (keep is None or key in keep):
                         meta = sample_meta(tar.extractfile(member).read(), shard.name, key, self.classes)
                         yield SampleMeta(shard.name, key, meta)
 
@@ -148,8 +164,11 @@ def _check_splits(path: Path, splits: object, hint: str) -> None:
             raise UserError(f"{where}: num_samples {entry.get('num_samples')!r} is not a whole number >= 0; {hint}")
         for shard in entry["shards"]:
             name = shard.get("name") if isinstance(shard, dict) else None
-            # A name is a file of the shard folder: never a path that leaves it.
-            if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+            # A name is a file of the shard folder: never a path that leaves it; an audit fold's view
+            # (a split with a "keep" file) names the shared shards by absolute path.
+            view = bool(entry.get("keep")) and isinstance(name, str) and Path(name).is_absolute()
+            if not isinstance(name, str) or not name or name in (".", "..") or (
+                    not view and ("/" in name or "\\" in name)):
                 raise UserError(f"{where}: shard name {name!r} is not a file name inside the shard folder; {hint}")
             if not _is_count(shard.get("num_samples")):
                 raise UserError(f"{where}: shard {name} has num_samples {shard.get('num_samples')!r}, "

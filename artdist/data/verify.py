@@ -32,17 +32,17 @@ def _cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "artdist") / "verified"
 
 
-def _marker(path: Path, entry: ShardInfo) -> Path | None:
+def _marker(path: Path, entry: ShardInfo, keep_tag: str) -> Path | None:
     """The cache marker of this file as it is now (path, size, mtime) against this manifest entry."""
     try:
         st = path.stat()
     except OSError:
         return None
-    key = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{entry.sha256}\0{entry.num_samples}"
+    key = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{entry.sha256}\0{entry.num_samples}\0{keep_tag}"
     return _cache_dir() / hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def check_shard(shards_dir: str | Path, entry: ShardInfo) -> str | None:
+def check_shard(shards_dir: str | Path, entry: ShardInfo, keep: frozenset[str] | None = None) -> str | None:
     """None when the shard named by manifest `entry` has its sha256 and sample count, else what is wrong.
 
     One pass: the tar is listed while its bytes are hashed. Samples are counted as WebDataset
@@ -64,18 +64,20 @@ def check_shard(shards_dir: str | Path, entry: ShardInfo) -> str | None:
         return f"{path} is not a readable tar ({type(exc).__name__}: {exc}); it may be cut short"
     if stream.digest.hexdigest() != entry.sha256:
         return f"{path} has sha256 {stream.digest.hexdigest()[:16]}..., {MANIFEST_NAME} says {entry.sha256[:16]}..."
-    if len(keys) != entry.num_samples:
-        return f"{path} holds {len(keys)} samples, {MANIFEST_NAME} says {entry.num_samples}"
+    held = len(keys if keep is None else keys & keep)  # a split with a keep file counts only those
+    if held != entry.num_samples:
+        return f"{path} holds {held} samples, {MANIFEST_NAME} says {entry.num_samples}"
     return None
 
 
-def _check_cached(shards_dir: str | Path, entry: ShardInfo, reuse: bool) -> str | None:
+def _check_cached(shards_dir: str | Path, entry: ShardInfo, reuse: bool, keep: frozenset[str] | None,
+                  keep_tag: str) -> str | None:
     """check_shard, skipped when `reuse` and this file was verified before; a success is remembered."""
     path = Path(shards_dir) / entry.name
-    marker = _marker(path, entry)
+    marker = _marker(path, entry, keep_tag)
     if reuse and marker is not None and marker.exists():
         return None
-    problem = check_shard(shards_dir, entry)
+    problem = check_shard(shards_dir, entry, keep)
     if problem is None and marker is not None:
         try:  # a read-only home only costs a re-check next time
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +88,7 @@ def _check_cached(shards_dir: str | Path, entry: ShardInfo, reuse: bool) -> str 
 
 
 def verify_shards(shards_dir: str | Path, entries: list[ShardInfo], workers: int = 4, reuse: bool = True,
-                  progress: bool = False) -> list[str]:
+                  progress: bool = False, keep: frozenset[str] | None = None) -> list[str]:
     """Check every entry's shard (`workers` threads: hashing releases the GIL); -> the problems found.
 
     reuse: skip a file already verified on this machine with the same path, size and mtime.
@@ -95,9 +97,10 @@ def verify_shards(shards_dir: str | Path, entries: list[ShardInfo], workers: int
     # A shard listed more than once (artdist bench tiles a split) is read once (ShardInfo is hashable).
     entries = list(dict.fromkeys(entries))
     problems: list[str] = []
+    keep_tag = "" if keep is None else hashlib.sha256("\n".join(sorted(keep)).encode()).hexdigest()
     bar = Progress(len(entries), "shards", label="verified", enabled=progress)
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for entry, problem in zip(entries, pool.map(lambda e: _check_cached(shards_dir, e, reuse), entries)):
+        for entry, problem in zip(entries, pool.map(lambda e: _check_cached(shards_dir, e, reuse, keep, keep_tag), entries)):
             if problem:
                 problems.append(problem)
             bar.update(entry.num_samples)
@@ -107,7 +110,7 @@ def verify_shards(shards_dir: str | Path, entries: list[ShardInfo], workers: int
 def verify_split(shards_dir: str | Path, manifest: Manifest, split: str) -> None:
     """UserError naming the first bad shard of `split` (all checked; cached per machine): every reader calls this
     before a sample reaches a model."""
-    problems = verify_shards(shards_dir, list(manifest.split(split).shards))
+    problems = verify_shards(shards_dir, list(manifest.split(split).shards), keep=manifest.keep(split))
     if problems:
         more = f" (and {len(problems) - 1} more shard(s); `artdist verify {shards_dir}` lists them)" \
             if len(problems) > 1 else ""

@@ -69,12 +69,14 @@ def fit_class_gaussians(model: torch.nn.Module, cfg: JobConfig, manifest: Manife
 
 def score_split(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, split: str, device: torch.device,
                 amp_dtype: torch.dtype | None, gaussians: dict[str, ClassGaussian],
-                projected: list | None = None) -> dict[str, TaskScores] | None:
+                projected: list | None = None,
+                probs: dict[str, np.ndarray] | None = None) -> dict[str, TaskScores] | None:
     """Scores of every labelled sample of `split`, computed on each rank and gathered to rank 0 (sorted by id).
 
     Checks that the gathered ids are unique and cover the split exactly; returns None on other ranks.
     With `projected` (a list), rank 0 appends (ids, embeddings) of the outliers.projector samples chosen
     for TensorBoard's projector (projector.select).
+    With `probs` (a dict), rank 0 also gets there each task's softmax [N, classes], rows as the scores.
     """
     parts: dict[str, list[dict[str, np.ndarray]]] = {t: [] for t in cfg.model.tasks}
     seen: list[np.ndarray] = []
@@ -97,13 +99,17 @@ def score_split(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, spli
             batch = softmax_scores(logits[task].detach()[keep.to(logits[task].device)].cpu(), assigned)
             batch.update(gaussians[task].feature_scores(emb[keep.to(emb.device)], assigned))
             batch["ids"], batch["assigned"] = ids[keep], assigned
+            if probs is not None:
+                batch["probs"] = torch.softmax(logits[task].detach()[keep.to(logits[task].device)].float().cpu(), 1)
             parts[task].append({k: v.numpy() for k, v in batch.items()})
-    local = {task: _to_scores(p) for task, p in parts.items()}
+    local = {task: (_to_scores(p), _probs(p, len(manifest.classes[task]), probs is not None))
+             for task, p in parts.items()}
     seen_ids = np.concatenate(seen) if seen else np.zeros(0, np.int64)
     shown = None
     if keep_embeddings:
         emb_all = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32)
-        shown = projector.candidates(seen_ids, emb_all, local, cfg.outliers.projector)
+        shown = projector.candidates(seen_ids, emb_all, {task: s for task, (s, _) in local.items()},
+                                     cfg.outliers.projector)
     gathered = dist.gather_objects((seen_ids, local, shown, bad))
     if gathered is None:
         return None
@@ -121,11 +127,20 @@ def score_split(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, spli
             "same `artdist shard` run?)")
     merged = {}
     for task in cfg.model.tasks:
-        scores = TaskScores.concat([g[1][task] for g in gathered])
-        merged[task] = scores.take(np.argsort(scores.ids, kind="stable"))
+        scores = TaskScores.concat([g[1][task][0] for g in gathered])
+        order = np.argsort(scores.ids, kind="stable")
+        merged[task] = scores.take(order)
+        if probs is not None:
+            probs[task] = np.concatenate([g[1][task][1] for g in gathered])[order]
     if keep_embeddings:
         projected.append(projector.select([g[2] for g in gathered if len(g[2][0])], merged, cfg.outliers.projector))
     return merged
+
+
+def _probs(batches: list[dict[str, np.ndarray]], classes: int, wanted: bool) -> np.ndarray | None:
+    if not wanted:
+        return None
+    return np.concatenate([b["probs"] for b in batches]) if batches else np.zeros((0, classes), np.float32)
 
 
 def _to_scores(batches: list[dict[str, np.ndarray]]) -> TaskScores:
@@ -160,24 +175,31 @@ def run_outliers(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, spl
 def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: Manifest, split: str,
                   planted: set[tuple[str, str]] | None = None, writer: Any = None,
                   shrinkage: dict[str, float] | None = None,
-                  projected: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                  projected: tuple[np.ndarray, np.ndarray] | None = None,
+                  columns: dict[str, dict[int, Any]] | None = None, every_row: bool = False,
+                  fitted_on: str = "") -> dict:
     """Rank each task, write CSV/JSON/index.html/summary.json (+ TensorBoard grids, and the projector
     with `projected` = (ids, embeddings)); with `planted` (read_planted), measure every score against
-    the planted label noise."""
+    the planted label noise.
+
+    The CSV/JSON hold the flagged samples, or every sample with `every_row`; `columns` (name -> id ->
+    value) adds columns after `path`; `fitted_on` names what the Gaussians were fitted on (default:
+    data.train_split)."""
     out_dir = RunDir(cfg.run_dir).outliers(split)
     out_dir.mkdir(parents=True, exist_ok=True)
     index = read_sample_index(manifest, split)
     summary: dict[str, Any] = {
         "split": split, "num_samples": manifest.num_samples(split),
         "threshold": cfg.outliers.threshold, "flag_fraction": cfg.outliers.flag_fraction,
-        "combined": COMBINED_DESCRIPTION, "tasks": {},
+        "combined": COMBINED_DESCRIPTION, "gaussians_fitted_on": fitted_on or cfg.data.train_split, "tasks": {},
     }
     pages: dict[str, dict[str, Any]] = {}
     grids: dict[str, list[dict[str, Any]]] = {}
     for task, scores in per_task.items():
         names = manifest.classes[task]
         combined = combined_score(scores)
-        task_summary, rows, typical = _rank_task(task, scores, combined, names, cfg, index, out_dir)
+        task_summary, rows, typical = _rank_task(task, scores, combined, names, cfg, index, out_dir, columns or {},
+                                                 every_row)
         if shrinkage is not None:
             task_summary["shrinkage"] = round(shrinkage[task], 4)
         if planted is not None:
@@ -210,9 +232,9 @@ def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: Man
 
 
 def _rank_task(task: str, scores: TaskScores, combined: np.ndarray, names: list[str], cfg: JobConfig,
-               index: dict, out_dir: Path
+               index: dict, out_dir: Path, columns: dict[str, dict[int, Any]], every_row: bool
                ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """Rank one task, write its CSV/JSON of flagged samples; return summary, rows, typical per class."""
+    """Rank one task, write its CSV/JSON of flagged (or all) samples; return summary, rows, typical per class."""
     n = len(scores.ids)
     rank = descending_ranks(combined, scores.ids)
     order = np.argsort(rank)
@@ -220,9 +242,12 @@ def _rank_task(task: str, scores: TaskScores, combined: np.ndarray, names: list[
     flag_combined = rank <= math.ceil(cfg.outliers.flag_fraction * n)
     maha_z, energy_z = robust_z(scores.mahalanobis), robust_z(scores.energy)
     rows = []
-    for i in order[(flag_max_softmax | flag_combined)[order]].tolist():
+    listed = order if every_row else order[(flag_max_softmax | flag_combined)[order]]
+    for i in listed.tolist():
+        sample = int(scores.ids[i])
         rows.append({
-            "rank": int(rank[i]), "id": int(scores.ids[i]), "path": index[int(scores.ids[i])].path,
+            "rank": int(rank[i]), "id": sample, "path": index[sample].path,
+            **{name: values[sample] for name, values in columns.items()},
             "assigned": names[scores.assigned[i]], "predicted": names[scores.predicted[i]],
             **{name: finite_or_none(float(value[i])) for name, value in (
                 ("combined", combined), ("max_softmax", scores.max_softmax), ("p_assigned", scores.p_assigned),

@@ -82,7 +82,7 @@ def write_rows(rows: list[dict[str, Any]], csv_path: Path, json_path: Path, meta
     """One task's ranked rows as CSV (reasons '; '-joined, flags yes/no) and as JSON with `meta`."""
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "w", newline="") as f:
-        out = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        out = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ROW_FIELDS)  # rows may add columns
         out.writeheader()
         for row in rows:
             flat = dict(row)

@@ -17,10 +17,11 @@ from artdist.rundir import LOCK, RunDir, RunDirLock
 Policy = Literal["check", "with_changes", "fresh"]
 
 # Keys (or sections, ending in '.') whose change leaves what is trained as it was: how many processes
-# and loader workers, where and how fast it runs, logging, the reports after training, resources.
+# and loader workers, where and how fast it runs, logging, the reports after training, resources; and
+# audit.*, whose effect on a fold run is already in its train.* keys.
 LAYOUT_KEYS = ("name", "out_dir", "data.num_workers", "data.batch_size", "data.decode", "train.accum_steps",
                "train.device", "train.amp", "train.compile", "train.channels_last", "train.deterministic",
-               "train.log_every", "outliers.", "slurm.", "synth.", "shard.")
+               "train.log_every", "outliers.", "slurm.", "synth.", "shard.", "audit.")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
