@@ -12,6 +12,7 @@ from artdist.errors import ConfigError, UserError
 COMMANDS = {
     "synth": "generate a synthetic WikiArt-like corpus in the ArtGAN layout",
     "shard": "pack images + ArtGAN label files into WebDataset tar shards",
+    "verify": "check shards against their manifest.json (sha256 and sample counts)",
     "train": "train the CNN-LSTM (plain python, or N processes under torchrun)",
     "evaluate": "evaluate a run's model_best.pt on a split",
     "predict": "top-k style, artist and genre for image files",

@@ -142,6 +142,7 @@ class DataConfig(Section):
     train_split: str = "train"  # split of the shards trained on
     val_split: str = "val"  # split evaluated after each epoch (picks model_best.pt) and audited for outliers
     test_split: str = "test"  # split evaluated once with model_best.pt at the end
+    max_bad_fraction: float = fraction(0.001, hi_open=False)  # undecodable samples are skipped and counted; an epoch or evaluation with more than this share of them stops
 
 
 @dataclass

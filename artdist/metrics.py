@@ -77,7 +77,9 @@ def format_confusion(report: dict) -> str:
     shown = [i for i in range(len(cm)) if cm[i].sum() or cm[:, i].sum()]
     names = [report["per_class"][i]["class"] for i in shown]
     width = max([len(n) for n in names] + [1])
-    cell = max([len(str(int(cm[i, j]))) for i in shown for j in shown] + [len(str(i)) for i in shown]) + 1
+    # default=1: a split without labels for this task shows an empty matrix, not a crash
+    cell = max([len(str(int(cm[i, j]))) for i in shown for j in shown] + [len(str(i)) for i in shown],
+               default=1) + 1
     lines = ["  confusion (rows: true class, columns: predicted class, by class number)",
              "  " + " " * (4 + width) + "".join(f"{j:>{cell}}" for j in shown)]
     for i, name in zip(shown, names):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 from collections import OrderedDict
 from pathlib import Path
 
@@ -143,8 +142,9 @@ def _file_state(path: Path) -> dict[str, torch.Tensor]:
         # torchvision's reference checkpoints also store their argparse.Namespace.
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as exc:
-        raise UserError(f"model.weights={path} is not a loadable torch state_dict file ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - a text or foreign file fails in many ways (KeyError, EOFError...)
+        raise UserError(f"model.weights={path} is not a loadable torch state_dict file "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

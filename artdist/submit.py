@@ -56,7 +56,9 @@ class TrainTask:
         requeue = on_slurm and restarts < self.cfg.slurm.max_num_timeout
         if requeue:
             os.environ["ARTDIST_REQUEUE"] = "1"
+        # Stopped by a notice (USR2 from SLURM is a signal: 'terminated'; the stop file: 'preempted').
         outcome = (self.main or train_main)(self.cfg)
+        outcome = "preempted" if outcome == "terminated" else outcome
         if outcome == "preempted" and requeue:
             # Rank 0 has requeued the job: end without a result, as submitit does after its own
             # requeue, so job.result() waits for the requeued run instead of returning now.

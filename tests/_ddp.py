@@ -127,6 +127,11 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[Job], out: str) ->
         (Path(out) / f"job{j}-rank{rank}.json").write_text(json.dumps(record))
 
 
+def sha256_of(path: Path) -> str:
+    """The manifest's checksum of a shard file."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def reshard_uneven(src: Path, dst: Path, split: str, sizes: list[int]) -> dict:
     """Copy shard folder `src` to `dst`, repacking `split` into shards of the given sizes (the rest
     of the samples go into one last shard); other splits are copied as they are. -> new manifest."""
@@ -145,7 +150,7 @@ def reshard_uneven(src: Path, dst: Path, split: str, sizes: list[int]) -> dict:
         with tarfile.open(dst / name, "w") as tar:
             for member, data in itertools.chain.from_iterable(ordered[a:b]):
                 tar.addfile(member, fileobj=io.BytesIO(data))
-        shards.append({"name": name, "num_samples": b - a, "sha256": ""})
+        shards.append({"name": name, "num_samples": b - a, "sha256": sha256_of(dst / name)})
     for other, info in manifest["splits"].items():
         if other != split:
             for shard in info["shards"]:

@@ -1,7 +1,9 @@
 """Shared session fixtures: the real ArtGAN label files, a small synthetic corpus and its shards."""
 from __future__ import annotations
 
+import os
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,10 @@ import pytest
 from artdist.config import ShardConfig, SynthConfig
 from artdist.data.shard import shard_dataset
 from artdist.data.synth import make_corpus
+
+# Shard-verification markers (artdist.data.verify) of test shards go to a throwaway folder, not ~/.cache;
+# set at import so that spawned ranks inherit it.
+os.environ.setdefault("ARTDIST_CACHE_DIR", tempfile.mkdtemp(prefix="artdist-cache-"))
 
 # The nine real ArtGAN label files, byte for byte (1.3 MB of xz instead of 11 MB), so that a clean
 # clone tests against them wherever it is checked out.

@@ -29,7 +29,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint.torch, "save", torch_save_that_dies_halfway)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match=r"cannot save .*model_last.pt \(disk full\).*MiB free.*previous model_last.pt is unchanged"):
         save_atomic({"model": {"w": torch.zeros(3)}, "epoch": 2}, path)
     monkeypatch.undo()
     ckpt = torch.load(path, weights_only=True)

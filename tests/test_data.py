@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from _ddp import sha256_of
 from artdist.errors import UserError
 from artdist.config import TASKS, DataConfig
-from artdist.data.loader import TrainLoader, _tar_samples, make_eval_loader
+from artdist.data.loader import BAD_ID, TrainLoader, _tar_samples, make_eval_loader
 from artdist.data.manifest import SplitInfo, read_manifest
 from artdist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, Geometry, apply_geometry_pil,
                                      crop_resize_batch, decode_image, sample_geometry)
@@ -49,7 +50,7 @@ def write_shards(out: Path, sizes: dict[str, list[int]], image_size: tuple[int, 
                         info.size = len(data)
                         tar.addfile(info, io.BytesIO(data))
                     next_id += 1
-            shards.append({"name": name, "num_samples": count, "sha256": ""})
+            shards.append({"name": name, "num_samples": count, "sha256": sha256_of(out / name)})
         splits[split] = {"num_samples": sum(shard_sizes), "shards": shards}
     manifest = {"format": "artdist-shards/1", "splits": splits, "classes": CLASSES, "image_ext": "jpg",
                 "options": {}, "anomalies": {}, "skipped": []}
@@ -89,7 +90,7 @@ def test_unreadable_manifest(tmp_path):
         read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "artdist-shards/1", "image_ext": "jpg",
                                                         "classes": CLASSES, "splits": {"train": {"shards": []}}}))
-    with pytest.raises(UserError, match=r"malformed split list \(KeyError: 'num_samples'\)"):
+    with pytest.raises(UserError, match=r"split 'train': num_samples None is not a whole number >= 0"):
         read_manifest(tmp_path)
 
 
@@ -209,15 +210,15 @@ def test_skip_batches_out_of_range(uneven):
         loader.set_epoch(0, skip_batches=len(loader) + 1)
 
 
-def with_first_shard_size(manifest, split: str, num_samples: int):
-    """`manifest` with the first shard of `split` claiming `num_samples` samples."""
+def with_shard(manifest, split: str, index: int, **changes):
+    """`manifest` with shard `index` of `split` changed (e.g. num_samples=, sha256=)."""
     info = manifest.splits[split]
-    first = dataclasses.replace(info.shards[0], num_samples=num_samples)
-    return dataclasses.replace(manifest, splits={**manifest.splits, split: SplitInfo(info.num_samples,
-                                                                                     (first, *info.shards[1:]))})
+    shards = list(info.shards)
+    shards[index] = dataclasses.replace(shards[index], **changes)
+    return dataclasses.replace(manifest, splits={**manifest.splits, split: SplitInfo(info.num_samples, tuple(shards))})
 
 
-def test_unreadable_image_names_the_sample(tmp_path):
+def test_unreadable_image_is_a_counted_placeholder_that_names_the_sample(tmp_path, capfd):
     shards = write_shards(tmp_path, {"train": [2]})
     with tarfile.open(shards / "train-000000.tar", "a") as tar:
         meta = json.dumps({"path": "S/bad.jpg", "id": 2, "style": 0, "artist": 0, "genre": 0}).encode()
@@ -225,19 +226,23 @@ def test_unreadable_image_names_the_sample(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    manifest = with_first_shard_size(read_manifest(shards), "train", 3)
-    with pytest.raises(UserError, match="badbadbadbadbad0 is not a readable image"):
-        list(make_eval_loader(_cfg(shards), manifest, "train", 0, 1))
+    manifest = with_shard(read_manifest(shards), "train", 0, num_samples=3,
+                          sha256=sha256_of(shards / "train-000000.tar"))
+    batches = list(make_eval_loader(_cfg(shards), manifest, "train", 0, 1))
+    ids = torch.cat([b[2] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    assert sorted(ids.tolist()) == [BAD_ID, 0, 1]
+    assert (labels[ids == BAD_ID] == -1).all() and (labels[ids >= 0] >= -1).all()
+    assert "badbadbadbadbad0 is not a readable image" in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_damaged_shard_is_reported_in_one_line(tmp_path, workers):
     shards = write_shards(tmp_path, {"train": [4, 4]})
-    manifest = with_first_shard_size(read_manifest(shards), "train", 6)  # more than the tar holds
-    loader = TrainLoader(_cfg(shards, batch_size=2, num_workers=workers), manifest, 0, 1, seed=0)
-    with pytest.raises(UserError, match="damaged") as caught:
-        list(loader)
-    assert "\n" not in str(caught.value) and str(caught.value).startswith(str(shards))
+    manifest = with_shard(read_manifest(shards), "train", 1, num_samples=6)  # more than the tar holds
+    with pytest.raises(UserError, match="train-000001.tar holds 4 samples, manifest.json says 6") as caught:
+        list(TrainLoader(_cfg(shards, batch_size=2, num_workers=workers), manifest, 0, 1, seed=0))
+    assert "\n" not in str(caught.value)
 
 
 # --------------------------------------------------------------------------- eval stream

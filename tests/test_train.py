@@ -311,7 +311,7 @@ def test_amp_auto_is_off_on_cpu_and_explicit_choices_are_honoured():
 
 
 def test_preemption_watch_fires_on_signal_or_stop_file(tmp_path):
-    previous = signal.getsignal(signal.SIGUSR2)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
     try:
         watch = PreemptionWatch(tmp_path / STOP_FILE).install()
         assert not watch.should_stop()
@@ -322,7 +322,8 @@ def test_preemption_watch_fires_on_signal_or_stop_file(tmp_path):
         (tmp_path / STOP_FILE).touch()
         assert other.should_stop()
     finally:
-        signal.signal(signal.SIGUSR2, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def test_requeue_outside_slurm_is_a_clear_error(monkeypatch):

@@ -42,7 +42,7 @@ def score_fold(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, devic
     model.eval()
     gaussians = fit_class_gaussians(model, cfg, manifest, device, amp_dtype)
     probs: dict = {}
-    heldout = score_split(model, cfg, manifest, HELDOUT, device, amp_dtype, gaussians, probs)
+    heldout = score_split(model, cfg, manifest, HELDOUT, device, amp_dtype, gaussians, probs=probs)
     insample = score_split(model, cfg, manifest, INSAMPLE, device, amp_dtype, gaussians)
     if heldout is None:
         return

@@ -8,7 +8,7 @@ from artdist import dist
 from artdist.commands.common import add_run_arguments, open_run
 from artdist.data.manifest import read_manifest
 from artdist.outliers.pipeline import run_outliers
-from artdist.rundir import RunDir
+from artdist.rundir import RunDir, hold
 from artdist.train.checkpoint import check_classes, load_trained_model
 from artdist.train.numerics import resolve_amp
 from artdist.train.tensorboard import open_writer
@@ -30,9 +30,10 @@ def run(args: argparse.Namespace) -> int:
         manifest = read_manifest(cfg.data.shards)
         check_classes(manifest, ckpt, cfg, path)
         model = load_trained_model(ckpt, cfg, device)
-        writer = open_writer(RunDir(run_dir)) if dist.is_main_process() else None
-        if run_outliers(model, cfg, manifest, args.split, device, resolve_amp(cfg.train.amp, device), writer):
-            writer.close()
+        with hold(run_dir, "outlier audit"):  # not while a training (or another audit) writes there
+            writer = open_writer(RunDir(run_dir)) if dist.is_main_process() else None
+            if run_outliers(model, cfg, manifest, args.split, device, resolve_amp(cfg.train.amp, device), writer):
+                writer.close()
     finally:
         dist.cleanup()
     return 0

@@ -6,6 +6,7 @@ import argparse
 from artdist.commands.common import add_config_arguments
 from artdist.config import load_config
 from artdist.job import main
+from artdist.train.trainer import TERMINATED_EXIT
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,5 +21,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     policy = "fresh" if args.fresh else "with_changes" if args.resume_with_changes else "check"
-    main(load_config(args.config, args.overrides), policy)
-    return 0
+    # Stopped by SIGTERM/SIGUSR2 after saving: not 0, so that a scheduler restarts the job (which resumes).
+    return TERMINATED_EXIT if main(load_config(args.config, args.overrides), policy) == "terminated" else 0

@@ -22,8 +22,9 @@ resumed epoch yields exactly the batches it would have.
 from __future__ import annotations
 
 import itertools
-import json
 import math
+import signal
+import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from artdist.config import TASKS, DataConfig
-from artdist.data.manifest import MANIFEST_NAME, Manifest, member_key
+from artdist.data.manifest import MANIFEST_NAME, Manifest, member_key, sample_meta
 from artdist.data.transforms import decode_image
+from artdist.data.verify import verify_split
 from artdist.errors import UserError
 
 # Deeper than DataLoader's default 2: decode time varies a lot between paintings (0.1-17 MP
@@ -43,6 +45,14 @@ from artdist.errors import UserError
 PREFETCH_FACTOR = 4
 
 Batch = tuple[Any, torch.Tensor, torch.Tensor]
+# The id of a sample whose image could not be decoded: it stays in its batch as a black image with every
+# label -1 (no loss, no metric), so batch counts and shapes (and DDP's steps) stay equal; see bad_samples().
+BAD_ID = -1
+
+
+def bad_samples(ids: torch.Tensor) -> int:
+    """How many samples of a batch were undecodable (kept as placeholders, see BAD_ID)."""
+    return int((ids == BAD_ID).sum())
 
 
 def _split_files(data_cfg: DataConfig, manifest: Manifest, split: str
@@ -61,6 +71,8 @@ def _split_files(data_cfg: DataConfig, manifest: Manifest, split: str
     if data_cfg.decode == "gpu" and manifest.image_ext != "jpg":
         raise UserError(f"data.decode=gpu decodes JPEG only but {data_cfg.shards} holds "
                         f"{manifest.image_ext} images; use data.decode=cpu or re-shard with shard.format=jpeg")
+    # Checksums and counts of every shard, before a sample is read (cached: once per file and machine).
+    verify_split(data_cfg.shards, manifest, split)
     return urls, counts, manifest.keep(split)
 
 
@@ -120,7 +132,16 @@ def _read_range(urls: list[str], counts: list[int], start: int, length: int,
         if counts[shard] > skip:
             samples = _tar_samples(urls[shard])
             kept = samples if keep is None else (sample for sample in samples if sample["__key__"] in keep)
-            for seen, sample in enumerate(kept, start=1):
+            while True:
+                try:
+                    sample = next(kept, None)
+                except (tarfile.TarError, OSError, ValueError) as exc:  # changed on disk since it was verified
+                    raise UserError(f"{urls[shard]} cannot be read after sample {seen} ({type(exc).__name__}: "
+                                    f"{exc}); the shard is damaged: run `artdist verify`, re-run `artdist shard`") \
+                        from None
+                if sample is None:
+                    break
+                seen += 1
                 if seen <= skip:
                     continue
                 yield sample
@@ -163,30 +184,38 @@ def _worker_id() -> int:
 
 
 def _batches(samples: Iterable[dict], data_cfg: DataConfig, ext: str, augment: str,
-             rngs: Iterator[np.random.Generator | None]) -> Iterator[Batch]:
+             rngs: Iterator[np.random.Generator | None], classes: dict[str, list[str]]) -> Iterator[Batch]:
     """Raw samples -> (images, labels, ids) batches of data.batch_size (the last one may be short).
 
     CPU decode: images uint8 [B, 3, S, S] in channels_last memory (a view of the decoded HWC
     pixels: no host-side permute copy). GPU decode: a list of encoded uint8 1-D tensors.
+    An undecodable image becomes a BAD_ID placeholder (said on stderr), not an error.
     """
     chunk: list[dict] = []
 
-    def decode(sample: dict, rng: np.random.Generator | None) -> np.ndarray:
+    def decode(sample: dict, rng: np.random.Generator | None) -> np.ndarray | None:
         try:
             return decode_image(sample[ext], augment, data_cfg, rng)
         except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-            raise UserError(f"{sample['__url__']}: sample {sample['__key__']} is not a readable image ({exc}); "
-                            "re-run `artdist shard`") from None
+            print(f"warning: {sample['__url__']}: sample {sample['__key__']} is not a readable image ({exc}); "
+                  "skipped and counted as a bad sample", file=sys.stderr, flush=True)
+            return None
 
     def emit() -> Batch:
-        metas = [json.loads(sample["json"]) for sample in chunk]
+        metas = [sample_meta(sample["json"], sample["__url__"], sample["__key__"], classes) for sample in chunk]
         labels = torch.tensor([[meta[task] for task in TASKS] for meta in metas], dtype=torch.int64)
         ids = torch.tensor([meta["id"] for meta in metas], dtype=torch.int64)
         if data_cfg.decode == "gpu":
             images: Any = [torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8) for sample in chunk]
         else:
-            pixels = np.stack([decode(sample, next(rngs)) for sample in chunk])
-            images = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+            decoded = [decode(sample, next(rngs)) for sample in chunk]
+            shape = next((p.shape for p in decoded if p is not None), (data_cfg.image_size, data_cfg.image_size, 3))
+            for i, pixels in enumerate(decoded):
+                if pixels is None:
+                    decoded[i] = np.zeros(shape, dtype=np.uint8)
+                    labels[i] = -1
+                    ids[i] = BAD_ID
+            images = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2)
         return images, labels, ids
 
     for sample in samples:
@@ -205,8 +234,10 @@ class _TrainStream(IterableDataset):
     """One rank's training stream; the DataLoader runs a copy in each worker."""
 
     def __init__(self, data_cfg: DataConfig, urls: list[str], counts: list[int], ext: str, rank: int,
-                 world_size: int, workers: int, batches_per_worker: int, seed: int, keep: frozenset[str] | None):
-        self.data_cfg, self.urls, self.counts, self.ext, self.keep = data_cfg, urls, counts, ext, keep
+                 world_size: int, workers: int, batches_per_worker: int, seed: int, classes: dict[str, list[str]],
+                 keep: frozenset[str] | None):
+        self.data_cfg, self.urls, self.counts, self.ext, self.classes = data_cfg, urls, counts, ext, classes
+        self.keep = keep
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.batches_per_worker, self.seed = batches_per_worker, seed
         self.epoch = 0
@@ -232,7 +263,7 @@ class _TrainStream(IterableDataset):
         rngs = (rng for batch in range(skip // cfg.batch_size, self.batches_per_worker)
                 for rng in itertools.repeat(_rng(self.seed, epoch, global_worker, 2, batch), cfg.batch_size))
         kept = (sample for index, sample in enumerate(raw) if index >= skip)
-        yield from _batches(kept, cfg, self.ext, cfg.augment, rngs)
+        yield from _batches(kept, cfg, self.ext, cfg.augment, rngs, self.classes)
 
 
 class _EvalStream(IterableDataset):
@@ -240,8 +271,9 @@ class _EvalStream(IterableDataset):
     [g * N // G, (g + 1) * N // G), so the ranks together see every sample once."""
 
     def __init__(self, data_cfg: DataConfig, urls: list[str], counts: list[int], ext: str, rank: int,
-                 world_size: int, workers: int, keep: frozenset[str] | None):
-        self.data_cfg, self.urls, self.counts, self.ext, self.keep = data_cfg, urls, counts, ext, keep
+                 world_size: int, workers: int, classes: dict[str, list[str]], keep: frozenset[str] | None):
+        self.data_cfg, self.urls, self.counts, self.ext, self.classes = data_cfg, urls, counts, ext, classes
+        self.keep = keep
         self.rank, self.world_size, self.workers = rank, world_size, workers
 
     def _range(self, worker: int) -> tuple[int, int]:
@@ -258,7 +290,7 @@ class _EvalStream(IterableDataset):
         if end == start:
             return iter(())
         raw = _read_range(self.urls, self.counts, start, end - start, self.keep)
-        return _batches(raw, self.data_cfg, self.ext, "none", itertools.repeat(None))
+        return _batches(raw, self.data_cfg, self.ext, "none", itertools.repeat(None), self.classes)
 
 
 @dataclass(frozen=True)
@@ -285,6 +317,12 @@ class _UserErrorsAsItems(IterableDataset):
             yield _WorkerUserError(str(exc))
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """A loader worker outlives a SIGTERM sent to the whole process group (`timeout`, Kubernetes, SLURM), so
+    the main process can finish its step and save (train.preempt); the workers end with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _Loader:
     """A DataLoader over batches whose workers' UserErrors come out as themselves, one line."""
 
@@ -294,6 +332,7 @@ class _Loader:
         # (Augmentation has its own (seed, epoch, worker) streams and does not use that seed.)
         self.loader = DataLoader(_UserErrorsAsItems(dataset), batch_size=None, num_workers=num_workers, persistent_workers=False,
                                  pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
+                                 worker_init_fn=_ignore_sigterm,
                                  prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None)
 
     def __len__(self) -> int:
@@ -322,7 +361,7 @@ class TrainLoader:
         while self.batches_per_worker * self.workers % accum_steps:
             self.batches_per_worker += 1
         self.dataset = _TrainStream(data_cfg, urls, counts, manifest.image_ext, rank, world_size,
-                                    self.workers, self.batches_per_worker, seed, keep)
+                                    self.workers, self.batches_per_worker, seed, manifest.classes, keep)
         self.loader = _Loader(self.dataset, data_cfg.num_workers)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -345,5 +384,6 @@ def make_eval_loader(data_cfg: DataConfig, manifest: Manifest, split: str, rank:
     padding; ranks may get different numbers of batches (len() is this rank's count)."""
     urls, counts, keep = _split_files(data_cfg, manifest, split)
     workers = max(1, data_cfg.num_workers)
-    dataset = _EvalStream(data_cfg, urls, counts, manifest.image_ext, rank, world_size, workers, keep)
+    dataset = _EvalStream(data_cfg, urls, counts, manifest.image_ext, rank, world_size, workers,
+                          manifest.classes, keep)
     return _Loader(dataset, data_cfg.num_workers)

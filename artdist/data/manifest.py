@@ -109,7 +109,8 @@ class Manifest:
                 for member in tar:
                     key, ext = member_key(member.name)
                     if ext == "json" and (keep is None or key in keep):
-                        yield SampleMeta(shard.name, key, json.load(tar.extractfile(member)))
+                        meta = sample_meta(tar.extractfile(member).read(), shard.name, key, self.classes)
+                        yield SampleMeta(shard.name, key, meta)
 
     def label_counts(self, split: str) -> dict[str, list[int]]:
         """Samples per class and task in `split` (labels of -1, unknown, are not counted)."""
@@ -143,7 +144,59 @@ def read_manifest(shards_dir: str | Path) -> Manifest:
     missing += [f"classes.{task}" for task in TASKS if task not in tree.get("classes", {})]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}; {hint}")
+    _check_splits(path, tree["splits"], hint)
+    return Manifest.from_json(tree, shards_dir)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_splits(path: Path, splits: object, hint: str) -> None:
+    """Each split: {"num_samples": int >= 0, "shards": [{"name": plain file name, "num_samples", "sha256"}]}."""
+    if not isinstance(splits, dict):
+        raise UserError(f"{path}: 'splits' is not a mapping of split names; {hint}")
+    for split, entry in splits.items():
+        where = f"{path}: split {split!r}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
+            raise UserError(f"{where} has no 'shards' list; {hint}")
+        if not _is_count(entry.get("num_samples")):
+            raise UserError(f"{where}: num_samples {entry.get('num_samples')!r} is not a whole number >= 0; {hint}")
+        for shard in entry["shards"]:
+            name = shard.get("name") if isinstance(shard, dict) else None
+            # A name is a file of the shard folder: never a path that leaves it; an audit fold's view
+            # (a split with a "keep" file) names the shared shards by absolute path.
+            view = bool(entry.get("keep")) and isinstance(name, str) and Path(name).is_absolute()
+            if not isinstance(name, str) or not name or name in (".", "..") or (
+                    not view and ("/" in name or "\\" in name)):
+                raise UserError(f"{where}: shard name {name!r} is not a file name inside the shard folder; {hint}")
+            if not _is_count(shard.get("num_samples")):
+                raise UserError(f"{where}: shard {name} has num_samples {shard.get('num_samples')!r}, "
+                                f"not a whole number >= 0; {hint}")
+            if not isinstance(shard.get("sha256"), str):
+                raise UserError(f"{where}: shard {name} has no sha256; {hint}")
+        if sum(shard["num_samples"] for shard in entry["shards"]) != entry["num_samples"]:
+            raise UserError(f"{where}: num_samples {entry['num_samples']} is not the sum of its shards' counts; {hint}")
+
+
+def sample_meta(raw: bytes, shard: str, key: str, classes: dict[str, list[str]]) -> dict:
+    """The json member of one sample, checked: id, path and one label per task inside its class list."""
+    where = f"{shard}: sample {key}"
+    fix = "the shard is damaged or not made by `artdist shard` with these class lists: re-run `artdist shard`"
     try:
-        return Manifest.from_json(tree, shards_dir)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise UserError(f"{path} has a malformed split list ({type(exc).__name__}: {exc}); {hint}") from None
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{where} has an invalid .json member ({exc}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{where}: its .json member is not an object; {fix}")
+    absent = [k for k in ("id", "path", *TASKS) if k not in meta]
+    if absent:
+        raise UserError(f"{where}: its .json member lacks {', '.join(absent)}; {fix}")
+    if not _is_count(meta["id"]) or not isinstance(meta["path"], str):
+        raise UserError(f"{where}: id {meta['id']!r} / path {meta['path']!r} are not an int >= 0 and a text; {fix}")
+    for task in TASKS:
+        label, n = meta[task], len(classes[task])
+        if isinstance(label, bool) or not isinstance(label, int) or not -1 <= label < n:
+            raise UserError(f"{where}: {task} label {label!r} is outside -1..{n - 1} of the {n} {task} classes in "
+                            f"{MANIFEST_NAME}; {fix}")
+    return meta

@@ -13,6 +13,7 @@ from pathlib import Path
 from artdist.config import TASKS
 from artdist.data.manifest import MANIFEST_NAME, Manifest, SplitInfo, read_manifest
 from artdist.data.shard import _add_member, _sha256, _write_atomic
+from artdist.data.verify import verify_split
 from artdist.errors import UserError
 
 DECISION_FIELDS = ("path", "task", "assigned", "decision", "suggested_label")
@@ -75,6 +76,8 @@ def relabel_shards(shards: str | Path, decisions: str | Path, out: str | Path) -
     if out.exists() and (out.resolve() == shards.resolve() or any(out.iterdir())):
         raise UserError(f"--out {out} is not empty; give a new folder (the source shards stay as they are)")
     corrections, kept = read_decisions(decisions, manifest.classes)
+    for split in manifest.splits:  # the copies get fresh checksums: a damaged source must not pass as sound
+        verify_split(shards, manifest, split)
     todo = {(c.path, c.task): c for c in corrections}
     out.mkdir(parents=True, exist_ok=True)
     try:  # everything in `out` is ours (it was empty): a failure leaves no half-written shard set

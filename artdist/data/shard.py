@@ -8,6 +8,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import sys
 import tarfile
 from collections import Counter
@@ -18,7 +19,7 @@ from artdist.data import duplicates
 from artdist.data.catalog import SPLITS, Catalog, assign_splits, load_catalog, path_key
 from artdist.data.duplicates import file_sha256 as _sha256
 from artdist.data.image import BadImage, encode_image, prepare_image
-from artdist.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
+from artdist.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
 from artdist.errors import UserError
 from artdist.progress import Progress
 
@@ -27,6 +28,7 @@ KEY_HEX_DIGITS = 16
 DONE_DIR = ".done"
 # Options that change what a shard holds; a done record made under other values is redone.
 CONTENT_OPTIONS = ("images", "max_short_side", "resample", "format", "quality", "max_pixels")
+SHARD_NAME = re.compile(rf"(?:{'|'.join(SPLITS)})-[0-9]{{6}}\.tar")  # shard_name()'s pattern
 
 
 def sample_key(path: str) -> str:
@@ -172,17 +174,50 @@ def _plan(cfg: ShardConfig, catalog: Catalog, splits: list[str], present: list[b
     return plan
 
 
-def _remove_stale(out: Path, names: set[str]) -> None:
-    """Drop leftovers of interrupted or differently-sized earlier runs: they must not be read."""
-    for path in out.glob("*.tmp"):
+def _earlier_shards(out: Path) -> set[str] | None:
+    """Shard names an earlier `artdist shard` run wrote into `out` (its manifest and done records), or
+    None when `out` is not such a folder. Only names of the form split-NNNNNN.tar count."""
+    manifest_path, done = out / MANIFEST_NAME, out / DONE_DIR
+    names: set[str] = set()
+    found = done.is_dir()
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT:
+        found = True
+        for entry in manifest.get("splits", {}).values():
+            names |= {shard.get("name") for shard in entry.get("shards", []) if isinstance(shard, dict)}
+    if done.is_dir():
+        names |= {path.name.removesuffix(".json") for path in done.glob("*.json")}
+    return {name for name in names if isinstance(name, str) and SHARD_NAME.fullmatch(name)} if found else None
+
+
+def _remove_stale(out: Path, names: set[str], log) -> None:
+    """Check `out` and drop what earlier runs of this command left there that this run does not keep:
+    their shards and done records, and the temp files of an interrupted run. Nothing else is touched;
+    a non-empty folder that no `artdist shard` run wrote is refused."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; pick a new or empty folder")
+    earlier = _earlier_shards(out) if out.is_dir() else set()
+    if earlier is None:
+        entries = sorted(path.name for path in out.iterdir())
+        if entries:
+            raise UserError(f"--out {out} is not empty ({len(entries)} entries, e.g. {', '.join(entries[:3])}) and is not "
+                            f"a shard folder (no artdist {MANIFEST_NAME} and no {DONE_DIR}/): nothing there is "
+                            "removed or overwritten; pick a new or empty folder")
+        earlier = set()
+    done = out / DONE_DIR
+    stale = [out / name for name in sorted(earlier - names)] + [done / f"{name}.json" for name in sorted(earlier - names)]
+    stale += [out / f"{name}.tmp" for name in sorted(earlier | names)]
+    stale += [done / f"{name}.json.tmp" for name in sorted(earlier | names)]
+    stale += [out / f"{name}.tmp" for name in (MANIFEST_NAME, *(f"class_names_{task}.txt" for task in TASKS))]
+    stale = [path for path in stale if path.is_file()]
+    if stale:
+        log(f"removing {len(stale)} file(s) an earlier `artdist shard` run left in {out}: "
+            + ", ".join(str(path.relative_to(out)) for path in stale[:10]) + (" ..." if len(stale) > 10 else ""))
+    for path in stale:
         path.unlink()
-    for split in SPLITS:
-        for path in out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
-            if path.name not in names:
-                path.unlink()
-    for path in (out / DONE_DIR).glob("*.json"):
-        if path.stem not in names:
-            path.unlink()
 
 
 def _run_jobs(jobs: list[_ShardJob], workers: int, progress: Progress) -> list[dict]:
@@ -249,11 +284,11 @@ def shard_dataset(cfg: ShardConfig, progress: bool = True) -> dict:
 
     plan = _plan(cfg, catalog, splits, present)
     jobs = [job for split in SPLITS for job in plan[split]]
+    _remove_stale(out, {job.name for job in jobs}, log)
     (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
     # From the first change on, an earlier manifest would describe a mix of old and new shards
     # whose counts may even agree; without it, nothing reads the folder until this run finishes.
     (out / MANIFEST_NAME).unlink(missing_ok=True)
-    _remove_stale(out, {job.name for job in jobs})
     records = {job.name: _finished(out, job) for job in jobs}
     todo = [job for job in jobs if records[job.name] is None]
     if len(todo) < len(jobs):

@@ -13,6 +13,7 @@ import torch
 from artdist import dist
 from artdist.config import TASKS, JobConfig
 from artdist.data.duplicates import copy_labels
+from artdist.data.loader import BAD_ID, bad_samples
 from artdist.data.manifest import Manifest
 from artdist.data.transforms import DeviceTransform
 from artdist.errors import UserError
@@ -99,13 +100,16 @@ def score_split(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, spli
     """
     parts: dict[str, list[dict[str, np.ndarray]]] = {t: [] for t in cfg.model.tasks}
     seen: list[np.ndarray] = []
+    bad = 0
     embeddings: list[np.ndarray] = []
     keep_embeddings = projected is not None and cfg.outliers.projector > 0
     for ids, labels, logits, emb in _batches(model, cfg, manifest, split, device, amp_dtype):
         ids, labels = ids.cpu(), labels.cpu()
-        seen.append(ids.numpy().astype(np.int64))
+        bad += bad_samples(ids)  # their labels are all -1: no task scores them
+        good = ids != BAD_ID
+        seen.append(ids[good].numpy().astype(np.int64))
         if keep_embeddings:
-            embeddings.append(emb.float().cpu().numpy())
+            embeddings.append(emb[good.to(emb.device)].float().cpu().numpy())
         for task in cfg.model.tasks:
             y = labels[:, TASKS.index(task)]
             keep = y >= 0
@@ -126,16 +130,21 @@ def score_split(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, spli
         emb_all = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32)
         shown = projector.candidates(seen_ids, emb_all, {task: s for task, (s, _) in local.items()},
                                      cfg.outliers.projector)
-    gathered = dist.gather_objects((seen_ids, local, shown))
+    gathered = dist.gather_objects((seen_ids, local, shown, bad))
     if gathered is None:
         return None
     all_ids = np.concatenate([g[0] for g in gathered])
-    expected = manifest.num_samples(split)
+    bad = sum(g[3] for g in gathered)
+    expected = manifest.num_samples(split) - bad
+    if bad > cfg.data.max_bad_fraction * manifest.num_samples(split):
+        raise UserError(f"outliers: {bad} '{split}' samples are undecodable, more than data.max_bad_fraction="
+                        f"{cfg.data.max_bad_fraction} of the split; the warnings above name them: re-run `artdist shard`")
     if len(np.unique(all_ids)) != len(all_ids) or len(all_ids) != expected:
         raise UserError(
             f"outliers: ranks together scored {len(all_ids)} '{split}' samples ({len(np.unique(all_ids))} "
-            f"distinct) but the manifest lists {expected}; the eval loader must yield each sample exactly "
-            "once across ranks (are the shards and manifest.json from the same `artdist shard` run?)")
+            f"distinct) but the manifest lists {expected + bad}{f' ({bad} undecodable)' if bad else ''}; the eval "
+            "loader must yield each sample exactly once across ranks (are the shards and manifest.json from the "
+            "same `artdist shard` run?)")
     merged = {}
     for task in cfg.model.tasks:
         scores = TaskScores.concat([g[1][task][0] for g in gathered])

@@ -25,6 +25,8 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
 
 def robust_z(x: np.ndarray) -> np.ndarray:
     """(x - median) / (1.4826 MAD), ignoring NaN; the std when MAD is 0 (then 1 when that is 0 too)."""
+    if not np.isfinite(x).any():  # no labelled sample of this task in the split (or none with a distance)
+        return np.full(np.shape(x), np.nan, dtype=np.float32)
     med = np.nanmedian(x)
     scale = 1.4826 * np.nanmedian(np.abs(x - med))
     if not scale > 0:

@@ -20,6 +20,8 @@ CAPTION_HEIGHT = 34  # px under each TensorBoard grid cell: two lines of PIL's d
 GRID_COLUMNS = 8
 GRID_MAX = 32  # outliers per task in the TensorBoard grid
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # OWASP's list for CSV injection
+
 ROW_FIELDS = (
     "rank", "id", "path", "assigned", "predicted", "combined", "max_softmax", "p_assigned", "margin",
     "energy", "mahalanobis", "mahalanobis_z", "feature_predicted", "feature_p_assigned", "flagged_max_softmax",
@@ -68,6 +70,14 @@ def read_images(shards_dir: Path, index: dict[int, SampleRef], ids: set[int], im
     return out
 
 
+def csv_cell(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (=, +, -, @, tab, CR first) gets a leading "'"; numbers
+    stay numbers (a negative margin is data, not a formula)."""
+    if isinstance(value, str) and value[:1] in FORMULA_STARTS:
+        return "'" + value
+    return value
+
+
 def write_rows(rows: list[dict[str, Any]], csv_path: Path, json_path: Path, meta: dict[str, Any]) -> None:
     """One task's ranked rows as CSV (reasons '; '-joined, flags yes/no) and as JSON with `meta`."""
     csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +90,7 @@ def write_rows(rows: list[dict[str, Any]], csv_path: Path, json_path: Path, meta
             flat["copy_labels"] = " ".join(row.get("copy_labels", []))
             for flag in ("flagged_max_softmax", "flagged_combined", "several_classes"):
                 flat[flag] = "yes" if row.get(flag) else "no"
-            out.writerow(flat)
+            out.writerow({key: csv_cell(value) for key, value in flat.items()})
     json_path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,17 +12,32 @@ import torch
 
 from artdist.config import JobConfig, to_dict
 from artdist.data.manifest import Manifest
-from artdist.dist import gather_objects, get_rank, get_world_size, is_main_process
+from artdist.dist import broadcast_object, gather_objects, get_rank, get_world_size, is_main_process
 from artdist.errors import UserError
 from artdist.model import CNNLSTM, build_model
-from artdist.rundir import RunDir
+from artdist.rundir import LAST, RunDir
 from artdist.train.numerics import use_channels_last
 
 FORMAT = "artdist-checkpoint/1"
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested dict/list: about the size of the saved file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save that never leaves a half-written `path`: a kill mid-save keeps the old file."""
+    """torch.save that never leaves a half-written `path`: a kill mid-save keeps the old file.
+
+    A failed write (a full disk, a quota, a vanished folder) removes its temp file and is a UserError
+    saying how much space the file needs and how much is free.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -29,10 +45,21 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a failed write as RuntimeError ("enforce fail")
+        tmp.unlink(missing_ok=True)
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        kept = f"the previous {path.name} is unchanged" if path.is_file() else f"no {path.name} was written"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot save {path} ({reason}): it needs about {_tensor_bytes(obj) / 2**20:,.0f} MiB, "
+                        f"{free}; {kept}. Free some space (or set out_dir to another disk) and run the same "
+                        "command again") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
     # The rename itself is only durable once the directory entry is on disk.
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -50,8 +77,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, wrong format, foreign pickle: all mean "unusable file"
         raise UserError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); the file is corrupt or not an "
-            f"artdist checkpoint: delete it (training then restarts from the previous state) or pick another file"
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"the file is corrupt or not an artdist checkpoint: pick another file, or delete it (a training run "
+            f"without {LAST} starts again from epoch 1)"
         ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"checkpoint {path} is not an artdist checkpoint (no 'model' entry); "
@@ -131,8 +159,18 @@ class Checkpointer:
         training state) and, when `best`, model_best.pt (weights_only: what evaluate, outliers and
         predict read, without the optimizer state that would triple its size)."""
         rng = gather_objects(rng_state())
-        if not is_main_process():
-            return
+        failure = None
+        if is_main_process():
+            try:
+                self._write(position, best, rng)
+            except UserError as exc:
+                failure = str(exc)
+        # Every rank stops on a failed save; the others would wait in the next collective until it times out.
+        failure = broadcast_object(failure)
+        if failure:
+            raise UserError(failure)
+
+    def _write(self, position: dict, best: bool, rng: list) -> None:
         ckpt = {
             "format": FORMAT,
             "model": self.model.state_dict(),

@@ -11,8 +11,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from artdist.config import TASKS
-from artdist.dist import all_reduce_sum, get_world_size
-from artdist.errors import NonFiniteLossError
+from artdist.data.loader import bad_samples
+from artdist.dist import all_reduce_sum, get_rank, get_world_size
+from artdist.errors import NonFiniteLossError, UserError
 from artdist.metrics import confusion_matrix, topk_correct
 from artdist.train.loss import MultiTaskLoss
 from artdist.train.numerics import autocast
@@ -51,7 +52,7 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
 
 def train_one_epoch(state: TrainState, loader: Iterable, *, steps: int, start_step: int = 0,
                     should_stop: Callable[[], bool] = lambda: False, log_every: int = 0,
-                    log: Callable[[dict], None] | None = None,
+                    log: Callable[[dict], None] | None = None, max_bad: int | None = None,
                     after_step: Callable[[int, int], None] | None = None) -> dict:
     """Optimizer steps `start_step`..`steps`-1 of one epoch; `loader` must already skip the first ones.
 
@@ -60,9 +61,12 @@ def train_one_epoch(state: TrainState, loader: Iterable, *, steps: int, start_st
     before the weights are touched) and (2) `should_stop()` (preemption): then the epoch ends early.
     `log` (rank 0 only) gets running stats every `log_every` steps; `after_step` (every rank) gets
     (step in the epoch, global step) after each step that does not stop the epoch.
+    Undecodable samples (data.loader.BAD_ID placeholders) are counted; once the ranks together saw more
+    than `max_bad` of them this epoch, every rank raises the same UserError after that step.
     Returns {"step": position in the epoch, "global_step", "stopped", "loss", "task_loss",
-    "task_accuracy", "images_per_sec", "data_wait_frac", "lr"} (losses averaged over ranks and steps;
-    accuracy over the labelled training samples of all ranks, as the model predicted them while it learned).
+    "task_accuracy", "images_per_sec", "data_wait_frac", "lr", "bad_samples": [count per rank]} (losses
+    averaged over ranks and steps; accuracy over the labelled training samples of all ranks, as the model
+    predicted them while it learned).
     """
     model, optimizer, scaler, accum_steps = state.model, state.optimizer, state.scaler, state.accum_steps
     model.train()
@@ -76,13 +80,18 @@ def train_one_epoch(state: TrainState, loader: Iterable, *, steps: int, start_st
     epoch_start = window_start = time.perf_counter()
     step, stopped = start_step, False
     lr = set_lr(optimizer, state.lr_factor(state.global_step))
+    local_bad = epoch_bad = 0
     while step < steps and not stopped:
-        step_sums = torch.zeros(3 * len(tasks), device=state.device)  # loss, correct, labelled per task
+        # [loss, correct, labelled per task..., bad samples]: one all-reduce per step for all of them
+        step_sums = torch.zeros(3 * len(tasks) + 1, device=state.device)
         images_seen, wait = 0, 0.0
         for micro in range(accum_steps):
             t0 = time.perf_counter()
-            images, labels, _ = next(batches)
+            images, labels, ids = next(batches)
             wait += time.perf_counter() - t0
+            bad = bad_samples(ids)
+            local_bad += bad
+            step_sums[-1] += bad
             x = state.transform(images)
             labels = labels.to(state.device, non_blocking=True)
             images_seen += labels.shape[0] * world
@@ -95,9 +104,15 @@ def train_one_epoch(state: TrainState, loader: Iterable, *, steps: int, start_st
                 loss, per_task = state.loss_fn(logits, labels)
                 scaler.scale(loss / accum_steps).backward()
             step_sums[:len(tasks)] += per_task.detach()
-            step_sums[len(tasks):] += _hits(logits, labels, tasks)
+            step_sums[len(tasks):-1] += _hits(logits, labels, tasks)
         all_reduce_sum(step_sums)  # one all-reduce: the ranks agree on the loss and count every rank's hits
         step_loss = step_sums[:len(tasks)] / (accum_steps * world)
+        epoch_bad += int(step_sums[-1].item())
+        if max_bad is not None and epoch_bad > max_bad:
+            optimizer.zero_grad(set_to_none=True)
+            raise UserError(f"{epoch_bad} undecodable samples in this epoch by global step {state.global_step + 1}, more "
+                            f"than data.max_bad_fraction allows ({max_bad}); the warnings above name them: re-run "
+                            "`artdist shard` on the source images, or raise data.max_bad_fraction")
         if not torch.isfinite(step_loss).all():
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(_non_finite_message(tasks, step_loss, state.global_step + 1, step))
@@ -110,7 +125,7 @@ def train_one_epoch(state: TrainState, loader: Iterable, *, steps: int, start_st
         optimizer.zero_grad(set_to_none=True)
         step += 1
         state.global_step += 1
-        sums = torch.cat([step_loss.double().cpu(), step_sums[len(tasks):].double().cpu(),
+        sums = torch.cat([step_loss.double().cpu(), step_sums[len(tasks):-1].double().cpu(),
                           torch.tensor([images_seen, wait, 1], dtype=torch.float64)])
         epoch_sums += sums
         window_sums += sums
@@ -125,7 +140,15 @@ def train_one_epoch(state: TrainState, loader: Iterable, *, steps: int, start_st
             window_start = now
     stats = _stats(tasks, epoch_sums, time.perf_counter() - epoch_start, lr, step, state.global_step)
     stats["stopped"] = stopped
+    stats["bad_samples"] = per_rank(local_bad, state.device)
     return stats
+
+
+def per_rank(value: int, device: torch.device) -> list[int]:
+    """Every rank's `value`, on every rank (a collective)."""
+    slots = torch.zeros(get_world_size(), dtype=torch.int64, device=device)
+    slots[get_rank()] = value
+    return [int(v) for v in all_reduce_sum(slots).tolist()]
 
 
 def _hits(logits: dict[str, torch.Tensor], labels: torch.Tensor, tasks: list[str]) -> torch.Tensor:
@@ -192,11 +215,11 @@ def count_predictions(model: torch.nn.Module, loader: Iterable, transform: Calla
                       num_classes: dict[str, int], copy_labels: dict[int, dict[str, set[int]]] | None = None) -> dict:
     """Confusion matrices, top-5 hits and sample counts over a split, summed over ranks.
 
-    Every rank gets the same result: {"num_samples": samples seen (labelled or not),
-    "confusion": {task: [C, C] int64 on CPU}, "top5_correct": {task: int}, "copy_label_hits": {task:
-    int}, "loss_sum": {task: summed cross-entropy, nats}}. Labels of -1 are left out of that task's
-    matrix, hits and loss. copy_label_hits counts wrong predictions that are the label of another copy
-    of the picture (`copy_labels`: id -> task -> labels).
+    Every rank gets the same result: {"num_samples": samples seen (labelled or not, undecodable ones
+    not), "confusion": {task: [C, C] int64 on CPU}, "top5_correct": {task: int}, "copy_label_hits": {task:
+    int}, "loss_sum": {task: summed cross-entropy, nats}, "bad_samples": [undecodable samples per rank]}.
+    Labels of -1 are left out of that task's matrix, hits and loss. copy_label_hits counts wrong
+    predictions that are the label of another copy of the picture (`copy_labels`: id -> task -> labels).
     """
     copy_labels = copy_labels or {}
     sizes = [num_classes[t] ** 2 for t in tasks]
@@ -206,8 +229,11 @@ def count_predictions(model: torch.nn.Module, loader: Iterable, transform: Calla
     top5 = counts[sum(sizes):sum(sizes) + len(tasks)]
     copy_hits = counts[sum(sizes) + len(tasks):-1]
     losses = torch.zeros(len(tasks), dtype=torch.float64, device=device)
+    bad = 0
     for ids, labels, logits, _ in run_inference(model, loader, transform, device, amp_dtype):
-        counts[-1] += labels.shape[0]
+        batch_bad = bad_samples(ids)
+        bad += batch_bad
+        counts[-1] += labels.shape[0] - batch_bad
         copied = [(row, i) for row, i in enumerate(ids.tolist()) if i in copy_labels] if copy_labels else []
         for i, task in enumerate(tasks):
             y = labels[:, TASKS.index(task)]
@@ -227,4 +253,5 @@ def count_predictions(model: torch.nn.Module, loader: Iterable, transform: Calla
         "top5_correct": {t: int(top5[i]) for i, t in enumerate(tasks)},
         "copy_label_hits": {t: int(copy_hits[i]) for i, t in enumerate(tasks)},
         "loss_sum": {t: float(losses[i]) for i, t in enumerate(tasks)},
+        "bad_samples": per_rank(bad, device),
     }

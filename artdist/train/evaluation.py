@@ -13,6 +13,7 @@ from artdist.data.loader import make_eval_loader
 from artdist.data.manifest import Manifest
 from artdist.data.transforms import DeviceTransform
 from artdist.dist import get_rank, get_world_size, is_main_process
+from artdist.errors import UserError
 from artdist.metrics import format_confusion, format_table, report_from_confusion
 from artdist.progress import Progress, track
 from artdist.train import engine
@@ -24,7 +25,8 @@ def evaluate_split(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, s
                    amp_dtype: torch.dtype | None, progress: str = "") -> dict:
     """Every rank: evaluate `model` (unwrapped) on `split`; every rank gets the same report.
 
-    -> {"split", "num_samples", "tasks": {task: metrics.report_from_confusion(...) + "top5"}}
+    -> {"split", "num_samples", "bad_samples": [per rank], "tasks": {task: metrics.report_from_confusion(...)
+    + "top5" + "loss"}}; a UserError when more than data.max_bad_fraction of the split was undecodable.
     With `progress` (a label), rank 0 reports its batches done on stderr.
     """
     loader = eval_batches(cfg, manifest, split, progress)
@@ -42,10 +44,17 @@ def evaluate_split(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, s
         report["accuracy_any_label"] = ((int(result["confusion"][task].trace()) + result["copy_label_hits"][task])
                                         / labelled if labelled else 0.0)
         report["ceiling"] = 1 - copies_lost(manifest, split, task) / labelled if labelled else 0.0
-    return {"split": split, "num_samples": result["num_samples"], "tasks": tasks}
+    bad = sum(result["bad_samples"])
+    if bad > cfg.data.max_bad_fraction * (result["num_samples"] + bad):
+        raise UserError(f"{bad} of the {result['num_samples'] + bad} '{split}' samples are undecodable (per rank: "
+                        f"{result['bad_samples']}), more than data.max_bad_fraction={cfg.data.max_bad_fraction}; the "
+                        "warnings above name them: re-run `artdist shard` on the source images")
+    if bad and get_rank() == 0:
+        print(f"warning: {bad} undecodable '{split}' samples skipped (per rank: {result['bad_samples']})", flush=True)
+    return {"split": split, "num_samples": result["num_samples"], "bad_samples": result["bad_samples"], "tasks": tasks}
 
 
-def eval_batches(cfg: JobConfig, manifest: dict, split: str, progress: str = "") -> Iterable:
+def eval_batches(cfg: JobConfig, manifest: Manifest, split: str, progress: str = "") -> Iterable:
     """This rank's eval loader of `split`; with `progress` (a label), rank 0 reports its batches on stderr."""
     loader = make_eval_loader(cfg.data, manifest, split, get_rank(), get_world_size())
     if not progress:

@@ -13,20 +13,27 @@ import torch
 from artdist.dist import all_reduce_sum
 from artdist.errors import UserError
 
+# SLURM/submitit send SIGUSR2 before the time limit; `timeout`, Kubernetes, torchrun's shutdown and
+# SLURM's own end of a job send SIGTERM. Both mean: finish the step, save, stop.
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
 class PreemptionWatch:
     """Asks training to stop cleanly after the current step.
 
-    Fires when one of `signals` reached this process (SLURM/submitit send SIGUSR2 before the time
-    limit) or when `stop_file` exists (`touch RUN_DIR/PREEMPT` by hand or from a job script).
-    `device` is where the agreement all-reduce runs: the rank's CUDA device under NCCL.
+    Fires when one of `signals` reached this process or when `stop_file` exists (`touch RUN_DIR/PREEMPT`
+    by hand or from a job script). After should_stop() is true, `signalled` says whether a signal (on
+    any rank) was among the reasons. `device` is where the agreement all-reduce runs: the rank's CUDA
+    device under NCCL.
     """
 
-    def __init__(self, stop_file: Path, signals: Iterable[signal.Signals] = (signal.SIGUSR2,),
+    def __init__(self, stop_file: Path, signals: Iterable[signal.Signals] = STOP_SIGNALS,
                  device: torch.device | str = "cpu"):
         self.stop_file = Path(stop_file)
         self.signals = tuple(signals)
         self.device = torch.device(device)
         self.notified = False
+        self.signalled = False
 
     def install(self) -> PreemptionWatch:
         """Replace any earlier handler (e.g. submitit's) with one that only sets a flag.
@@ -43,8 +50,9 @@ class PreemptionWatch:
     def should_stop(self) -> bool:
         """True on every rank as soon as any rank saw the signal or the stop file (a collective)."""
         local = self.notified or self.stop_file.exists()
-        flag = torch.tensor([float(local)], device=self.device)
-        return bool(all_reduce_sum(flag).item() > 0)
+        flags = all_reduce_sum(torch.tensor([float(local), float(self.notified)], device=self.device)).tolist()
+        self.signalled = flags[1] > 0
+        return flags[0] > 0
 
 
 def requeue_slurm_job(job_id: str | None = None) -> None:

@@ -11,7 +11,7 @@ import yaml
 
 from artdist.config import JobConfig, to_dict
 from artdist.errors import UserError
-from artdist.rundir import RunDir
+from artdist.rundir import LOCK, RunDir, RunDirLock
 
 # How a rerun treats an existing run: refuse changes that alter what is trained, record them, or start over.
 Policy = Literal["check", "with_changes", "fresh"]
@@ -102,10 +102,16 @@ def set_aside(run_dir: RunDir) -> Path | None:
     """--fresh, rank 0: rename an existing run dir to <dir>.replaced-<UTC time> (nothing is deleted).
 
     Not on a requeued SLURM job (SLURM_RESTART_COUNT > 0): its first start already set the old run
-    aside, and the run dir now holds the new run's own progress.
+    aside, and the run dir now holds the new run's own progress. A UserError when another process
+    holds its LOCK.
     """
     if not run_dir.path.exists() or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
         return None
     target = run_dir.path.with_name(f"{run_dir.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
-    run_dir.path.rename(target)
+    lock = RunDirLock(run_dir, "training --fresh").acquire()  # a run dir that a live process uses is not moved
+    try:
+        run_dir.path.rename(target)
+    finally:
+        lock.release()
+    (target / LOCK).unlink(missing_ok=True)  # ours, moved along with the folder
     return target

@@ -10,7 +10,9 @@ Any key can be changed on the command line: --set train.epochs=30 --set data.bat
 
 Running the same command again resumes from RUN_DIR/model_last.pt exactly where the last run
 stopped (epoch, step in the epoch, optimizer, RNG streams; the LR is a function of the step). `touch RUN_DIR/PREEMPT`
-or SIGUSR2 makes all ranks stop after the current step, save, and return 'preempted'.
+makes all ranks stop after the current step, save, and return 'preempted'; SIGUSR2 or SIGTERM does
+the same and returns 'terminated' (`artdist train` then exits with TERMINATED_EXIT, so that a
+scheduler restarts it). Rank 0 holds RUN_DIR/LOCK meanwhile: a second training there fails at once.
 """
 from __future__ import annotations
 
@@ -37,8 +39,9 @@ from artdist.data.manifest import Manifest, read_manifest
 from artdist.data.transforms import DeviceTransform
 from artdist.dist import (all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup, gather_objects,
                           get_rank, get_world_size, init_distributed, is_dist, is_main_process)
-from artdist.errors import NonFiniteLossError, UserError
+from artdist.errors import ConfigError, NonFiniteLossError, UserError
 from artdist.model import CNNLSTM, build_model, check_weights
+from artdist import rundir
 from artdist.rundir import RunDir
 from artdist.train.checkpoint import Checkpointer, latest_checkpoint, load_checkpoint, seed_all
 from artdist.train.engine import TrainState, train_one_epoch
@@ -50,6 +53,8 @@ from artdist.train.resume import (Policy, accepted_config, check_resume, describ
                                   record_changes, set_aside)
 from artdist.train.tensorboard import log_config, log_final, log_train, log_validation, open_writer
 
+TERMINATED_EXIT = 143  # 128 + SIGTERM: how a process ended by that signal exits, here after saving
+
 
 # Called on every rank with the best model after the test evaluation: (model, cfg, manifest, device,
 # amp dtype, TensorBoard writer or None); the job passes the outlier reports (a higher layer).
@@ -58,34 +63,49 @@ AfterTest = Callable[[CNNLSTM, JobConfig, Manifest, torch.device, "torch.dtype |
 
 def main(cfg: JobConfig, after_test: AfterTest | None = None, policy: Policy = "check") -> str:
     """Train (or resume) `cfg`: 'done' after the test evaluation and `after_test` (or at once for a
-    finished run), or 'preempted'. `policy` says what a rerun may change (train.resume)."""
+    finished run), or 'preempted' (stop file) / 'terminated' (a signal) once the position is saved.
+    `policy` says what a rerun may change (train.resume)."""
     device = init_distributed(cfg.train.device)
     run_dir = RunDir(cfg.run_dir)
-    if policy == "fresh" and is_main_process():
-        old = set_aside(run_dir)
-        if old is not None:
-            print(f"--fresh: the previous run in {run_dir} is kept as {old}", flush=True)
-    barrier()
-    created = is_main_process() and not run_dir.path.exists()
     try:
-        try:
-            return train(cfg, device, after_test, policy)
-        except torch._dynamo.exc.TorchDynamoException as exc:
-            if not cfg.train.compile:
+        failure = None
+        if policy == "fresh" and is_main_process():
+            try:
+                old = set_aside(run_dir)
+            except UserError as exc:  # the run dir is in use: its LOCK is held
+                failure = str(exc)
+            else:
+                if old is not None:
+                    print(f"--fresh: the previous run in {run_dir} is kept as {old}", flush=True)
+        failure = broadcast_object(failure)  # every rank waits for rank 0 before it looks at the run dir
+        if failure:
+            raise UserError(failure)
+        created = is_main_process() and not run_dir.path.exists()
+        with rundir.hold(cfg.run_dir, "training"):
+            try:
+                return _train(cfg, device, after_test, policy)
+            except BaseException as exc:
+                # A failed start (bad shards, weights, config...) leaves no run dir behind; a run that saved
+                # a checkpoint, or whose loss diverged, keeps what it wrote. (The lock goes with the folder.)
+                if created and not run_dir.last.exists() and not isinstance(exc, NonFiniteLossError):
+                    shutil.rmtree(run_dir.path, ignore_errors=True)
                 raise
-            # Compilation happens at the first step, deep inside dynamo/inductor: say what to change instead.
-            detail = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:300]
-            raise UserError(f"train.compile: torch.compile of the backbone failed ({detail}); set "
-                            f"train.compile=false, or fix the compiler toolchain it names") from exc
-    except BaseException as exc:
-        # A failed start (bad shards, weights, config...) leaves no run dir behind; a run that saved
-        # a checkpoint, or whose loss diverged, keeps what it wrote.
-        if created and not run_dir.last.exists() and not isinstance(exc, NonFiniteLossError):
-            shutil.rmtree(run_dir.path, ignore_errors=True)
-        raise
     finally:
         cleanup()
 
+
+
+def _train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None, policy: Policy) -> str:
+    """train(), with a failed torch.compile said as one UserError."""
+    try:
+        return train(cfg, device, after_test, policy)
+    except torch._dynamo.exc.TorchDynamoException as exc:
+        if not cfg.train.compile:
+            raise
+        # Compilation happens at the first step, deep inside dynamo/inductor: say what to change instead.
+        detail = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:300]
+        raise UserError(f"train.compile: torch.compile of the backbone failed ({detail}); set "
+                        f"train.compile=false, or fix the compiler toolchain it names") from exc
 
 def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = None, policy: Policy = "check") -> str:
     rank, world, master = get_rank(), get_world_size(), is_main_process()
@@ -124,6 +144,11 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
     # ---- data: every rank gets len(loader) batches per epoch
     manifest = read_manifest(cfg.data.shards)
     num_classes = manifest.num_classes
+    classless = [t for t in cfg.model.tasks if num_classes[t] == 0]
+    if classless:
+        raise UserError(f"{cfg.data.shards} has no {'/'.join(classless)} classes: its class file was missing or empty "
+                        "when the shards were made (manifest.json anomalies: missing_tasks); add the class file and "
+                        f"re-run `artdist shard`, or drop {'/'.join(classless)} from model.tasks")
     loader = TrainLoader(cfg.data, manifest, rank, world, tcfg.seed, tcfg.accum_steps)
     steps_per_epoch = len(loader) // tcfg.accum_steps  # exact: the loader rounds up to whole steps
     total_steps = steps_per_epoch * tcfg.epochs
@@ -136,6 +161,8 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
     if master:
         run_dir.path.mkdir(parents=True, exist_ok=True)
         run_dir.stop_file.unlink(missing_ok=True)  # a stop request was meant for the previous process
+        for tmp in run_dir.partial_saves():  # a save killed mid-write (the lock says no one else is saving)
+            tmp.unlink(missing_ok=True)
         if changes:
             record_changes(run_dir, changes, saved)
             run_dir.finished.unlink(missing_ok=True)  # training continues: the run is no longer finished
@@ -161,6 +188,12 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
     seed_all(tcfg.seed)
     model, optimizer, scaler, loss_fn = build_training(cfg, num_classes, counts, device, amp_dtype, channels_last)
     checkpointer = Checkpointer(run_dir, model, optimizer, scaler, cfg, manifest.classes, layout)
+    if cfg.data.batch_size * tcfg.accum_steps < 2 and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} cannot train {cfg.model.backbone}: its BatchNorm layers "
+                          "need at least 2 images per batch; set data.batch_size >= 2")
+    # Undecodable samples an epoch may hold (all ranks together) before the run stops.
+    max_bad = math.floor(cfg.data.max_bad_fraction * len(loader) * cfg.data.batch_size * world)
 
     # ---- resume from model_last.pt if there is one; else per-rank streams for dropout/augmentation
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": -math.inf, "metrics": {}}
@@ -206,14 +239,14 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
         log = partial(log_step, writer, device, epoch=epoch, epochs=tcfg.epochs, steps_per_epoch=steps_per_epoch,
                       total_steps=total_steps, clock=clock) if master else None
         stats = train_one_epoch(state, loader, steps=steps_per_epoch, start_step=step_in_epoch,
-                                should_stop=watch.should_stop, log_every=tcfg.log_every, log=log,
+                                should_stop=watch.should_stop, log_every=tcfg.log_every, log=log, max_bad=max_bad,
                                 after_step=partial(checkpoint_mid_epoch, checkpointer.save, tcfg.checkpoint_every,
                                                    steps_per_epoch, {**position, "epoch": epoch}))
         step_in_epoch = stats["step"]
         if step_in_epoch < steps_per_epoch:  # preempted mid-epoch: save the exact position
             checkpointer.save({**position, "epoch": epoch, "step_in_epoch": step_in_epoch,
                                "global_step": state.global_step}, best=False)
-            return preempted(run_dir, writer)
+            return preempted(run_dir, writer, watch.signalled)
         step_in_epoch = 0
 
         broadcast_buffers(model)  # evaluate and save one model: rank 0's BatchNorm statistics
@@ -226,7 +259,7 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
         if master:
             log_epoch(writer, run_dir, epoch, tcfg.epochs, stats, val, is_best, time.perf_counter() - epoch_start)
         if stats["stopped"]:
-            return preempted(run_dir, writer)
+            return preempted(run_dir, writer, watch.signalled)
 
     check_replicas(model)
 
@@ -299,11 +332,16 @@ def log_epoch(writer: SummaryWriter, run_dir: RunDir, epoch: int, epochs: int, s
     line = {"epoch": epoch + 1, "step": step, "train_loss": stats["loss"], "train_task_loss": stats["task_loss"],
             "train_task_accuracy": stats["task_accuracy"], "val_task_loss": {t: r["loss"] for t, r in val["tasks"].items()},
             "lr": stats["lr"], "images_per_sec": stats["images_per_sec"], "data_wait_frac": stats["data_wait_frac"],
-            "val": metrics, "best": is_best, "time_s": seconds}
+            "val": metrics, "best": is_best, "time_s": seconds,
+            # undecodable samples skipped, per rank
+            "bad_samples": {"train": stats["bad_samples"], "val": val["bad_samples"]}}
     with open(run_dir.metrics, "a") as f:
         f.write(json.dumps(line) + "\n")
     shown = " ".join(f"{key} {value:.3f}" for key, value in metrics.items())
     print(f"epoch {epoch + 1}/{epochs} done in {seconds:.0f} s: val {shown}{' (best)' if is_best else ''}", flush=True)
+    if sum(stats["bad_samples"]):
+        print(f"  {sum(stats['bad_samples'])} undecodable training samples skipped this epoch (per rank: "
+              f"{stats['bad_samples']})", flush=True)
 
 
 def checkpoint_mid_epoch(save: Callable[..., None], every: int, steps_per_epoch: int, position: dict, step: int,
@@ -325,16 +363,18 @@ def check_replicas(model: torch.nn.Module) -> None:
               f"warning: final parameters of rank(s) {differ} differ from rank 0's", flush=True)
 
 
-def preempted(run_dir: RunDir, writer: SummaryWriter | None) -> str:
-    """After the stop was saved: every rank returns 'preempted'; rank 0 requeues when asked to (SLURM)."""
+def preempted(run_dir: RunDir, writer: SummaryWriter | None, signalled: bool) -> str:
+    """After the stop was saved: every rank returns 'terminated' (a signal) or 'preempted' (the stop file);
+    rank 0 requeues when asked to (SLURM)."""
     barrier()
+    outcome = "terminated" if signalled else "preempted"
     if is_main_process():
         writer.close()
-        print(f"preempted: the position is saved in {run_dir.last}; run the same command to resume",
+        print(f"{outcome}: the position is saved in {run_dir.last}; run the same command to resume",
               flush=True)
         if os.environ.get("ARTDIST_REQUEUE") == "1" and os.environ.get("SLURM_JOB_ID"):
             requeue_slurm_job()
-    return "preempted"
+    return outcome
 
 
 def build_training(cfg: JobConfig, num_classes: dict[str, int], counts: dict[str, list[int]] | None,
