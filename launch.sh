@@ -292,9 +292,11 @@ main() {
     else
         train_local "${args[@]}"
     fi
+    # The copies among the paintings: the shard-time hash groups beside the embedding near-duplicates.
+    ((demo)) && run python -m artdist duplicates --run "$run_dir"
     say "run directory: $run_dir"
     # Training ends with the test evaluation and the validation outlier reports (both printed above).
-    ((demo)) && say "  test evaluation: $run_dir/eval_test.json; outliers: $run_dir/outliers/val/index.html"
+    ((demo)) && say "  test evaluation: $run_dir/eval_test.json; outliers: $run_dir/outliers/val/index.html; duplicates: $run_dir/duplicates/index.html"
     say "watch it with: tensorboard --logdir $run_dir/tb"
 }
 

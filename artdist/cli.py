@@ -19,6 +19,7 @@ COMMANDS = {
     "outliers": "rank the paintings that do not fit their assigned labels",
     "relabel": "apply a review's exported decisions as label corrections to a new shard set",
     "audit": "score every painting out of sample: K fold trainings (here, or a SLURM array), one ranked report",
+    "duplicates": "find copies of one painting by embedding similarity, beside the shard-time hash groups",
     "submit": "submit a training job to SLURM through submitit",
     "bench": "measure loader, model and end-to-end throughput",
     "config": "print a job's resolved config (YAML + --set overrides)",

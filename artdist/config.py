@@ -92,10 +92,11 @@ class SynthConfig(Section):
     """`artdist synth`: a synthetic WikiArt-like corpus in the ArtGAN layout."""
 
     SECTION: ClassVar[str] = "synth"
-    out: str = "data/synth"  # output folder: images/, labels/ and planted_noise.csv
+    out: str = "data/synth"  # output folder: images/, labels/, planted_noise.csv and planted_duplicates.csv
     images: int = ranged(1200, MIN_SYNTH_IMAGES, 10_000_000)  # number of pictures
     seed: int = ranged(0, 0, SEED_RANGE[1])  # random seed; the same seed gives byte-identical files
     noise: float = fraction(0.0)  # fraction of images given a deliberately wrong label
+    duplicates: float = fraction(0.0, hi_open=False)  # fraction of paintings given a planted copy (planted_duplicates.csv)
     size: int = ranged(128, 16, 4096)  # side of the generated pictures, px
 
 
@@ -119,6 +120,8 @@ class ShardConfig(Section):
     min_shards: int = ranged(8, 1, 100_000)  # per split, a floor for small splits: shuffling mixes whole shards
     workers: int = ranged(0, 0, 256)  # processes writing shards; 0: all CPU cores
     max_pixels: int = ranged(200_000_000, 1, 10**10)  # decompression-bomb guard; larger images are skipped, reported
+    dup_hamming: int = ranged(3, 0, 16)  # near-duplicates: 64-bit perceptual hashes differing in at most this many bits
+    duplicate_policy: Literal["move", "drop", "report"] = "move"  # copies in several splits: move to the evaluation side, drop, or only report
 
 
 @dataclass
@@ -199,6 +202,17 @@ class OutlierConfig(Section):
 
 
 @dataclass
+class DuplicatesConfig(Section):
+    """`artdist duplicates`: near-duplicate paintings by embedding cosine similarity."""
+
+    SECTION: ClassVar[str] = "duplicates"
+    cosine: float = fraction(0.96, lo_open=True, hi_open=False)  # pairs at least this similar are one picture (fastdup's)
+    chunk: int = positive(1024, 1_000_000)  # query rows per similarity block: memory O(chunk x images), never O(images^2)
+    max_neighbours: int = positive(16, 10_000)  # nearest neighbours kept per image
+    planted: str = ""  # planted_duplicates.csv from `artdist synth --duplicates`: recall/precision per kind
+
+
+@dataclass
 class SlurmConfig(Section):
     """Defaults for `artdist submit` (each also a command-line flag)."""
 
@@ -237,6 +251,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # network
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation and run control
     outliers: OutlierConfig = field(default_factory=OutlierConfig)  # outlier scoring and reports
+    duplicates: DuplicatesConfig = field(default_factory=DuplicatesConfig)  # `artdist duplicates`: near-duplicate paintings
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # `artdist submit` resources
     synth: SynthConfig = field(default_factory=SynthConfig)  # `artdist synth` corpus
     shard: ShardConfig = field(default_factory=ShardConfig)  # `artdist shard` packing
@@ -535,6 +550,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "OutlierConfig",
+    "DuplicatesConfig",
     "SlurmConfig",
     "AuditConfig",
     "JobConfig",

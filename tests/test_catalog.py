@@ -11,6 +11,8 @@ from artdist.data.catalog import (
     LABEL_FILES,
     Catalog,
     assign_splits,
+    copies,
+    painting_id,
     load_catalog,
     split_counts,
 )
@@ -101,30 +103,58 @@ def test_real_anomalies(real):
     assert "81,446 images" in summary and "Art_Nouveau_Modern" in summary
     anomaly_lines = summary.split("label-file anomalies", 1)[1].splitlines()[1:]
     # one readable line per kind, no raw dicts, and the real files' anomalies are marked as expected
-    assert len(anomaly_lines) == 4 and not any("{" in line for line in anomaly_lines)
+    assert len(anomaly_lines) == 5 and not any("{" in line for line in anomaly_lines)
     assert all(line.endswith(f"expected for WikiArt (the ArtGAN files have {n})")
-               for line, n in zip(anomaly_lines, ("2", "1", "566", "4,334")))
+               for line, n in zip(anomaly_lines, ("2", "1", "566", "4,334", "1,349")))
     assert "1 image(s) with two different labels in one task" in anomaly_lines[1]
 
 
 def test_real_artgan_split(real):
     splits = assign_splits(real, "artgan", test_fraction=0.1, seed=0)
     assert len(splits) == len(real.records) and set(splits) == set(SPLITS_IN_ORDER)
+    val_paintings = {r.painting_id for r in real.records if "val" in r.source_split}
     for r, split in zip(real.records, splits):
-        assert (split == "val") == ("val" in r.source_split)
+        assert (split == "val") == (r.painting_id in val_paintings)
     n = Counter(splits)
     assert abs(n["test"] / (n["train"] + n["test"]) - 0.1) < 0.005
-    # stratified by style: every style's train share is carved ~10%, rare ones included
+    # stratified by style: every style's train share is carved ~10%, rare ones included (a painting's
+    # copies in other styles follow it into test, so a style may get a few more)
     counts = split_counts(real, splits)
     for name in real.classes["style"]:
         carved = counts["test"]["style"][name]
         pool = carved + counts["train"]["style"][name]
-        assert abs(carved - 0.1 * pool) <= 0.5, name
+        assert abs(carved - 0.1 * pool) <= 0.5 + 0.02 * pool, name
     assert counts["test"]["style"]["Action_painting"] > 0
     assert sum(c["total"] for c in counts.values()) == len(real.records)
     assert assign_splits(real, "artgan", 0.1, 0) == splits
     assert assign_splits(real, "artgan", 0.1, 1) != splits
     assert "test" not in assign_splits(real, "artgan", 0.0, 0)
+
+
+def test_real_multi_filed_paintings(real):
+    """1,349 file names are in two style folders: 941 pairs both in style_train, 399 both in style_val, 9 in one each."""
+    entry = real.anomalies["multi_filed"]
+    groups = copies(real.records)
+    assert entry["count"] == len(groups) == 1349
+    assert entry["by_splits"] == {"train/train": 941, "train/val": 9, "val/val": 399}
+    assert sum(len(g) for g in groups) == 2698
+    for members in groups:
+        paths = [real.records[i].path for i in members]
+        assert len({p.rsplit("/", 1)[1] for p in paths}) == 1 and len({p.split("/")[0] for p in paths}) == len(paths)
+        assert len({real.records[i].painting_id for i in members}) == 1
+        assert len({real.records[i].labels[TASKS.index("style")] for i in members}) == len(members)
+    pieta = [e for e in entry["examples"] if any("pieta" in c["path"] for c in e["copies"])]
+    assert all(e["painting_id"] == painting_id(e["copies"][0]["path"]) for e in entry["examples"])
+    assert len({r.painting_id for r in real.records}) == len(real.records) - 1349
+    assert ("1,349 painting(s) filed under several style folders (by split: train/train 941, train/val 9, "
+            "val/val 399)") in real.summary()
+    assert pieta == [] or pieta[0]["copies"][0]["style"] != pieta[0]["copies"][1]["style"]
+    for scheme in ("artgan", "random"):
+        splits = assign_splits(real, scheme, 0.1, 0)
+        assert all(len({splits[i] for i in members}) == 1 for members in groups), scheme
+        straddling = [g for g in groups if len({real.records[i].source_split[0] for i in g}) > 1]
+        if scheme == "artgan":  # the evaluation side wins
+            assert len(straddling) == 9 and all(splits[g[0]] == "val" for g in straddling)
 
 
 def test_real_random_split(real):
@@ -137,7 +167,7 @@ def test_real_random_split(real):
         per_split = [counts[s]["style"][name] for s in SPLITS_IN_ORDER]
         total = sum(per_split)
         for count, share in zip(per_split, (0.6, 0.2, 0.2)):
-            assert abs(count - share * total) <= 1, (name, per_split)
+            assert abs(count - share * total) <= 1 + 0.02 * total, (name, per_split)
     assert assign_splits(real, "random", seed=0) == splits
     other = assign_splits(real, "random", seed=7)
     assert other != splits and Counter(other) == n  # same strata sizes, different members

@@ -87,7 +87,8 @@ def test_demo_prepares_data_once_then_trains(tmp_path):
     assert steps[1] == "python -m artdist shard --config jobs/demo.yaml"
     assert re.fullmatch(r"env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc_per_node=\d+ "
                         r"--max-restarts=0 -m artdist train --config jobs/demo.yaml", steps[2])
-    assert len(steps) == 3  # training itself ends with the test evaluation and the outlier reports
+    assert steps[3] == "python -m artdist duplicates --run runs/demo"
+    assert len(steps) == 4  # training itself ends with the test evaluation and the outlier reports
     assert "outliers: runs/demo/outliers/val/index.html" in first.stdout
     assert first.stdout.rstrip().endswith("watch it with: tensorboard --logdir runs/demo/tb")
 
@@ -99,7 +100,7 @@ def test_demo_prepares_data_once_then_trains(tmp_path):
     again = launch(cwd=tmp_path, ARTDIST_DRY_RUN="1")
     assert again.returncode == 0, again.stderr
     steps = commands(again.stdout)
-    assert len(steps) == 1 and " torchrun " in steps[0]
+    assert len(steps) == 2 and " torchrun " in steps[0] and steps[1].startswith("python -m artdist duplicates")
     assert "skipping artdist synth" in again.stdout and "skipping artdist shard" in again.stdout
 
 

@@ -119,7 +119,7 @@ def test_same_seed_gives_identical_bytes(tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         make_corpus(SynthConfig(out=str(tmp_path / name), images=40, seed=seed, noise=0.2, size=32))
         runs[name] = files(tmp_path / name)
-    assert len(runs["a"]) == 40 + 9 + 1
+    assert len(runs["a"]) == 40 + 9 + 2  # images, label files, planted_noise.csv and planted_duplicates.csv
     assert runs["a"] == runs["b"]
     assert runs["a"] != runs["c"]
 

@@ -24,13 +24,15 @@ def add_override_argument(p: argparse.ArgumentParser) -> None:
                         "(repeatable; values are read as YAML)")
 
 
-def add_run_arguments(p: argparse.ArgumentParser, default_split: str) -> None:
-    """--run, --split, --checkpoint and --set: the arguments of every command that reads a trained run."""
+def add_run_arguments(p: argparse.ArgumentParser, default_split: str | None) -> None:
+    """--run, --split, --checkpoint and --set: the arguments of every command that reads a trained run
+    (no --split when `default_split` is None: the command reads every split)."""
     # --run-dir too: under torchrun, whose parser reads "--run" as an ambiguous prefix of its --run-path
     p.add_argument("--run", "--run-dir", dest="run", required=True, metavar="DIR",
                    help="run directory written by `artdist train` (spell it --run-dir under torchrun)")
-    p.add_argument("--split", default=default_split,
-                   help=f"split of the shards, any in their manifest.json: train, val, test... (default: {default_split})")
+    if default_split is not None:
+        p.add_argument("--split", default=default_split, help="split of the shards, any in their manifest.json: "
+                       f"train, val, test... (default: {default_split})")
     p.add_argument("--checkpoint", default=BEST, metavar="FILE",
                    help=f"checkpoint file name inside DIR, or a path (default: {BEST})")
     add_override_argument(p)  # applies to the checkpoint's config, e.g. --set data.shards=shards/other

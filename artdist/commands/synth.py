@@ -18,6 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise", type=float, metavar="F",
                    help="fraction of labelled (image, task) pairs written with a wrong label, listed in "
                         "planted_noise.csv (synth.noise)")
+    p.add_argument("--duplicates", type=float, metavar="F",
+                   help="fraction of paintings given a copy (exact under another style folder, re-encoded, resized, "
+                        "cropped, colour-jittered; some in the other split), listed in planted_duplicates.csv "
+                        "(synth.duplicates)")
     p.add_argument("--size", type=int, metavar="PX", help="side of the square pictures in px (synth.size)")
     p.add_argument("--styles", type=int, metavar="K", default=DEFAULT_COUNTS["style"],
                    help=f"number of style classes (default {DEFAULT_COUNTS['style']}, at most {len(STYLES)})")
@@ -29,9 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     job = override_section(load_config(args.config, args.overrides), "synth",
-                           {k: getattr(args, k) for k in ("out", "images", "seed", "noise", "size")})
+                           {k: getattr(args, k) for k in ("out", "images", "seed", "noise", "duplicates", "size")})
     summary = make_corpus(job.synth, args.styles, args.artists, args.genres)
     labelled = ", ".join(f"{t} {v['train']}+{v['val']}" for t, v in summary["labelled"].items())
     print(f"wrote {summary['images']} images ({summary['size']} px) to {summary['out']} in "
-          f"{summary['seconds']} s; labelled train+val: {labelled}; planted noise: {summary['planted_noise']}")
+          f"{summary['seconds']} s; labelled train+val: {labelled}; planted noise: {summary['planted_noise']}; "
+          f"planted copies: {summary['planted_duplicates']}")
     return 0

@@ -25,7 +25,14 @@ Splits (`assign_splits`):
   hash falls below the fraction.
 - `random`: a stratified 60/20/20 train/val/test; the stratum is the style label (or the first
   known label in TASKS order); within a stratum images are sorted by sha1(seed:path) and cut.
-Both depend only on the paths, labels and seed: stable across runs, machines and Python versions.
+Both then keep the copies of a painting together: a file name in several style folders is one
+painting filed under several styles (1,349 of the real files), and all its copies take the split
+of the copy nearest evaluation (val, then test, then train), so no painting is both trained on
+and evaluated. Both depend only on the paths, labels and seed: stable across runs, machines and
+Python versions.
+
+Copies share `Record.painting_id` (`painting_id(path)`: 63 bits of sha1 of the file name, the
+path after its last '/'); `multi_filed` reports their groups with counts per split combination.
 """
 from __future__ import annotations
 
@@ -57,6 +64,7 @@ ANOMALY_KINDS = (
     "conflicting_labels",
     "cross_task_split",
     "style_folder_mismatch",
+    "multi_filed",
 )
 INDEX = re.compile(r"-?[0-9]+")
 MAX_EXAMPLES = 10
@@ -75,6 +83,7 @@ class Record:
     id: int  # index in the catalog sorted by path
     labels: tuple[int, int, int]  # -1: unknown
     source_split: tuple[str, str, str]  # 'train' | 'val' | '' (not in that task)
+    painting_id: int = -1  # shared by the copies of one painting (painting_id(path))
 
 
 @dataclass
@@ -107,7 +116,8 @@ class Catalog:
 
 
 # Anomalies the real ArtGAN files have, with their counts there: reported, handled, and nothing to fix.
-WIKIART_ANOMALIES = {"header_lines": 2, "conflicting_labels": 1, "cross_task_split": 566, "style_folder_mismatch": 4334}
+WIKIART_ANOMALIES = {"header_lines": 2, "conflicting_labels": 1, "cross_task_split": 566, "style_folder_mismatch": 4334,
+                     "multi_filed": 1349}
 
 
 def describe_anomaly(kind: str, entry: dict) -> str:
@@ -138,6 +148,10 @@ def describe_anomaly(kind: str, entry: dict) -> str:
     elif kind == "style_folder_mismatch":
         text = f"{n:,} image(s) in a folder not named after their style: " + ", ".join(
             f"{e['folder']}/ holds {e['class']} ({e['count']:,})" for e in examples)
+    elif kind == "multi_filed":
+        by_splits = ", ".join(f"{k} {m:,}" for k, m in entry.get("by_splits", {}).items())
+        text = (f"{n:,} painting(s) filed under several style folders (by split: {by_splits}); "
+                f"{entry.get('rule', '')}; e.g. " + ", ".join(c["path"] for c in first.get("copies", [])))
     else:
         text = f"{n:,} {kind.replace('_', ' ')}; e.g. {first}"
     if kind in WIKIART_ANOMALIES:
@@ -313,13 +327,49 @@ def load_catalog(labels_dir: str | Path) -> Catalog:
     records = []
     for i, image in enumerate(sorted(set().union(*resolved.values()))):
         found = [resolved.get(task, {}).get(image, (-1, "")) for task in TASKS]
-        record = Record(image, i, tuple(f[0] for f in found), tuple(f[1] for f in found))
+        record = Record(image, i, tuple(f[0] for f in found), tuple(f[1] for f in found), painting_id(image))
         records.append(record)
         if {"train", "val"} <= set(record.source_split):
             _note(anomalies, "cross_task_split",
                   {"path": image, "splits": {t: s for t, s in zip(TASKS, record.source_split) if s}})
     _note_folder_mismatches(records, classes["style"], anomalies)
+    _note_multi_filed(records, classes, anomalies)
     return Catalog(records, classes, anomalies, row_counts)
+
+
+def painting_id(path: str) -> int:
+    """The id shared by a painting's copies: 63 bits of sha1(file name), the same everywhere."""
+    name = path.rsplit("/", 1)[-1]
+    return int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "big") >> 1
+
+
+def copies(records: list[Record]) -> list[list[int]]:
+    """Record indices of each painting with more than one record (same file name), in path order."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[r.painting_id].append(i)
+    return [members for members in groups.values() if len(members) > 1]
+
+
+def _style_file_split(record: Record) -> str:
+    """The style file (train/val) that lists the record; for a record without a style, any task's."""
+    return record.source_split[STYLE] or ("val" if "val" in record.source_split else "train")
+
+
+def _note_multi_filed(records: list[Record], classes: dict[str, list[str]], anomalies: dict) -> None:
+    """One painting filed under several style folders: one entry per group, counted per combination of
+    the style files (train/val) its rows are in."""
+    by_splits: Counter = Counter()
+    for members in copies(records):
+        group = [records[i] for i in members]
+        by_splits["/".join(sorted(_style_file_split(r) for r in group))] += 1
+        _note(anomalies, "multi_filed", {
+            "painting_id": group[0].painting_id,
+            "copies": [{"path": r.path, "split": _style_file_split(r),
+                        **{task: classes[task][r.labels[t]] for t, task in enumerate(TASKS) if r.labels[t] >= 0}}
+                       for r in group]})
+    anomalies["multi_filed"]["by_splits"] = dict(sorted(by_splits.items()))
+    anomalies["multi_filed"]["rule"] = "all copies take the split nearest evaluation (val, test, train)"
 
 
 def _note_folder_mismatches(records: list[Record], styles: list[str], anomalies: dict) -> None:
@@ -340,14 +390,21 @@ def path_key(salt: object, path: str) -> int:
 
 def assign_splits(catalog: Catalog, scheme: str, test_fraction: float = 0.1, seed: int = 0) -> list[str]:
     """'train' | 'val' | 'test' per record, in record order (see the module docstring)."""
-    keys = [path_key(seed, r.path) for r in catalog.records]
+    records = catalog.records
+    keys = [path_key(seed, r.path) for r in records]
+    # A painting filed under several styles is cut as one unit, led by its first copy, in a stratum of
+    # its own: in a style's stratum its copies would pull other styles' counts off their fractions.
+    groups = {g[0]: g for g in copies(records)}
+    followers = {i for g in groups.values() for i in g[1:]}
     strata: dict[tuple[int, int], list[int]] = defaultdict(list)
     if scheme == "artgan":
-        splits = ["val" if "val" in r.source_split else "train" for r in catalog.records]
-        for i, r in enumerate(catalog.records):
-            if splits[i] != "train":
+        splits = _keep_copies_together(records, ["val" if "val" in r.source_split else "train" for r in records])
+        for i, r in enumerate(records):
+            if splits[i] != "train" or i in followers:
                 continue
-            if r.labels[STYLE] >= 0:
+            if i in groups:
+                strata[COPIES_STRATUM].append(i)
+            elif r.labels[STYLE] >= 0:
                 strata[(STYLE, r.labels[STYLE])].append(i)
             elif keys[i] < test_fraction * 2**64:
                 splits[i] = "test"
@@ -355,12 +412,14 @@ def assign_splits(catalog: Catalog, scheme: str, test_fraction: float = 0.1, see
             members.sort(key=keys.__getitem__)
             for i in members[: round(test_fraction * len(members))]:
                 splits[i] = "test"
-        return splits
+        return _spread(groups, splits)
 
-    splits = [""] * len(catalog.records)
-    for i, r in enumerate(catalog.records):
+    splits = [""] * len(records)
+    for i, r in enumerate(records):
+        if i in followers:
+            continue
         known = [(t, label) for t, label in enumerate(r.labels) if label >= 0]
-        strata[known[0] if known else (-1, -1)].append(i)
+        strata[COPIES_STRATUM if i in groups else known[0] if known else (-1, -1)].append(i)
     for members in strata.values():
         members.sort(key=keys.__getitem__)
         n = len(members)
@@ -368,6 +427,26 @@ def assign_splits(catalog: Catalog, scheme: str, test_fraction: float = 0.1, see
         val_end = round((RANDOM_FRACTIONS[0] + RANDOM_FRACTIONS[1]) * n)
         for rank, i in enumerate(members):
             splits[i] = "train" if rank < train_end else "val" if rank < val_end else "test"
+    return _spread(groups, splits)
+
+
+COPIES_STRATUM = (-2, -2)
+EVALUATION_ORDER = ("val", "test", "train")  # the split a painting's copies join: the first any copy has
+
+
+def _spread(groups: dict[int, list[int]], splits: list[str]) -> list[str]:
+    """Every copy of a painting takes the split of its first copy."""
+    for lead, members in groups.items():
+        for i in members:
+            splits[i] = splits[lead]
+    return splits
+
+
+def _keep_copies_together(records: list[Record], splits: list[str]) -> list[str]:
+    for members in copies(records):
+        target = min((splits[i] for i in members), key=EVALUATION_ORDER.index)
+        for i in members:
+            splits[i] = target
     return splits
 
 

@@ -15,7 +15,9 @@ from collections import Counter
 from pathlib import Path
 
 from artdist.config import TASKS, ShardConfig, to_dict
+from artdist.data import duplicates
 from artdist.data.catalog import SPLITS, Catalog, assign_splits, load_catalog, path_key
+from artdist.data.duplicates import file_sha256 as _sha256
 from artdist.data.image import BadImage, encode_image, prepare_image
 from artdist.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
 from artdist.errors import UserError
@@ -75,14 +77,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -94,7 +88,7 @@ def _write_shard(job: _ShardJob) -> dict:
     out, opts = Path(job.out), job.options
     ext = EXTENSIONS[opts["format"]]
     tmp = out / f"{job.name}.tmp"
-    skipped, written = [], 0
+    skipped, written, hashes = [], 0, {}
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in job.samples:
             try:
@@ -105,6 +99,8 @@ def _write_shard(job: _ShardJob) -> dict:
                                 **({"detail": exc.detail} if exc.detail else {})})
                 continue
             key = sample_key(sample["path"])
+            hashes[sample["path"]] = [_sha256(Path(opts["images"]) / sample["path"]), *duplicates.perceptual_hashes(im)]
+            sample = {**sample, **dict(zip(duplicates.HASH_FIELDS, hashes[sample["path"]]))}
             data = encode_image(im, opts["format"], opts["quality"])
             _add_member(tar, f"{key}.{ext}", data)
             _add_member(tar, f"{key}.json", json.dumps(sample).encode("utf-8"))
@@ -118,6 +114,7 @@ def _write_shard(job: _ShardJob) -> dict:
         "images": len(job.samples),
         "skipped": skipped,
         "fingerprint": job.fingerprint,
+        "hashes": hashes,
     }
     _write_atomic(out / DONE_DIR / f"{job.name}.json", json.dumps(record, indent=1))
     return record
@@ -159,11 +156,11 @@ def _check_images(cfg: ShardConfig) -> None:
 
 
 def _plan(cfg: ShardConfig, catalog: Catalog, splits: list[str], present: list[bool]) -> dict[str, list[_ShardJob]]:
-    options = {k: getattr(cfg, k) for k in CONTENT_OPTIONS}
+    options = {**{k: getattr(cfg, k) for k in CONTENT_OPTIONS}, "hashes": duplicates.HASHES}
     plan = {}
     for split in SPLITS:
         samples = [
-            {"path": r.path, "id": r.id, **dict(zip(TASKS, r.labels)), "split": split}
+            {"path": r.path, "id": r.id, "painting_id": r.painting_id, **dict(zip(TASKS, r.labels)), "split": split}
             for r, s, ok in zip(catalog.records, splits, present) if s == split and ok
         ]
         # Ids follow the sorted paths, i.e. the style folders: in id order a shard would hold one or
@@ -242,6 +239,30 @@ def _run_jobs(jobs: list[_ShardJob], workers: int, progress: Progress) -> list[d
     return records
 
 
+def _duplicates(cfg: ShardConfig, out: Path, plan: dict[str, list[_ShardJob]], records: dict[str, dict]
+                ) -> tuple[dict, dict[str, list[str]]]:
+    """Group the written samples by content, apply shard.duplicate_policy to the groups that straddle
+    splits; returns the manifest's "duplicates" entry and the shard names per split."""
+    samples = [{**s, "shard": job.name, "key": sample_key(s["path"]),
+                **dict(zip(duplicates.HASH_FIELDS, records[job.name]["hashes"][s["path"]]))}
+               for split in SPLITS for job in plan[split] for s in job.samples if s["path"] in records[job.name]["hashes"]]
+    groups = duplicates.group_samples(samples, cfg.dup_hamming)
+    actions = duplicates.leak_actions(groups, cfg.duplicate_policy)
+    names = {split: [job.name for job in plan[split]] for split in SPLITS}
+    new_names = {split: shard_name(split, len(plan[split])) for split in SPLITS}
+    changed = duplicates.apply_actions(out, {s["path"]: s for s in samples}, actions, new_names)
+    for name in changed:
+        # A rewritten shard no longer matches its done record: a rerun redoes it and the policy again.
+        (out / DONE_DIR / f"{name}.json").unlink(missing_ok=True)
+        records[name] = {**records.get(name, {}), **changed[name]}
+    for split, name in new_names.items():
+        names[split] += [name] if name in changed else []
+    report = {"max_distance": cfg.dup_hamming, "policy": cfg.duplicate_policy, "groups": groups,
+              "actions": actions, "hash_fields": list(duplicates.HASH_FIELDS),
+              "hashes": {s["path"]: [s[k] for k in duplicates.HASH_FIELDS] for s in samples}}
+    return report, names
+
+
 def shard_dataset(cfg: ShardConfig, progress: bool = True) -> dict:
     """Write cfg.out: shards per split, class_names_<task>.txt, manifest.json (last, atomically).
 
@@ -274,25 +295,28 @@ def shard_dataset(cfg: ShardConfig, progress: bool = True) -> dict:
         log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} shards already done")
     bar = Progress(len(todo), "shards", enabled=progress)
     records.update({r["name"]: r for r in _run_jobs(todo, cfg.workers, bar)})
+    dups, shards = _duplicates(cfg, out, plan, records)
 
     for task in TASKS:
         _write_atomic(out / f"class_names_{task}.txt", "".join(f"{name}\n" for name in catalog.classes[task]))
     skipped += [s for job in jobs for s in records[job.name]["skipped"]]
+    skipped += [{"path": a["path"], "reason": "leaking copy dropped"} for a in dups["actions"] if not a["to"]]
     skipped.sort(key=lambda s: s["path"])
-    splits = {split: SplitInfo(sum(records[j.name]["num_samples"] for j in plan[split]),
-                               tuple(ShardInfo(**{k: records[j.name][k] for k in ("name", "num_samples", "sha256")})
-                                     for j in plan[split]))
+    splits = {split: SplitInfo(sum(records[name]["num_samples"] for name in shards[split]),
+                               tuple(ShardInfo(**{k: records[name][k] for k in ("name", "num_samples", "sha256")})
+                                     for name in shards[split]))
               for split in SPLITS}
     # The output folder is where the manifest lives; leaving it out of the options keeps copies identical.
     extra = {"options": {k: v for k, v in to_dict(cfg).items() if k != "out"}, "anomalies": catalog.anomalies,
-             "skipped": skipped}
+             "skipped": skipped, "duplicates": dups}
     manifest = Manifest(out, splits, catalog.classes, EXTENSIONS[cfg.format], extra).to_json()
     # No indent: json's C encoder only runs without one, and 80k skipped entries take seconds else.
     _write_atomic(out / MANIFEST_NAME, json.dumps(manifest) + "\n")
 
     reasons = Counter(s["reason"] for s in skipped)
-    written = sum(r["num_samples"] for r in records.values())
-    size = sum(r["bytes"] for r in records.values())
+    written = sum(records[name]["num_samples"] for names in shards.values() for name in names)
+    size = sum(records[name]["bytes"] for names in shards.values() for name in names)
+    log(duplicates.summarize(dups))
     log(f"{written:,} images in {len(jobs)} shards ({len(jobs) - len(todo)} reused), {size / 2**20:.1f} MiB, "
         f"{bar.rate():.1f} images/s; skipped {len(skipped):,}"
         + (": " + ", ".join(f"{reason} {n:,}" for reason, n in sorted(reasons.items())) if skipped else ""))

@@ -1,4 +1,4 @@
-"""Synthetic WikiArt-like corpus in the exact ArtGAN layout, with optional planted label noise."""
+"""Synthetic WikiArt-like corpus in the exact ArtGAN layout, with optional planted label noise and copies."""
 from __future__ import annotations
 
 import colorsys
@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from artdist.config import TASKS, SynthConfig
+from artdist.data.duplicates import PLANTED_FIELDS, PLANTED_NAME
 from artdist.errors import ConfigError
 
 # Real ArtGAN class names, in the order the generator takes them (most distinct looks first);
@@ -354,6 +355,58 @@ def _plant_noise(images: list[_Image], counts: dict[str, int], noise: float,
     return planted
 
 
+# Planted copies, in turn: the same file under another style folder (as WikiArt files one painting under
+# several styles), then copies that only a hash or an embedding can find.
+COPY_KINDS = ("exact", "reencoded", "resized", "cropped", "jittered")
+COPY_ACROSS_SPLITS = 0.3  # share of the other kinds whose copy sits in the other split (leakage)
+REENCODE_QUALITY = 60
+RESIZE_FACTOR = (0.6, 0.85)
+CROP_KEEP = (0.95, 0.98)  # kept share of each side: at most ~10% of the area goes
+JITTER = (0.85, 1.15)  # brightness, contrast and saturation factors
+
+
+def _plant_copies(images: list[_Image], paths: list[str], fraction: float, names: dict[str, list[str]],
+                  rng: np.random.Generator) -> list[tuple[int, _Image, str, str]]:
+    """Copies of `fraction` of the paintings: (original index, copy, its path, kind), kinds in turn."""
+    k = int(round(fraction * len(images)))
+    originals = sorted(rng.choice(len(images), k, replace=False).tolist()) if k else []
+    planted = []
+    for n, i in enumerate(originals):
+        img, kind = images[i], COPY_KINDS[n % len(COPY_KINDS)]
+        copy = dataclasses.replace(img, splits=dict(img.splits), assigned=dict(img.assigned))
+        folder, name = paths[i].split("/", 1)
+        if kind == "exact":
+            other = int(rng.integers(len(names["style"]) - 1))
+            copy.assigned["style"] = other + (other >= img.assigned["style"])
+            path = f"{copy.folder(names['style'])}/{name}"
+        else:
+            path = f"{folder}/{name.rsplit('.', 1)[0]}-{kind}.jpg"
+            if rng.random() < COPY_ACROSS_SPLITS:
+                copy.splits = {t: "val" if s == "train" else "train" for t, s in img.splits.items()}
+        planted.append((i, copy, path, kind))
+    return planted
+
+
+def _copy_picture(source: Path, dest: Path, kind: str, rng: np.random.Generator) -> None:
+    if kind == "exact":
+        dest.write_bytes(source.read_bytes())
+        return
+    with Image.open(source) as im:
+        im = im.convert("RGB")
+    w, h = im.size
+    if kind == "resized":
+        f = rng.uniform(*RESIZE_FACTOR)
+        im = im.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.LANCZOS)
+    elif kind == "cropped":
+        kw, kh = round(w * rng.uniform(*CROP_KEEP)), round(h * rng.uniform(*CROP_KEEP))
+        x, y = int(rng.integers(w - kw + 1)), int(rng.integers(h - kh + 1))
+        im = im.crop((x, y, x + kw, y + kh))
+    elif kind == "jittered":
+        for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            im = enhance(im).enhance(rng.uniform(*JITTER))
+    im.save(dest, "JPEG", quality=REENCODE_QUALITY if kind == "reencoded" else JPEG_QUALITY)
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -378,6 +431,10 @@ def _write_labels(labels: Path, images: list[_Image], paths: list[str], names: d
                 (labels / CSV_FILES[task, split]).write_text(text, encoding="utf-8", newline="")
 
 
+def _split_of(img: _Image) -> str:
+    return "val" if "val" in img.splits.values() else "train"
+
+
 def _check_counts(counts: dict[str, int]) -> None:
     """Class counts come from flags, not the config (whose ranges were checked when it was built)."""
     limits = {"style": len(STYLES), "artist": len(ARTISTS), "genre": len(GENRES)}
@@ -388,7 +445,7 @@ def _check_counts(counts: dict[str, int]) -> None:
 
 def make_corpus(cfg: SynthConfig, num_styles: int = DEFAULT_COUNTS["style"],
                 num_artists: int = DEFAULT_COUNTS["artist"], num_genres: int = DEFAULT_COUNTS["genre"]) -> dict:
-    """Write cfg.out/images, cfg.out/labels and cfg.out/planted_noise.csv; return a summary.
+    """Write cfg.out/images, cfg.out/labels, cfg.out/planted_noise.csv and planted_duplicates.csv; return a summary.
 
     Deterministic: the same config gives byte-identical files. Rerunning into the same folder
     replaces the corpus (pictures of the earlier run are removed).
@@ -402,7 +459,7 @@ def make_corpus(cfg: SynthConfig, num_styles: int = DEFAULT_COUNTS["style"],
     # Generator index -> alphabetical class index, so labels match the class files.
     to_label = {t: [names[t].index(c) for c in chosen[t]] for t in TASKS}
     seq = np.random.SeedSequence(cfg.seed)
-    plan_seq, noise_seq, file_seq, draw_seq = seq.spawn(4)
+    plan_seq, noise_seq, file_seq, draw_seq, copy_seq = seq.spawn(5)  # the fifth: corpora without copies unchanged
     images = _plan(cfg.images, counts, np.random.default_rng(plan_seq))
     planted = _plant_noise(images, counts, cfg.noise, np.random.default_rng(noise_seq))
     for img in images:
@@ -414,11 +471,25 @@ def make_corpus(cfg: SynthConfig, num_styles: int = DEFAULT_COUNTS["style"],
         dest.parent.mkdir(parents=True, exist_ok=True)
         pixels = _draw(img, num_styles, cfg.size, np.random.default_rng(child))
         Image.fromarray(pixels).save(dest, "JPEG", quality=JPEG_QUALITY)
+    copy_rng = np.random.default_rng(copy_seq)
+    copies = _plant_copies(images, paths, cfg.duplicates, names, copy_rng)
+    for i, copy, path, kind in copies:
+        (out / "images" / path).parent.mkdir(parents=True, exist_ok=True)
+        _copy_picture(out / "images" / paths[i], out / "images" / path, kind, copy_rng)
+    originals = [paths[i] for i, *_ in copies]
+    images += [copy for _, copy, _, _ in copies]
+    paths += [path for _, _, path, _ in copies]
     # Pictures of an earlier run into the same folder would otherwise linger beside the new ones.
     for stale in set((out / "images").glob("*/*.jpg")) - {out / "images" / p for p in paths}:
         stale.unlink()
     _write_labels(out / "labels", images, paths, names, np.random.default_rng(file_seq))
 
+    with open(out / PLANTED_NAME, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(PLANTED_FIELDS)
+        for (i, copy, path, kind), original in sorted(zip(copies, originals), key=lambda c: c[0][2]):
+            writer.writerow([path, original, kind, _split_of(copy), _split_of(images[i])])
+    # planted_noise.csv last: launch.sh takes its presence to mean a complete corpus.
     with open(out / "planted_noise.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["path", "task", "true_label", "assigned_label", "true_class", "assigned_class"])
@@ -435,5 +506,6 @@ def make_corpus(cfg: SynthConfig, num_styles: int = DEFAULT_COUNTS["style"],
         "classes": names,
         "labelled": per_task,
         "planted_noise": len(planted),
+        "planted_duplicates": len(copies),
         "seconds": round(time.perf_counter() - start, 2),
     }

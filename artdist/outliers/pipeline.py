@@ -12,6 +12,7 @@ import torch
 
 from artdist import dist
 from artdist.config import TASKS, JobConfig
+from artdist.data.duplicates import copy_labels
 from artdist.data.loader import BAD_ID, bad_samples
 from artdist.data.manifest import Manifest
 from artdist.data.transforms import DeviceTransform
@@ -36,11 +37,30 @@ COMBINED_DESCRIPTION = ("-log p(assigned) of the classifier + -log p(assigned) o
 
 
 def _batches(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, split: str, device: torch.device,
-             amp_dtype: torch.dtype | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]]:
+             amp_dtype: torch.dtype | None, progress: str = "outliers"
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]]:
     """This rank's share of a split through the model: (ids, labels, logits per task, embedding)."""
-    loader = eval_batches(cfg, manifest, split, progress="outliers")
+    loader = eval_batches(cfg, manifest, split, progress=progress)
     transform = DeviceTransform(cfg.data, device, train=False, channels_last=use_channels_last(cfg, device))
     yield from run_inference(model, loader, transform, device, amp_dtype)
+
+
+def gather_embeddings(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, split: str, device: torch.device,
+                      amp_dtype: torch.dtype | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(ids [N], labels [N, 3], unit-length embeddings [N, D] float16) of a split, sorted by id, on rank 0
+    (None on the others); every rank joins."""
+    parts = [(ids.cpu().numpy(), labels.cpu().numpy(),
+              torch.nn.functional.normalize(emb, dim=1).half().cpu().numpy())
+             for ids, labels, _, emb in _batches(model, cfg, manifest, split, device, amp_dtype, "duplicates")]
+    gathered = dist.gather_objects(parts)
+    if gathered is None:
+        return None
+    flat = [p for rank in gathered for p in rank]
+    if not flat:
+        return np.zeros(0, np.int64), np.zeros((0, len(TASKS)), np.int64), np.zeros((0, 0), np.float16)
+    ids, labels, emb = (np.concatenate([p[k] for p in flat]) for k in range(3))
+    order = np.argsort(ids, kind="stable")
+    return ids[order], labels[order], emb[order]
 
 
 def fit_class_gaussians(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, device: torch.device,
@@ -195,11 +215,12 @@ def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: Man
     }
     pages: dict[str, dict[str, Any]] = {}
     grids: dict[str, list[dict[str, Any]]] = {}
+    copies = copy_labels(manifest)
     for task, scores in per_task.items():
         names = manifest.classes[task]
         combined = combined_score(scores)
         task_summary, rows, typical = _rank_task(task, scores, combined, names, cfg, index, out_dir, columns or {},
-                                                 every_row)
+                                                 every_row, copies)
         if shrinkage is not None:
             task_summary["shrinkage"] = round(shrinkage[task], 4)
         if planted is not None:
@@ -207,13 +228,17 @@ def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: Man
             task_summary["quality"] = detection_quality(oriented_scores(scores, combined), positive,
                                                         cfg.outliers.top_k)
         summary["tasks"][task] = task_summary
-        shown = [r for r in rows if r["flagged_combined"]][: cfg.outliers.top_k]
+        # A painting predicted as the label another copy of it is filed under is not a likely mislabel.
+        shown = [r for r in rows if r["flagged_combined"] and not r["several_classes"]][: cfg.outliers.top_k]
         grids[task] = shown
+        several = task_summary["several_classes"]
         pages[task] = {"rows": rows, "combined": combined, "typical": typical,
                        "summary": (f"{len(scores.ids)} samples scored; {task_summary['flagged_combined']} flagged "
                                    f"by the combined score, {task_summary['flagged_max_softmax']} by the "
                                    f"max_softmax rule (top probability < {cfg.outliers.threshold:g}); "
-                                   f"{len(rows)} rows.")}
+                                   f"{len(rows)} rows"
+                                   + (f"; {several} predicted as the label of another copy of the painting "
+                                      f"(filed under several classes, not mislabelled)." if several else "."))}
     if planted is not None:
         table = quality_table(split, {t: s["quality"] for t, s in summary["tasks"].items()})
         print(table, flush=True)
@@ -232,9 +257,14 @@ def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: Man
 
 
 def _rank_task(task: str, scores: TaskScores, combined: np.ndarray, names: list[str], cfg: JobConfig,
-               index: dict, out_dir: Path, columns: dict[str, dict[int, Any]], every_row: bool
+               index: dict, out_dir: Path, columns: dict[str, dict[int, Any]], every_row: bool,
+               copies: dict[int, dict[str, set[int]]] | None = None
                ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """Rank one task, write its CSV/JSON of flagged (or all) samples; return summary, rows, typical per class."""
+    """Rank one task, write its CSV/JSON of flagged (or all) samples; return summary, rows, typical per class.
+
+    A row whose predicted class is the label of another copy of the picture (`copies`: id -> task ->
+    labels) has several_classes set: filed under several classes, not a likely mislabel."""
+    copies = copies or {}
     n = len(scores.ids)
     rank = descending_ranks(combined, scores.ids)
     order = np.argsort(rank)
@@ -245,6 +275,7 @@ def _rank_task(task: str, scores: TaskScores, combined: np.ndarray, names: list[
     listed = order if every_row else order[(flag_max_softmax | flag_combined)[order]]
     for i in listed.tolist():
         sample = int(scores.ids[i])
+        other = sorted(copies.get(sample, {}).get(task, set()))
         rows.append({
             "rank": int(rank[i]), "id": sample, "path": index[sample].path,
             **{name: values[sample] for name, values in columns.items()},
@@ -256,6 +287,8 @@ def _rank_task(task: str, scores: TaskScores, combined: np.ndarray, names: list[
             "feature_predicted": names[scores.feature_predicted[i]],
             "feature_p_assigned": finite_or_none(math.exp(-float(scores.feature_nll[i]))),
             "flagged_max_softmax": bool(flag_max_softmax[i]), "flagged_combined": bool(flag_combined[i]),
+            "copy_labels": [names[c] for c in other],
+            "several_classes": int(scores.predicted[i]) in other,
             "reasons": reasons_for(scores, i, names, cfg.outliers.threshold, maha_z, energy_z)
             or [f"combined score in the top {cfg.outliers.flag_fraction:.0%}"],
         })
@@ -264,6 +297,7 @@ def _rank_task(task: str, scores: TaskScores, combined: np.ndarray, names: list[
     write_rows(rows, out_dir / f"{task}.csv", out_dir / f"{task}.json", meta)
     summary = {"scored": n, "flagged_max_softmax": int(flag_max_softmax.sum()),
                "flagged_combined": int(flag_combined.sum()),
+               "several_classes": sum(r["several_classes"] for r in rows),
                "csv": str(out_dir / f"{task}.csv")}
     return summary, rows, _typical(scores, names, flag_combined, index)
 

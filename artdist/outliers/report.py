@@ -25,7 +25,7 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # OWASP's list for CSV inject
 ROW_FIELDS = (
     "rank", "id", "path", "assigned", "predicted", "combined", "max_softmax", "p_assigned", "margin",
     "energy", "mahalanobis", "mahalanobis_z", "feature_predicted", "feature_p_assigned", "flagged_max_softmax",
-    "flagged_combined", "reasons",
+    "flagged_combined", "copy_labels", "several_classes", "reasons",
 )
 
 
@@ -87,8 +87,9 @@ def write_rows(rows: list[dict[str, Any]], csv_path: Path, json_path: Path, meta
         for row in rows:
             flat = dict(row)
             flat["reasons"] = "; ".join(row["reasons"])
-            for flag in ("flagged_max_softmax", "flagged_combined"):
-                flat[flag] = "yes" if row[flag] else "no"
+            flat["copy_labels"] = " ".join(row.get("copy_labels", []))
+            for flag in ("flagged_max_softmax", "flagged_combined", "several_classes"):
+                flat[flag] = "yes" if row.get(flag) else "no"
             out.writerow({key: csv_cell(value) for key, value in flat.items()})
     json_path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
 

@@ -212,36 +212,46 @@ def run_inference(model: torch.nn.Module, loader: Iterable, transform: Callable[
 
 def count_predictions(model: torch.nn.Module, loader: Iterable, transform: Callable[[torch.Tensor], torch.Tensor],
                       device: torch.device, amp_dtype: torch.dtype | None, tasks: list[str],
-                      num_classes: dict[str, int]) -> dict:
+                      num_classes: dict[str, int], copy_labels: dict[int, dict[str, set[int]]] | None = None) -> dict:
     """Confusion matrices, top-5 hits and sample counts over a split, summed over ranks.
 
     Every rank gets the same result: {"num_samples": samples seen (labelled or not, undecodable ones
-    not), "confusion": {task: [C, C] int64 on CPU}, "top5_correct": {task: int}, "loss_sum": {task: summed
-    cross-entropy, nats}, "bad_samples": [undecodable samples per rank]}. Labels of -1 are left out of that
-    task's matrix, hits and loss.
+    not), "confusion": {task: [C, C] int64 on CPU}, "top5_correct": {task: int}, "copy_label_hits": {task:
+    int}, "loss_sum": {task: summed cross-entropy, nats}, "bad_samples": [undecodable samples per rank]}.
+    Labels of -1 are left out of that task's matrix, hits and loss. copy_label_hits counts wrong predictions
+    that are the label of another copy of the picture (`copy_labels`: id -> task -> labels).
     """
+    copy_labels = copy_labels or {}
     sizes = [num_classes[t] ** 2 for t in tasks]
-    # One flat counter vector -> one all-reduce: [confusions..., top5 per task, samples seen].
-    counts = torch.zeros(sum(sizes) + len(tasks) + 1, dtype=torch.int64, device=device)
+    # One flat counter vector -> one all-reduce: [confusions..., top5 per task, copy hits per task, samples seen].
+    counts = torch.zeros(sum(sizes) + 2 * len(tasks) + 1, dtype=torch.int64, device=device)
     cms = {t: flat.view(num_classes[t], num_classes[t]) for t, flat in zip(tasks, counts[:sum(sizes)].split(sizes))}
-    top5 = counts[sum(sizes):-1]
+    top5 = counts[sum(sizes):sum(sizes) + len(tasks)]
+    copy_hits = counts[sum(sizes) + len(tasks):-1]
     losses = torch.zeros(len(tasks), dtype=torch.float64, device=device)
     bad = 0
     for ids, labels, logits, _ in run_inference(model, loader, transform, device, amp_dtype):
         batch_bad = bad_samples(ids)
         bad += batch_bad
         counts[-1] += labels.shape[0] - batch_bad
+        copied = [(row, i) for row, i in enumerate(ids.tolist()) if i in copy_labels] if copy_labels else []
         for i, task in enumerate(tasks):
             y = labels[:, TASKS.index(task)]
-            cms[task] += confusion_matrix(logits[task].argmax(dim=1), y, num_classes[task])
+            predicted = logits[task].argmax(dim=1)
+            cms[task] += confusion_matrix(predicted, y, num_classes[task])
             top5[i] += topk_correct(logits[task], y, 5)
             losses[i] += torch.nn.functional.cross_entropy(logits[task], y, ignore_index=-1, reduction="sum").double()
+            if copied:
+                p, t = predicted.tolist(), y.tolist()
+                copy_hits[i] += sum(t[row] >= 0 and p[row] != t[row] and p[row] in copy_labels[sid][task]
+                                    for row, sid in copied)
     all_reduce_sum(counts)
     all_reduce_sum(losses)
     return {
         "num_samples": int(counts[-1]),
         "confusion": {t: cm.cpu() for t, cm in cms.items()},
         "top5_correct": {t: int(top5[i]) for i, t in enumerate(tasks)},
+        "copy_label_hits": {t: int(copy_hits[i]) for i, t in enumerate(tasks)},
         "loss_sum": {t: float(losses[i]) for i, t in enumerate(tasks)},
         "bad_samples": per_rank(bad, device),
     }

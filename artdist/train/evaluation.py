@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from artdist.config import HEADLINE, JobConfig
+from artdist.data.duplicates import copies_lost, copy_labels
 from artdist.data.loader import make_eval_loader
 from artdist.data.manifest import Manifest
 from artdist.data.transforms import DeviceTransform
@@ -31,12 +32,18 @@ def evaluate_split(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, s
     loader = eval_batches(cfg, manifest, split, progress)
     transform = DeviceTransform(cfg.data, device, train=False, channels_last=use_channels_last(cfg, device))
     result = engine.count_predictions(model, loader, transform, device, amp_dtype, cfg.model.tasks,
-                                      manifest.num_classes)
+                                      manifest.num_classes, copy_labels(manifest))
     tasks = {task: report_from_confusion(result["confusion"][task], manifest.classes[task],
                                          result["top5_correct"][task])
              for task in cfg.model.tasks}
-    for task, report in tasks.items():  # mean cross-entropy of the labelled samples (no smoothing or weights)
-        report["loss"] = result["loss_sum"][task] / max(report["num_labelled"], 1)
+    for task, report in tasks.items():
+        labelled = report["num_labelled"]
+        report["loss"] = result["loss_sum"][task] / max(labelled, 1)  # mean cross-entropy (no smoothing or weights)
+        # Copies of one picture filed under different classes: a prediction matching any of the picture's
+        # labels counts, and no one-class-per-picture model can beat the ceiling they impose.
+        report["accuracy_any_label"] = ((int(result["confusion"][task].trace()) + result["copy_label_hits"][task])
+                                        / labelled if labelled else 0.0)
+        report["ceiling"] = 1 - copies_lost(manifest, split, task) / labelled if labelled else 0.0
     bad = sum(result["bad_samples"])
     if bad > cfg.data.max_bad_fraction * (result["num_samples"] + bad):
         raise UserError(f"{bad} of the {result['num_samples'] + bad} '{split}' samples are undecodable (per rank: "
@@ -65,5 +72,9 @@ def write_report(report: dict, path: Path, checkpoint: str) -> None:
     """Rank 0: print the per-task tables and write the report as JSON."""
     for task, r in report["tasks"].items():
         print(format_table(r, title=f"{report['split']} {task}"), format_confusion(r), sep="\n", flush=True)
+        if "ceiling" in r:
+            print(f"{task}: accuracy {r['accuracy']:.4f}; counting any label of the picture's copies "
+                  f"{r['accuracy_any_label']:.4f}; ceiling from copies filed under several classes {r['ceiling']:.4f}",
+                  flush=True)
     path.write_text(json.dumps({"checkpoint": checkpoint, **report}, indent=1))
     print(f"wrote {path}", flush=True)

@@ -1,0 +1,194 @@
+"""Copies of one picture: hash index vs brute force, planted copies found per kind, the leakage policy,
+embedding k-NN vs brute force, and copies in the outlier ranking and the evaluation ceiling."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from artdist.config import TASKS, JobConfig, ShardConfig, SynthConfig
+from artdist.data import duplicates
+from artdist.data.manifest import Manifest
+from artdist.data.synth import make_corpus
+from artdist.data.shard import shard_dataset
+from artdist.outliers import pipeline
+from artdist.outliers.duplicates import cosine_pairs
+from artdist.outliers.scores import TaskScores
+
+
+def _brute_pairs(codes: np.ndarray, k: int) -> set[tuple[int, int]]:
+    d = np.bitwise_count(codes[:, None] ^ codes[None, :])
+    i, j = np.nonzero(np.triu(d <= k, 1))
+    return set(zip(i.tolist(), j.tolist()))
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 6])
+def test_band_index_finds_exactly_the_pairs_of_a_brute_force_scan(k):
+    rng = np.random.default_rng(k)
+    base = rng.integers(0, 2**63, 300, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, 300, dtype=np.uint64)
+    # near copies: flip up to k + 1 random bits of some codes, and a few identical codes
+    flips = [base[i] ^ np.bitwise_or.reduce(np.uint64(1) << rng.choice(64, rng.integers(1, k + 3), replace=False)
+                                            .astype(np.uint64)) for i in range(0, 300, 7)]
+    codes = np.concatenate([base, np.array(flips, np.uint64), base[:5]])
+    found = {tuple(p) for p in duplicates.near_pairs(codes, k).tolist()}
+    assert found == _brute_pairs(codes, k) and len(found) >= 5
+
+
+def test_cosine_knn_in_chunks_matches_the_full_similarity_matrix():
+    torch.manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(500, 32), dim=1)
+    emb[400:450] = torch.nn.functional.normalize(emb[:50] + 0.03 * torch.randn(50, 32), dim=1)
+    pairs, sims = cosine_pairs(emb, 0.9, chunk=64, k=8)
+    full = emb @ emb.T
+    i, j = torch.nonzero(torch.triu(full >= 0.9, 1), as_tuple=True)
+    assert {tuple(p) for p in pairs.tolist()} == set(zip(i.tolist(), j.tolist()))
+    assert len(pairs) >= 50
+    assert np.allclose(sims, full[pairs[:, 0], pairs[:, 1]].numpy(), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def copied_corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("copies")
+    make_corpus(SynthConfig(out=str(out), images=100, seed=3, size=96, duplicates=0.5))
+    return out
+
+
+def _shard(corpus: Path, out: Path, policy: str) -> dict:
+    return shard_dataset(ShardConfig(images=str(corpus / "images"), labels=str(corpus / "labels"), out=str(out),
+                                     max_short_side=96, samples_per_shard=50, min_shards=2, workers=1,
+                                     duplicate_policy=policy), progress=False)
+
+
+def _splits_in_shards(out: Path, manifest: dict) -> dict[str, str]:
+    found = {}
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            with tarfile.open(out / shard["name"]) as tar:
+                for member in tar:
+                    if member.name.endswith(".json"):
+                        meta = json.load(tar.extractfile(member))
+                        assert meta["path"] not in found and meta["split"] == split
+                        found[meta["path"]] = split
+    return found
+
+
+@pytest.fixture(scope="module")
+def policies(copied_corpus, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    runs = {}
+    for policy in ("report", "move", "drop"):
+        out = tmp_path_factory.mktemp(policy)
+        runs[policy] = out, _shard(copied_corpus, out, policy)
+    return runs
+
+
+def test_planted_copies_are_found_per_kind(copied_corpus, policies):
+    _, manifest = policies["report"]
+    planted = duplicates.read_planted(copied_corpus / duplicates.PLANTED_NAME)
+    assert Counter(r["kind"] for r in planted) == {k: 10 for k in ("exact", "reencoded", "resized", "cropped", "jittered")}
+    assert any(r["split"] != r["original_split"] for r in planted)
+    groups = [[m["path"] for m in g["members"]] for g in manifest["duplicates"]["groups"]]
+    score = duplicates.score_planted(groups, planted, set(manifest["duplicates"]["hashes"]))
+    recall = {k: v["recall"] for k, v in score["recall"].items()}
+    assert recall["exact"] == recall["reencoded"] == 1.0
+    assert recall["resized"] >= 0.5 and recall["cropped"] < 1.0  # crops are the embedding's job
+    assert score["precision"] >= 0.9
+    exact = [g for g in manifest["duplicates"]["groups"] if g["kind"] == "exact"]
+    assert len(exact) == 10 and all(g["several_classes"][:1] == ["style"] and not g["leakage"] for g in exact)
+    table = duplicates.planted_table({"hashes": score})
+    assert "recall exact (10)" in table and "1.000" in table
+
+
+def test_the_leakage_policy_moves_drops_or_only_reports(policies):
+    report_out, report = policies["report"]
+    before = _splits_in_shards(report_out, report)
+    leaking = [g for g in report["duplicates"]["groups"] if g["leakage"]]
+    assert leaking and report["duplicates"]["actions"] == []
+    assert "leaking copy dropped" not in {s["reason"] for s in report["skipped"]}
+
+    out, moved = policies["move"]
+    after = _splits_in_shards(out, moved)
+    actions = moved["duplicates"]["actions"]
+    assert actions and {a["path"] for a in actions} < {m["path"] for g in leaking for m in g["members"]}
+    assert set(after) == set(before)  # nothing lost
+    changed = {p for p in before if before[p] != after[p]}
+    assert changed == {a["path"] for a in actions}
+    for a in actions:
+        assert before[a["path"]] == a["from"] and after[a["path"]] == a["to"] and a["to"] in ("val", "test")
+    for g in leaking:
+        assert len({after[m["path"]] for m in g["members"]}) == 1
+    assert sum(s["num_samples"] for s in moved["splits"].values()) == len(before)
+
+    out, dropped = policies["drop"]
+    kept = _splits_in_shards(out, dropped)
+    gone = {a["path"] for a in dropped["duplicates"]["actions"]}
+    assert gone == {a["path"] for a in actions} and all(a["to"] == "" for a in dropped["duplicates"]["actions"])
+    assert set(kept) == set(before) - gone and all(kept[p] == before[p] for p in kept)
+    assert {s["path"] for s in dropped["skipped"] if s["reason"] == "leaking copy dropped"} == gone
+
+
+def test_a_rerun_after_moving_gives_the_same_shards(copied_corpus, policies, tmp_path):
+    out, moved = policies["move"]
+    again = _shard(copied_corpus, out, "move")
+    assert again == moved
+
+
+def _scores(assigned, predicted, ids) -> TaskScores:
+    n = len(ids)
+    f = lambda v: np.full(n, v, np.float32)  # noqa: E731
+    return TaskScores(ids=np.array(ids), assigned=np.array(assigned), predicted=np.array(predicted),
+                      max_softmax=f(0.9), nll=np.linspace(5, 0.1, n, dtype=np.float32), margin=f(0.5), energy=f(-3),
+                      mahalanobis=f(1.0), feature_nll=np.linspace(5, 0.1, n, dtype=np.float32),
+                      feature_predicted=np.array(predicted))
+
+
+def test_a_painting_predicted_as_its_other_copy_is_not_a_mislabel(tmp_path):
+    cfg = JobConfig(out_dir=str(tmp_path))
+    cfg.outliers.flag_fraction = 0.5
+    scores = _scores(assigned=[0, 1, 0, 1], predicted=[1, 0, 0, 1], ids=[10, 11, 12, 13])
+    index = {i: type("Ref", (), {"path": f"S/p{i}.jpg"})() for i in (10, 11, 12, 13)}
+    copies = {10: {"style": {1}, "artist": set(), "genre": set()}}  # sample 10 has a copy filed under class 1
+    summary, rows, _ = pipeline._rank_task("style", scores, pipeline.combined_score(scores), ["A", "B"], cfg,
+                                          index, tmp_path, copies)
+    by_id = {r["id"]: r for r in rows}
+    assert by_id[10]["several_classes"] and by_id[10]["copy_labels"] == ["B"]
+    assert not by_id[11]["several_classes"]  # predicted another class, but no copy is filed there
+    assert summary["several_classes"] == 1
+    assert "yes" in (tmp_path / "style.csv").read_text().splitlines()[1].split(",")
+
+
+def test_copy_labels_and_the_ceiling_they_impose():
+    members = lambda *rows: [{"path": p, "id": i, "split": s, "style": c, "artist": -1, "genre": -1}  # noqa: E731
+                             for p, i, s, c in rows]
+    manifest = Manifest(Path("."), {}, {}, "jpg", {"duplicates": {"groups": [{"members": members(("a", 1, "val", 0), ("b", 2, "val", 1))},
+                                          {"members": members(("c", 3, "val", 2), ("d", 4, "val", 2),
+                                                              ("e", 5, "val", 3))},
+                                          {"members": members(("f", 6, "train", 0), ("g", 7, "val", 1))}]}})
+    labels = duplicates.copy_labels(manifest)
+    assert labels[1]["style"] == {1} and labels[3]["style"] == {2, 3} and labels[7]["style"] == {0}
+    assert duplicates.copies_lost(manifest, "val", "style") == 2  # one of a/b, and e
+    assert duplicates.copies_lost(manifest, "val", "genre") == 0
+
+
+class _Predicts(torch.nn.Module):
+    """A 'model' whose style prediction is the image tensor's value: evaluation counting without training."""
+
+    def forward_features(self, x: torch.Tensor):
+        logits = torch.nn.functional.one_hot(x.long(), 6).float()
+        return {"style": logits, "artist": logits, "genre": logits}, x[:, None].float()
+
+
+def test_evaluation_counts_a_prediction_matching_another_copy_s_label():
+    from artdist.train import engine
+    predicted = torch.tensor([1, 1, 0, 3, 5])
+    labels = torch.tensor([[0, -1, -1], [1, -1, -1], [2, -1, -1], [3, -1, -1], [4, -1, -1]])
+    ids = torch.tensor([1, 2, 3, 4, 5])
+    copies = {1: {"style": {1}}, 3: {"style": {5}}, 5: {"style": set()}}  # only id 1's copy is filed as predicted
+    result = engine.count_predictions(_Predicts(), [(predicted, labels, ids)], lambda x: x, torch.device("cpu"),
+                                      None, ["style"], {"style": 6}, copies)
+    assert int(result["confusion"]["style"].trace()) == 2 and result["copy_label_hits"]["style"] == 1
