@@ -154,7 +154,7 @@ def test_a_painting_predicted_as_its_other_copy_is_not_a_mislabel(tmp_path):
     index = {i: type("Ref", (), {"path": f"S/p{i}.jpg"})() for i in (10, 11, 12, 13)}
     copies = {10: {"style": {1}, "artist": set(), "genre": set()}}  # sample 10 has a copy filed under class 1
     summary, rows, _ = pipeline._rank_task("style", scores, pipeline.combined_score(scores), ["A", "B"], cfg,
-                                          index, tmp_path, copies)
+                                          index, tmp_path, {}, False, copies)
     by_id = {r["id"]: r for r in rows}
     assert by_id[10]["several_classes"] and by_id[10]["copy_labels"] == ["B"]
     assert not by_id[11]["several_classes"]  # predicted another class, but no copy is filed there
