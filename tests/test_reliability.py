@@ -436,11 +436,12 @@ def test_formula_cells_are_guarded_in_csv_and_numbers_stay_numbers(tmp_path):
     row = {"rank": 1, "id": 7, "path": "=HYPERLINK(\"http://x\")", "assigned": "@SUM(A1)", "predicted": "+1",
            "combined": 2.5, "max_softmax": 0.4, "p_assigned": 0.1, "margin": -0.3, "energy": -1.0, "mahalanobis": 3.0,
            "mahalanobis_z": -0.5, "feature_predicted": "-cmd", "feature_p_assigned": 0.2, "flagged_max_softmax": True,
-           "flagged_combined": False, "reasons": ["=1+1"]}
+           "flagged_combined": False, "copy_labels": ["=Evil"], "several_classes": True,
+           "reasons": ["=1+1"]}
     write_rows([row], tmp_path / "t.csv", tmp_path / "t.json", {})
     with open(tmp_path / "t.csv", newline="") as f:
         written = next(csv.DictReader(f))
-    for key in ("path", "assigned", "predicted", "feature_predicted", "reasons"):
+    for key in ("path", "assigned", "predicted", "feature_predicted", "copy_labels", "reasons"):
         assert written[key].startswith("'"), key
     assert written["margin"] == "-0.3" and written["energy"] == "-1.0"
     assert json.loads((tmp_path / "t.json").read_text())["rows"][0]["path"] == row["path"]  # JSON keeps the data
