@@ -22,8 +22,8 @@ HEARTBEAT_S = 60.0  # the holder touches its lock this often...
 STALE_S = 600.0  # ...so a lock from another host untouched this long belongs to a dead process
 
 
-def _entry(name: str) -> property:
-    """A RunDir attribute: the path of `name` inside the run directory."""
+def dir_entry(name: str) -> property:
+    """A directory-object attribute: the path of `name` inside `self.path` (RunDir, AuditDir)."""
     return property(lambda self: self.path / name)
 
 
@@ -42,16 +42,16 @@ class RunDir:
     def __fspath__(self) -> str:
         return str(self.path)
 
-    config = _entry("config.yaml")
-    last = _entry(LAST)
-    best = _entry(BEST)
-    metrics = _entry("metrics.jsonl")
-    tensorboard = _entry("tb")
-    class_counts = _entry("class_counts.json")  # train-split class counts for the loss weights, cached
-    changes = _entry("config_changes.yaml")  # config changes a resume was allowed to make (--resume-with-changes)
-    finished = _entry("finished.json")  # written last, when training, test and reports are done
-    stop_file = _entry(STOP_FILE)
-    slurm = _entry("slurm")
+    config = dir_entry("config.yaml")
+    last = dir_entry(LAST)
+    best = dir_entry(BEST)
+    metrics = dir_entry("metrics.jsonl")
+    tensorboard = dir_entry("tb")
+    class_counts = dir_entry("class_counts.json")  # train-split class counts for the loss weights, cached
+    changes = dir_entry("config_changes.yaml")  # config changes a resume was allowed to make (--resume-with-changes)
+    finished = dir_entry("finished.json")  # written last, when training, test and reports are done
+    stop_file = dir_entry(STOP_FILE)
+    slurm = dir_entry("slurm")
 
     def partial_saves(self) -> list[Path]:
         """Checkpoint temp files (train.checkpoint.save_atomic) left by a process killed mid-save."""

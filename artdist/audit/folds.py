@@ -13,6 +13,7 @@ from pathlib import Path
 from artdist.config import JobConfig, apply_overrides, from_dict, to_dict
 from artdist.data.manifest import MANIFEST_NAME, Manifest, SplitInfo, read_manifest
 from artdist.errors import UserError
+from artdist.rundir import dir_entry
 
 # The splits of a fold's shard view: what model k trains on, what it scores out of sample (fold k),
 # and what it scores in sample (fold k+1, for the in-sample vs out-of-sample comparison).
@@ -39,26 +40,11 @@ class AuditDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    @property
-    def plan(self) -> Path:
-        return self.path / "plan.json"
-
-    @property
-    def table(self) -> Path:
-        return self.path / "folds.csv"
-
-    @property
-    def shards(self) -> Path:
-        return self.path / "shards"
-
-    @property
-    def summary(self) -> Path:
-        return self.path / "summary.json"
-
-    @property
-    def probs(self) -> Path:
-        """Out-of-sample softmax of every audited sample per task (the input a peer method takes)."""
-        return self.path / "oos_probs.npz"
+    plan = dir_entry("plan.json")
+    table = dir_entry("folds.csv")
+    shards = dir_entry("shards")
+    summary = dir_entry("summary.json")
+    probs = dir_entry("oos_probs.npz")  # out-of-sample softmax of every audited sample per task (a peer's input)
 
     def fold(self, k: int) -> Path:
         return self.path / "folds" / str(k)
