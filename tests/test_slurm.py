@@ -18,6 +18,8 @@ import pytest
 import submitit
 import torch
 
+from artdist.train.tensorboard import event_dir
+
 REPO = Path(__file__).resolve().parents[1]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 JOB_TIMEOUT_S = 900  # generous: the CI machine's 2 cores may be busy
@@ -103,7 +105,7 @@ def assert_two_node_run(text: str, run_dir: Path) -> set[tuple[str, str]]:
     assert f"ranks by host: {NODES[0]}: 0; {NODES[1]}: 1" in text  # each rank reports its own host name
     assert "final parameters identical on all 2 ranks" in text
     # Only rank 0 writes TensorBoard events; a file's name says the host and PID that wrote it.
-    writers = {tuple(e.name.split(".")[4:6]) for e in (run_dir / "tb").glob("events.out.tfevents.*")}
+    writers = {tuple(e.name.split(".")[4:6]) for e in Path(event_dir(run_dir)).glob("events.out.tfevents.*")}
     assert writers and all(host == NODES[0] for host, _ in writers), writers
     return writers
 
