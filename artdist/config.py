@@ -120,7 +120,7 @@ class ShardConfig(Section):
     min_shards: int = ranged(8, 1, 100_000)  # per split, a floor for small splits: shuffling mixes whole shards
     workers: int = ranged(0, 0, 256)  # processes writing shards; 0: all CPU cores
     max_pixels: int = ranged(200_000_000, 1, 10**10)  # decompression-bomb guard; larger images are skipped, reported
-    dup_hamming: int = ranged(3, 0, 16)  # near-duplicates: 64-bit perceptual hashes differing in at most this many bits
+    dup_hamming: int = ranged(16, 0, 64)  # near-duplicates: 256-bit perceptual hashes differing in at most this many bits
     duplicate_policy: Literal["move", "drop", "report"] = "move"  # copies in several splits: move to the evaluation side, drop, or only report
 
 

@@ -1,59 +1,129 @@
-"""Figures for docs/benchmarks.md: grouping 81,446 hashes, and the CPU cost of hashing per sharded image.
+"""Figures for docs/benchmarks.md: grouping 81,446 hashes, the CPU cost of hashing per sharded image, and
+the hashes' recall/precision on copies planted among real pictures.
 
     python benchmarks/duplicates.py [IMAGE_FOLDER]   (default: ../shared/wikiart_sample, any folder of JPEGs)
 """
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
+from artdist.bench import build_real_corpus
+from artdist.config import ShardConfig
 from artdist.data import duplicates
-from artdist.data.shard import _decode, _encode, _resize
+from artdist.data.shard import shard_dataset
+from artdist.data.image import encode_image, prepare_image, read_source
+from artdist.data.synth import COPY_KINDS, _copy_picture
 
 IMAGES = 81_446  # the real label files' images
 MULTI_FILED = 1_349  # their file names in two style folders
-NEAR = 2_000  # near copies planted beside them (2 bits flipped)
+NEAR = 2_000  # near copies planted beside them
+MAX_SHORT_SIDE = 448  # the WikiArt jobs' shard.max_short_side
+PLANTED = 100  # real pictures given one copy each, the kinds in turn
 
 
-def grouping() -> None:
+def grouping(max_distance: int) -> None:
     rng = np.random.default_rng(0)
-    # pHash-like codes: exactly 32 of 64 bits set (median threshold); 1,349 exact copies, 2,000 near ones
-    bits = np.argsort(rng.random((IMAGES, 64)), axis=1)[:, :32]
-    codes = (np.uint64(1) << bits.astype(np.uint64)).sum(axis=1, dtype=np.uint64)
-    codes[-MULTI_FILED:] = codes[:MULTI_FILED]
-    near = slice(-MULTI_FILED - NEAR, -MULTI_FILED)
-    codes[near] = codes[MULTI_FILED:MULTI_FILED + NEAR] ^ (np.uint64(3) << rng.integers(0, 62, NEAR).astype(np.uint64))
+    # pHash-like codes: exactly half of the 256 bits set (median threshold); exact and near copies planted
+    bits = np.zeros((IMAGES, duplicates.PHASH_BITS), np.uint8)
+    np.put_along_axis(bits, np.argsort(rng.random(bits.shape), axis=1)[:, :duplicates.PHASH_BITS // 2], 1, axis=1)
+    bits[-MULTI_FILED:] = bits[:MULTI_FILED]
+    near = bits[MULTI_FILED:MULTI_FILED + NEAR].copy()
+    for row in near:
+        row[rng.choice(duplicates.PHASH_BITS, max_distance, replace=False)] ^= 1
+    bits[-MULTI_FILED - NEAR:-MULTI_FILED] = near
+    hexes = [b.tobytes().hex() for b in np.packbits(bits, axis=1)]
     samples = [{"path": f"S/{i}.jpg", "id": i, "painting_id": i, "split": "train", "style": 0, "artist": -1,
-                "genre": -1, "sha256": f"{i % (IMAGES - MULTI_FILED):064x}", "phash": f"{int(c):016x}",
-                "dhash": f"{int(c):016x}"} for i, c in enumerate(codes)]
+                "genre": -1, "sha256": f"{i % (IMAGES - MULTI_FILED):064x}", "phash": h} for i, h in enumerate(hexes)]
     start = time.process_time()
-    groups = duplicates.group_samples(samples, 3)
+    groups = duplicates.group_samples(samples, max_distance)
     cpu = time.process_time() - start
-    print(f"group_samples: {IMAGES:,} hashes, dup_hamming 3 -> {len(groups):,} groups in {cpu:.2f} CPU s")
+    print(f"group_samples: {IMAGES:,} 256-bit hashes, dup_hamming {max_distance} -> {len(groups):,} groups "
+          f"in {cpu:.2f} CPU s")
 
 
-def hashing(folder: Path) -> None:
-    paths = sorted(folder.rglob("*.jpg"))
+def hashing(paths: list[Path]) -> None:
     rounds = 3
     base = hashed = 0.0
     for _ in range(rounds):
         for path in paths:
             start = time.process_time()
-            im = _resize(_decode(path, 448, 200_000_000), 448)
-            _encode(im, "jpeg", 85)
+            source = read_source(path)
+            im = prepare_image(source, MAX_SHORT_SIDE, 200_000_000)
+            encode_image(im, "jpeg", 85)
             mid = time.process_time()
-            duplicates.file_sha256(path), duplicates.perceptual_hashes(im)
+            duplicates.sample_hashes(source, im)
             end = time.process_time()
             base += mid - start
             hashed += end - mid
     n = rounds * len(paths)
-    print(f"{len(paths)} images x {rounds}: decode+resize+encode {1000 * base / n:.1f} ms CPU/image, "
-          f"sha256+pHash+dHash {1000 * hashed / n:.2f} ms ({100 * hashed / base:.1f} %)")
+    print(f"{len(paths)} images x {rounds}: read+decode+resize+encode {1000 * base / n:.2f} ms CPU/image, "
+          f"sha256+pHash {1000 * hashed / n:.3f} ms ({100 * hashed / base:.1f} %)")
+
+
+def whole_sharder(folder: Path) -> None:
+    """`artdist shard` in this process (1 worker: tar, json and manifest included) with the hashes, and with
+    them replaced by constants: the CPU the hashes add to sharding, per image."""
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus"
+        build_real_corpus(corpus, folder)
+        cfg = ShardConfig(images=str(corpus / "images"), labels=str(corpus / "labels"), max_short_side=MAX_SHORT_SIDE,
+                          workers=1)
+        best = {}
+        for _ in range(5):  # alternating, best of five: the difference is a few % of noisy CPU times
+            for name in ("without", "with"):
+                out = Path(tmp) / "shards"
+                shutil.rmtree(out, ignore_errors=True)
+                stub = mock.patch("artdist.data.duplicates.sample_hashes", lambda source, im: ["0" * 64] * 2)
+                if name == "without":
+                    stub.start()
+                start = time.process_time()
+                shard_dataset(replace(cfg, out=str(out)), progress=False)
+                cpu = time.process_time() - start
+                if name == "without":
+                    stub.stop()
+                best[name] = min(best.get(name, cpu), cpu)
+        images = len(list((corpus / "images").rglob("*.jpg")))
+        per = {k: 1000 * v / images for k, v in best.items()}
+    print(f"artdist shard, 1 worker, {images} images: {per['without']:.2f} ms CPU/image without hashes, "
+          f"{per['with']:.2f} with (+{100 * (per['with'] / per['without'] - 1):.1f} %)")
+
+
+def planted_real(paths: list[Path], root: Path, max_distance: int) -> None:
+    """Copies of real pictures made as `artdist synth --duplicates` makes them, hashed as `artdist shard` does."""
+    rng = np.random.default_rng(0)
+    planted, samples = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {str(p.relative_to(root)): p for p in paths}
+        for n, i in enumerate(sorted(rng.choice(len(paths), min(PLANTED, len(paths)), replace=False).tolist())):
+            kind, original = COPY_KINDS[n % len(COPY_KINDS)], paths[i]
+            copy = Path(tmp) / f"{n}-{kind}.jpg"
+            _copy_picture(original, copy, kind, rng)
+            files[copy.name] = copy
+            planted.append({"path": copy.name, "original": str(original.relative_to(root)), "kind": kind})
+        for i, (name, path) in enumerate(files.items()):
+            source = read_source(path)
+            im = prepare_image(source, MAX_SHORT_SIDE, 200_000_000)
+            samples.append({"path": name, "id": i, "split": "train", "style": 0, "artist": -1, "genre": -1,
+                            **dict(zip(duplicates.HASH_FIELDS, duplicates.sample_hashes(source, im)))})
+    groups = [[m["path"] for m in g["members"]] for g in duplicates.group_samples(samples, max_distance)]
+    score = duplicates.score_planted(groups, planted, set(files))
+    print(f"{len(paths)} real pictures + {len(planted)} planted copies, dup_hamming {max_distance}:")
+    print(duplicates.planted_table({"hashes": score}))
 
 
 if __name__ == "__main__":
-    grouping()
-    hashing(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "shared" / "wikiart_sample")
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "shared" / "wikiart_sample"
+    images = sorted(folder.rglob("*.jpg"))
+    distance = ShardConfig().dup_hamming
+    grouping(distance)
+    hashing(images)
+    whole_sharder(folder)
+    planted_real(images, folder, distance)

@@ -23,19 +23,22 @@ from artdist.outliers.scores import TaskScores
 
 
 def _brute_pairs(codes: np.ndarray, k: int) -> set[tuple[int, int]]:
-    d = np.bitwise_count(codes[:, None] ^ codes[None, :])
+    d = duplicates.hamming(codes[:, None, :], codes[None, :, :])
     i, j = np.nonzero(np.triu(d <= k, 1))
     return set(zip(i.tolist(), j.tolist()))
 
 
-@pytest.mark.parametrize("k", [0, 1, 3, 6])
+@pytest.mark.parametrize("k", [0, 1, 3, 16, 20])
 def test_band_index_finds_exactly_the_pairs_of_a_brute_force_scan(k):
     rng = np.random.default_rng(k)
-    base = rng.integers(0, 2**63, 300, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, 300, dtype=np.uint64)
-    # near copies: flip up to k + 1 random bits of some codes, and a few identical codes
-    flips = [base[i] ^ np.bitwise_or.reduce(np.uint64(1) << rng.choice(64, rng.integers(1, k + 3), replace=False)
-                                            .astype(np.uint64)) for i in range(0, 300, 7)]
-    codes = np.concatenate([base, np.array(flips, np.uint64), base[:5]])
+    bits = rng.integers(0, 2, (300, 256), dtype=np.uint8)
+    # near copies: flip up to k + 2 random bits of some codes, and a few identical codes
+    flips = bits[::7].copy()
+    for row in flips:
+        row[rng.choice(256, rng.integers(1, k + 3), replace=False)] ^= 1
+    bits = np.concatenate([bits, flips, bits[:5]])
+    codes = duplicates.hash_codes([np.packbits(b).tobytes().hex() for b in bits])
+    assert codes.shape == (len(bits), 4)
     found = {tuple(p) for p in duplicates.near_pairs(codes, k).tolist()}
     assert found == _brute_pairs(codes, k) and len(found) >= 5
 
@@ -96,7 +99,7 @@ def test_planted_copies_are_found_per_kind(copied_corpus, policies):
     score = duplicates.score_planted(groups, planted, set(manifest["duplicates"]["hashes"]))
     recall = {k: v["recall"] for k, v in score["recall"].items()}
     assert recall["exact"] == recall["reencoded"] == 1.0
-    assert recall["resized"] >= 0.5 and recall["cropped"] < 1.0  # crops are the embedding's job
+    assert recall["resized"] >= 0.9 and recall["cropped"] < 1.0  # crops are the embedding's job
     assert score["precision"] >= 0.9
     exact = [g for g in manifest["duplicates"]["groups"] if g["kind"] == "exact"]
     assert len(exact) == 10 and all(g["several_classes"][:1] == ["style"] and not g["leakage"] for g in exact)

@@ -132,9 +132,8 @@ def test_every_good_image_lands_once_with_its_labels(odd_corpus, odd_shards):
         assert s["meta"] == {"path": record.path, "id": record.id, "painting_id": record.painting_id,
                              **dict(zip(TASKS, record.labels)), "split": split,
                              "sha256": hashlib.sha256((root / "images" / record.path).read_bytes()).hexdigest(),
-                             "phash": manifest["duplicates"]["hashes"][record.path][1],
-                             "dhash": manifest["duplicates"]["hashes"][record.path][2]}
-        assert len(s["meta"]["phash"]) == len(s["meta"]["dhash"]) == 16
+                             "phash": manifest["duplicates"]["hashes"][record.path][1]}
+        assert len(s["meta"]["phash"]) == 64  # 256 bits
         assert s["shard"].startswith(f"{split}-")
         assert s["key"] == sample_key(record.path) and "." not in s["key"]
         assert s["image"].format == "JPEG" and s["image"].mode == "RGB"

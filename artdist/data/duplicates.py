@@ -19,13 +19,13 @@ from artdist.data.catalog import EVALUATION_ORDER
 from artdist.data.manifest import Manifest
 from artdist.errors import UserError
 
-HASHES = "sha256+phash64+dhash64"  # what each sample's json carries; in the shard fingerprint, so old shards are redone
-HASH_FIELDS = ("sha256", "phash", "dhash")
+HASHES = "sha256+phash256"  # what each sample's json carries; in the shard fingerprint, so old shards are redone
+HASH_FIELDS = ("sha256", "phash")
 POLICIES = ("move", "drop", "report")
 PLANTED_NAME = "planted_duplicates.csv"
 PLANTED_FIELDS = ("path", "original", "kind", "split", "original_split")
 MAX_SHOWN = 5
-MIN_BITS = 8  # a perceptual hash with fewer ones is a flat picture's (0) and matched by bytes only
+MIN_BITS = 32  # a perceptual hash with fewer ones is a flat picture's (0) and matched by bytes only
 
 
 def file_sha256(path: Path) -> str:
@@ -36,44 +36,64 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-PHASH_GRID = 32  # the picture as 32x32 grey cells; its 8x8 lowest DCT frequencies give the 64 bits
-# The 8 lowest rows of the 32-point DCT-II matrix: only the 8x8 lowest frequencies are computed.
-_DCT8 = np.cos(np.pi * (2 * np.arange(PHASH_GRID)[None, :] + 1) * np.arange(8)[:, None] / (2 * PHASH_GRID)
-               ).astype(np.float32)
+PHASH_GRID = 32  # the picture as 32x32 grey cells; their 16x16 lowest DCT frequencies give the 256 bits
+PHASH_SIDE = 16
+PHASH_BITS = PHASH_SIDE * PHASH_SIDE
+_DCT = np.cos(np.pi * (2 * np.arange(PHASH_GRID)[None, :] + 1) * np.arange(PHASH_SIDE)[:, None] / (2 * PHASH_GRID)
+              ).astype(np.float32)
 FLAT_RANGE = 2  # grey levels: a thumbnail spanning no more than this has no shape to hash
+# Grey first, an integer pre-reduction down to >= 2x the thumbnail, then bilinear: as robust to resizing
+# as bilinear from the full picture at a third of its cost; BOX thumbnails were not (docs/benchmarks.md).
+THUMB_REDUCING_GAP = 2.0
 
 
-def perceptual_hashes(im: Image.Image) -> tuple[str, str]:
-    """(pHash, dHash) of a picture, 16 hex digits each, from one 32x32 grey thumbnail.
-
-    pHash: which of the 8x8 lowest DCT frequencies are above their median (a flat picture: 0, matched
-    by bytes only, see MIN_BITS). dHash: is each of 8x8 cells darker than its right neighbour."""
-    # reducing_gap: an integer-factor reduce first, 30 % cheaper than one BOX pass over the full picture
-    grey = im.resize((PHASH_GRID, PHASH_GRID), Image.Resampling.BOX, reducing_gap=2.0).convert("L")
-    cells = np.asarray(grey.resize((9, 8), Image.Resampling.BOX), dtype=np.int16)
-    difference = np.packbits(cells[:, 1:] > cells[:, :-1]).tobytes().hex()
+def perceptual_hash(im: Image.Image) -> str:
+    """256-bit pHash of a picture, 64 hex digits: which of the 16x16 lowest DCT frequencies of its 32x32
+    grey thumbnail are above their median (DC excluded). A flat picture's is 0, matched by bytes only."""
+    grey = im.convert("L").resize((PHASH_GRID, PHASH_GRID), Image.Resampling.BILINEAR,
+                                  reducing_gap=THUMB_REDUCING_GAP)
     darkest, brightest = grey.getextrema()
     if brightest - darkest <= FLAT_RANGE:
-        return "0" * 16, difference
-    low = (_DCT8 @ np.asarray(grey, dtype=np.float32) @ _DCT8.T).ravel()
-    return np.packbits(low > np.median(low[1:])).tobytes().hex(), difference
+        return "0" * (PHASH_BITS // 4)
+    low = (_DCT @ np.asarray(grey, dtype=np.float32) @ _DCT.T).ravel()
+    return np.packbits(low > np.median(low[1:])).tobytes().hex()
+
+
+def sample_hashes(source: bytes, im: Image.Image) -> list[str]:
+    """HASH_FIELDS of one sharded image: sha256 of its source file's bytes, pHash of its decoded picture."""
+    return [hashlib.sha256(source).hexdigest(), perceptual_hash(im)]
+
+
+def hash_codes(hexes: list[str]) -> np.ndarray:
+    """[N, words] uint64 of equal-length hex hashes (most significant word first)."""
+    if not hexes:
+        return np.zeros((0, PHASH_BITS // 64), np.uint64)
+    raw = np.frombuffer(bytes.fromhex("".join(hexes)), dtype=">u8")
+    return raw.reshape(len(hexes), -1).astype(np.uint64)
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bits differing between rows of two [N, words] uint64 code arrays."""
+    return np.bitwise_count(a ^ b).sum(axis=-1, dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- grouping
 
 
 def near_pairs(codes: np.ndarray, max_distance: int) -> np.ndarray:
-    """[P, 2] index pairs (i < j) of uint64 codes differing in at most max_distance bits.
+    """[P, 2] index pairs (i < j) of [N, words] uint64 codes differing in at most max_distance bits.
 
-    Multi-index hashing: cut the 64 bits into max_distance + 1 bands; two codes within the distance
+    Multi-index hashing: cut the bits into (at least) max_distance + 1 bands; two codes within the distance
     agree exactly on at least one band (pigeonhole), so only codes sharing a band value are compared.
     Work is O(n log n + candidate pairs), not O(n^2).
     """
-    n = len(codes)
+    n, words = codes.shape
+    bits = np.unpackbits(codes.astype(">u8").view(np.uint8).reshape(n, 8 * words), axis=1)
     found = [np.zeros((0, 2), np.int64)]
-    edges = np.linspace(0, 64, max_distance + 2).astype(np.uint64)
+    edges = np.linspace(0, 64 * words, max(max_distance + 1, words) + 1).astype(int)  # bands of <= 64 bits
     for lo, hi in zip(edges[:-1], edges[1:]):
-        band = (codes >> lo) & np.uint64((1 << int(hi - lo)) - 1)
+        band = np.packbits(bits[:, lo:hi], axis=1)  # rows of <= 64 bits: one sortable key per code
+        band = np.pad(band, ((0, 0), (0, 8 - band.shape[1]))).view(">u8").ravel()
         order = np.argsort(band, kind="stable")
         ordered = band[order]
         starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
@@ -83,7 +103,7 @@ def near_pairs(codes: np.ndarray, max_distance: int) -> np.ndarray:
         offset = 1
         while active.size:  # pairs (k, k + offset) inside one run of equal band values
             a, b = order[active], order[active + offset]
-            close = np.bitwise_count(codes[a] ^ codes[b]) <= max_distance
+            close = hamming(codes[a], codes[b]) <= max_distance
             found.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1)[close])
             offset += 1
             active = active[run_end[active] - active > offset]
@@ -113,13 +133,13 @@ def components(n: int, pairs: np.ndarray) -> list[list[int]]:
 def group_samples(samples: list[dict], max_distance: int) -> list[dict]:
     """Groups of samples that are one picture: same source bytes or perceptual hashes within max_distance bits.
 
-    `samples`: dicts with path, id, painting_id, split, the TASKS labels, sha256, phash and dhash (flat pictures, whose
+    `samples`: dicts with path, id, painting_id, split, the TASKS labels, sha256 and phash (flat pictures, whose
     phash has fewer than MIN_BITS ones, are matched by bytes only). Each group: kind
     ('exact': one sha256; 'near'), leakage (in more than one split), several_classes (tasks whose
     known labels differ), members. Copies sharing a painting_id (file name) always join one group
     ('name' when their bytes differ and nothing else joins them).
     """
-    codes = np.array([int(s["phash"], 16) for s in samples], dtype=np.uint64)
+    codes = hash_codes([s["phash"] for s in samples])
     by_bytes: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
         by_bytes[s["sha256"]].append(i)
@@ -128,10 +148,8 @@ def group_samples(samples: list[dict], max_distance: int) -> list[dict]:
         by_painting[s.get("painting_id", -1 - i)].append(i)
     # Same bytes, or one file name in several style folders (catalog.painting_id): one picture.
     exact = [(m[0], j) for groups in (by_bytes, by_painting) for m in groups.values() for j in m[1:]]
-    informative = np.flatnonzero(np.bitwise_count(codes) >= MIN_BITS)
+    informative = np.flatnonzero(np.bitwise_count(codes).sum(axis=1) >= MIN_BITS)
     near = informative[near_pairs(codes[informative], max_distance)]
-    second = np.array([int(s["dhash"], 16) for s in samples], dtype=np.uint64)
-    near = near[np.bitwise_count(second[near[:, 0]] ^ second[near[:, 1]]) <= 2 * max_distance]
     pairs = np.concatenate([near, np.array(exact, np.int64).reshape(-1, 2)])
     groups = []
     for members in components(len(samples), pairs):

@@ -88,6 +88,16 @@ def short_side_size(width: int, height: int, max_short_side: int) -> tuple[int, 
     return max(1, round(width * max_short_side / height)), max_short_side
 
 
+def read_source(path: Path) -> bytes:
+    """A source file's bytes, read once for both its content hash and its decode; BadImage when unreadable."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise BadImage("missing") from None
+    except OSError as exc:
+        raise BadImage("unreadable", exc.strerror or str(exc)) from None
+
+
 def prepare_image(source: str | Path | bytes, max_short_side: int, max_pixels: int,
                   resample: str = "hamming") -> Image.Image:
     """The RGB picture of a file (path or bytes): upright, any mode converted (to_rgb), shorter side

@@ -18,7 +18,7 @@ from artdist.config import TASKS, ShardConfig, to_dict
 from artdist.data import duplicates
 from artdist.data.catalog import SPLITS, Catalog, assign_splits, load_catalog, path_key
 from artdist.data.duplicates import file_sha256 as _sha256
-from artdist.data.image import BadImage, encode_image, prepare_image
+from artdist.data.image import BadImage, encode_image, prepare_image, read_source
 from artdist.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
 from artdist.errors import UserError
 from artdist.progress import Progress
@@ -92,14 +92,14 @@ def _write_shard(job: _ShardJob) -> dict:
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in job.samples:
             try:
-                im = prepare_image(Path(opts["images"]) / sample["path"], opts["max_short_side"],
-                                   opts["max_pixels"], opts["resample"])
+                source = read_source(Path(opts["images"]) / sample["path"])
+                im = prepare_image(source, opts["max_short_side"], opts["max_pixels"], opts["resample"])
             except BadImage as exc:
                 skipped.append({"path": sample["path"], "reason": exc.reason,
                                 **({"detail": exc.detail} if exc.detail else {})})
                 continue
             key = sample_key(sample["path"])
-            hashes[sample["path"]] = [_sha256(Path(opts["images"]) / sample["path"]), *duplicates.perceptual_hashes(im)]
+            hashes[sample["path"]] = duplicates.sample_hashes(source, im)
             sample = {**sample, **dict(zip(duplicates.HASH_FIELDS, hashes[sample["path"]]))}
             data = encode_image(im, opts["format"], opts["quality"])
             _add_member(tar, f"{key}.{ext}", data)
