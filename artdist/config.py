@@ -203,12 +203,12 @@ class OutlierConfig(Section):
 
 @dataclass
 class DuplicatesConfig(Section):
-    """`artdist duplicates`: near-duplicate paintings by embedding cosine similarity."""
+    """`artdist duplicates`: near-duplicate paintings by a copy descriptor, each image's neighbours setting the scale."""
 
     SECTION: ClassVar[str] = "duplicates"
-    cosine: float = fraction(0.96, lo_open=True, hi_open=False)  # pairs at least this similar are one picture (fastdup's)
+    ratio: float = fraction(0.2, lo_open=True)  # copy: cosine distance < ratio x that of the image's neighbours-th nearest
+    neighbours: int = ranged(5, 2, 10_000)  # nearest images looked at per image; the last sets the distance scale
     chunk: int = positive(1024, 1_000_000)  # query rows per similarity block: memory O(chunk x images), never O(images^2)
-    max_neighbours: int = positive(16, 10_000)  # nearest neighbours kept per image
     planted: str = ""  # planted_duplicates.csv from `artdist synth --duplicates`: recall/precision per kind
 
 
@@ -462,7 +462,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 # Keys that older versions saved into run configs and checkpoints; dropped when one is read back.
-RETIRED = {"train": ("stop_after_steps",)}
+RETIRED = {"train": ("stop_after_steps",), "duplicates": ("cosine", "max_neighbours")}
 
 
 # --------------------------------------------------------------------------- reference (docs/config.md)

@@ -7,6 +7,7 @@ from artdist.config import JobConfig
 from artdist.data.manifest import Manifest
 from artdist.model import CNNLSTM
 from artdist.outliers.pipeline import run_outliers
+from artdist.outliers.ranking import read_planted
 from artdist.train import trainer
 from artdist.train.resume import Policy
 
@@ -21,4 +22,6 @@ def audit(model: CNNLSTM, cfg: JobConfig, manifest: Manifest, device: torch.devi
 def main(cfg: JobConfig, policy: Policy = "check") -> str:
     """Train (or resume) `cfg`: 'done' after the test evaluation and outlier reports, or 'preempted'.
     `policy`: what a rerun of an existing run may change (artdist.train.resume)."""
+    if cfg.outliers.enabled and cfg.outliers.planted:
+        read_planted(cfg.outliers.planted)  # a bad path fails now, not after the training
     return trainer.main(cfg, after_test=audit, policy=policy)

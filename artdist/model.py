@@ -14,6 +14,8 @@ from artdist.config import MAX_IMAGE_SIZE, ModelConfig
 from artdist.errors import UserError
 
 TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+COPY_STAGE = TRUNK.index("layer1") + 1  # the copy descriptor reads the first residual stage
+COPY_GRID = 4  # ... pooled to 4 x 4 cells
 MAX_GRID = MAX_IMAGE_SIZE // 32  # spatial positional embedding: feature maps up to 64x64 (ResNet stride 32)
 PREFETCH_HINT = "python -c \"import torchvision; torchvision.models.{name}(weights='{weights}')\""
 
@@ -75,6 +77,16 @@ class CNNLSTM(nn.Module):
             embedding = torch.cat(list(h_n[-directions:]), dim=1)
             logits = {task: head(self.dropout(embedding)) for task, head in self.heads.items()}
         return logits, embedding
+
+    def copy_descriptor(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C * 16] float32 for finding copies of a picture: the first residual stage's feature map pooled
+        to a 4 x 4 grid, each channel standardised over its cells, so brightness and contrast changes cancel
+        while layout and texture remain. The classifier's embedding cannot tell a crop from another
+        painting of the same style (docs/benchmarks.md, Duplicates)."""
+        fmap = self.backbone[:COPY_STAGE](x).float()
+        cells = nn.functional.adaptive_avg_pool2d(fmap, COPY_GRID).flatten(2)
+        cells = (cells - cells.mean(2, keepdim=True)) / (cells.std(2, keepdim=True) + 1e-6)
+        return cells.flatten(1)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_features(x)[0]

@@ -1,5 +1,5 @@
 """Figures for docs/benchmarks.md: grouping 81,446 hashes, the CPU cost of hashing per sharded image, and
-the hashes' recall/precision on copies planted among real pictures.
+the recall/precision of the hashes and the copy descriptor on copies planted among real pictures.
 
     python benchmarks/duplicates.py [IMAGE_FOLDER]   (default: ../shared/wikiart_sample, any folder of JPEGs)
 """
@@ -14,13 +14,17 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
+import torch
 
 from artdist.bench import build_real_corpus
-from artdist.config import ShardConfig
+from artdist.config import TASKS, DataConfig, DuplicatesConfig, ModelConfig, ShardConfig
 from artdist.data import duplicates
+from artdist.data.image import encode_image, eval_pixels, prepare_image, read_source
 from artdist.data.shard import shard_dataset
-from artdist.data.image import encode_image, prepare_image, read_source
 from artdist.data.synth import COPY_KINDS, _copy_picture
+from artdist.data.transforms import DeviceTransform
+from artdist.model import build_model
+from artdist.outliers.duplicates import copy_pairs, merge_groups
 
 IMAGES = 81_446  # the real label files' images
 MULTI_FILED = 1_349  # their file names in two style folders
@@ -96,8 +100,25 @@ def whole_sharder(folder: Path) -> None:
           f"{per['with']:.2f} with (+{100 * (per['with'] / per['without'] - 1):.1f} %)")
 
 
+def copy_descriptors(files: list[Path], image_size: int = 224) -> torch.Tensor:
+    """Unit-length, centred copy descriptors of image files, as `artdist duplicates` computes them from their
+    shard members (eval pixels), here with an untrained ResNet-18: no trained model needed for copies."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", weights="none"), {t: 2 for t in TASKS}).eval()
+    data_cfg, shard_cfg = DataConfig(image_size=image_size), ShardConfig(max_short_side=MAX_SHORT_SIDE)
+    transform = DeviceTransform(data_cfg, "cpu", train=False, channels_last=False)
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(files), 32):
+            batch = np.stack([eval_pixels(path, shard_cfg, data_cfg) for path in files[start:start + 32]])
+            parts.append(model.copy_descriptor(transform(torch.from_numpy(batch).permute(0, 3, 1, 2))))
+    desc = torch.cat(parts)
+    return torch.nn.functional.normalize(desc - desc.mean(0), dim=1)
+
+
 def planted_real(paths: list[Path], root: Path, max_distance: int) -> None:
-    """Copies of real pictures made as `artdist synth --duplicates` makes them, hashed as `artdist shard` does."""
+    """Copies of real pictures made as `artdist synth --duplicates` makes them, found by the hashes as
+    `artdist shard` computes them and by the copy descriptor as `artdist duplicates` does."""
     rng = np.random.default_rng(0)
     planted, samples = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,10 +134,16 @@ def planted_real(paths: list[Path], root: Path, max_distance: int) -> None:
             im = prepare_image(source, MAX_SHORT_SIDE, 200_000_000)
             samples.append({"path": name, "id": i, "split": "train", "style": 0, "artist": -1, "genre": -1,
                             **dict(zip(duplicates.HASH_FIELDS, duplicates.sample_hashes(source, im)))})
-    groups = [[m["path"] for m in g["members"]] for g in duplicates.group_samples(samples, max_distance)]
-    score = duplicates.score_planted(groups, planted, set(files))
-    print(f"{len(paths)} real pictures + {len(planted)} planted copies, dup_hamming {max_distance}:")
-    print(duplicates.planted_table({"hashes": score}))
+        names = list(files)
+        dc = DuplicatesConfig()
+        pairs, _ = copy_pairs(copy_descriptors(list(files.values())), dc.ratio, dc.neighbours, dc.chunk)
+    by_hash = [[m["path"] for m in g["members"]] for g in duplicates.group_samples(samples, max_distance)]
+    by_descriptor = [[names[i] for i in members] for members in duplicates.components(len(names), pairs)]
+    found = {"hashes": by_hash, "embeddings": by_descriptor, "either": merge_groups(by_hash + by_descriptor)}
+    scores = {name: duplicates.score_planted(groups, planted, set(files)) for name, groups in found.items()}
+    print(f"{len(paths)} real pictures + {len(planted)} planted copies, dup_hamming {max_distance}, copy "
+          f"descriptor of an untrained ResNet-18 at 224 px:")
+    print(duplicates.planted_table(scores))
 
 
 if __name__ == "__main__":

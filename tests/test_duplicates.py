@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from artdist.config import TASKS, JobConfig, ShardConfig, SynthConfig
+from artdist.config import TASKS, DataConfig, JobConfig, ModelConfig, ShardConfig, SynthConfig
 from artdist.data import duplicates
 from artdist.data.manifest import Manifest
 from artdist.data.synth import make_corpus
 from artdist.data.shard import shard_dataset
+from artdist.model import build_model
 from artdist.outliers import pipeline
-from artdist.outliers.duplicates import cosine_pairs
+from artdist.outliers.duplicates import copy_pairs, find_groups
 from artdist.outliers.scores import TaskScores
 
 
@@ -43,16 +44,32 @@ def test_band_index_finds_exactly_the_pairs_of_a_brute_force_scan(k):
     assert found == _brute_pairs(codes, k) and len(found) >= 5
 
 
-def test_cosine_knn_in_chunks_matches_the_full_similarity_matrix():
+def _brute_copy_pairs(emb: torch.Tensor, ratio: float, k: int) -> set[tuple[int, int]]:
+    sims = emb @ emb.T
+    sims.fill_diagonal_(-2.0)
+    values, index = sims.topk(k, dim=1)
+    found = set()
+    for i in range(len(emb)):
+        for m in range(k - 1):
+            if 1 - values[i, m] < ratio * (1 - values[i, k - 1]):
+                j = int(index[i, m])
+                found.add((min(i, j), max(i, j)))
+    return found
+
+
+def test_copy_pairs_in_chunks_match_the_rule_on_the_full_similarity_matrix():
     torch.manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(500, 32), dim=1)
-    emb[400:450] = torch.nn.functional.normalize(emb[:50] + 0.03 * torch.randn(50, 32), dim=1)
-    pairs, sims = cosine_pairs(emb, 0.9, chunk=64, k=8)
+    emb[400:450] = torch.nn.functional.normalize(emb[:50] + 0.03 * torch.randn(50, 32), dim=1)  # near copies
+    emb[450:460] = torch.nn.functional.normalize(emb[:10] + 0.03 * torch.randn(10, 32), dim=1)  # second copies
+    pairs, sims = copy_pairs(emb, 0.2, neighbours=5, chunk=64)
+    found = {tuple(p) for p in pairs.tolist()}
+    assert found == _brute_copy_pairs(emb, 0.2, 5)
+    assert {(i, 400 + i) for i in range(50)} | {(i, 450 + i) for i in range(10)} <= found  # every copy
+    assert all(j >= 400 for _, j in found)  # and nothing else
     full = emb @ emb.T
-    i, j = torch.nonzero(torch.triu(full >= 0.9, 1), as_tuple=True)
-    assert {tuple(p) for p in pairs.tolist()} == set(zip(i.tolist(), j.tolist()))
-    assert len(pairs) >= 50
     assert np.allclose(sims, full[pairs[:, 0], pairs[:, 1]].numpy(), atol=1e-5)
+    assert len(copy_pairs(emb[:1], 0.2, 5, 64)[0]) == 0  # one image: nothing to compare
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +122,24 @@ def test_planted_copies_are_found_per_kind(copied_corpus, policies):
     assert len(exact) == 10 and all(g["several_classes"][:1] == ["style"] and not g["leakage"] for g in exact)
     table = duplicates.planted_table({"hashes": score})
     assert "recall exact (10)" in table and "1.000" in table
+
+
+def test_the_copy_descriptor_finds_crops_and_recolourings_the_hashes_miss(copied_corpus, policies, tmp_path):
+    """Even an untrained backbone's first stage finds them: the descriptor reads layout and texture."""
+    shards, manifest = policies["report"]
+    cfg = JobConfig(out_dir=str(tmp_path))
+    cfg.data = DataConfig(shards=str(shards), image_size=64, batch_size=32, num_workers=0)
+    cfg.model = ModelConfig(backbone="resnet18", weights="none", lstm_hidden=32)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, {t: len(manifest["classes"][t]) for t in TASKS}).eval()
+    manifest = Manifest.from_json(manifest, shards)
+    groups, index = find_groups(model, cfg, manifest, torch.device("cpu"), None)
+    planted = duplicates.read_planted(copied_corpus / duplicates.PLANTED_NAME)
+    score = duplicates.score_planted([[m["path"] for m in g["members"]] for g in groups], planted,
+                                     {ref.path for ref in index.values()})
+    recall = {k: v["recall"] for k, v in score["recall"].items()}
+    assert recall["cropped"] >= 0.9 and recall["jittered"] >= 0.8 and recall["resized"] >= 0.9, recall
+    assert score["precision"] >= 0.9, score
 
 
 def test_the_leakage_policy_moves_drops_or_only_reports(policies):

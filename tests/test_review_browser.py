@@ -181,3 +181,32 @@ def test_page_filters_decides_exports_and_the_decisions_relabel_the_shards(repor
                     labels[meta["path"]] = manifest.classes["style"][meta["style"]]
     for path, to in applied:
         assert labels[path] == to
+
+
+def test_paintings_filed_under_several_classes_have_their_own_section(report, browser):
+    """Rows whose prediction is another copy's label leave the likely mislabels for their own section."""
+    from artdist.outliers.review import render_page
+
+    data = page_data(report / "index.html")
+    several = {(r["task"], r["id"]) for r in data["rows"][1:6:2]}  # three rows, not the top one
+    for r in data["rows"]:
+        if (r["task"], r["id"]) in several:
+            r["several_classes"], r["copy_labels"] = True, [r["predicted"]]
+    page = report / "copies.html"  # beside index.html: the same enlarged images
+    page.write_text(render_page(data), encoding="utf-8")
+    browser.get(page.as_uri())
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    Select(browser.find_element(By.ID, "f-pagesize")).select_by_value("200")
+    section = Select(browser.find_element(By.ID, "f-section"))
+    assert section.first_selected_option.get_attribute("value") == "mislabel"  # the default
+    shown = {(c.get_attribute("data-task"), int(c.get_attribute("data-id"))) for c in cards(browser)}
+    assert count(browser)[0] == len(data["rows"]) - 3 and not shown & several
+    section.select_by_value("several")
+    assert {(c.get_attribute("data-task"), int(c.get_attribute("data-id"))) for c in cards(browser)} == several
+    for card in cards(browser):
+        assert card.find_element(By.CSS_SELECTOR, ".tag.several").text == "filed under several classes"
+        assert "not a likely mislabel" in card.find_element(By.CSS_SELECTOR, ".copies").text
+    section.select_by_value("")
+    assert count(browser)[0] == len(data["rows"])
+    assert errors(browser) == []

@@ -1,4 +1,4 @@
-"""`artdist duplicates`: near-duplicate paintings of a trained run, by embedding cosine similarity."""
+"""`artdist duplicates`: near-duplicate paintings of a trained run, by its copy descriptor."""
 from __future__ import annotations
 
 import argparse
@@ -14,15 +14,16 @@ from artdist.train.numerics import resolve_amp
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p, default_split=None)  # every split: copies are looked for across them
-    p.add_argument("--cosine", type=float, metavar="C",
-                   help="pairs at least this similar are copies (duplicates.cosine, default 0.96)")
+    p.add_argument("--ratio", type=float, metavar="R",
+                   help="a copy's cosine distance is below R x the distance to the image's duplicates.neighbours-th "
+                        "nearest (duplicates.ratio, default 0.2)")
     p.add_argument("--planted", default="", metavar="CSV",
                    help="planted_duplicates.csv from `artdist synth --duplicates`: recall per kind and precision "
                         "of the shard-time hashes and of the embeddings (duplicates.planted)")
 
 
 def run(args: argparse.Namespace) -> int:
-    extra = (f"out_dir={args.run}", *((f"duplicates.cosine={args.cosine}",) if args.cosine is not None else ()),
+    extra = (f"out_dir={args.run}", *((f"duplicates.ratio={args.ratio}",) if args.ratio is not None else ()),
              *((f"duplicates.planted={args.planted}",) if args.planted else ()))
     path, ckpt, cfg = open_run(args, extra)
     planted = read_planted(cfg.duplicates.planted) if cfg.duplicates.planted else None  # a bad path fails first

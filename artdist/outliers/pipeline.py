@@ -45,24 +45,6 @@ def _batches(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, split: 
     yield from run_inference(model, loader, transform, device, amp_dtype)
 
 
-def gather_embeddings(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, split: str, device: torch.device,
-                      amp_dtype: torch.dtype | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(ids [N], labels [N, 3], unit-length embeddings [N, D] float16) of a split, sorted by id, on rank 0
-    (None on the others); every rank joins."""
-    parts = [(ids.cpu().numpy(), labels.cpu().numpy(),
-              torch.nn.functional.normalize(emb, dim=1).half().cpu().numpy())
-             for ids, labels, _, emb in _batches(model, cfg, manifest, split, device, amp_dtype, "duplicates")]
-    gathered = dist.gather_objects(parts)
-    if gathered is None:
-        return None
-    flat = [p for rank in gathered for p in rank]
-    if not flat:
-        return np.zeros(0, np.int64), np.zeros((0, len(TASKS)), np.int64), np.zeros((0, 0), np.float16)
-    ids, labels, emb = (np.concatenate([p[k] for p in flat]) for k in range(3))
-    order = np.argsort(ids, kind="stable")
-    return ids[order], labels[order], emb[order]
-
-
 def fit_class_gaussians(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, device: torch.device,
                         amp_dtype: torch.dtype | None) -> dict[str, ClassGaussian]:
     """Class means + tied covariance per task from the training split, on every rank (all-reduced)."""

@@ -124,6 +124,7 @@ def page_rows(task: str, rows: list[dict[str, Any]], per_task: dict[str, TaskSco
             "reasons": row["reasons"], "kinds": sorted({reason_kind(r) for r in row["reasons"]}),
             "planted": planted is not None and (task, row["path"]) in planted,
             "others": other,
+            "copy_labels": row["copy_labels"], "several_classes": row["several_classes"],
         })
     return out
 
