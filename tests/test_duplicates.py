@@ -2,7 +2,6 @@
 embedding k-NN vs brute force, and copies in the outlier ranking and the evaluation ceiling."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import tarfile
 from collections import Counter
