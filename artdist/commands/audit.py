@@ -20,12 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, metavar="K", help="number of folds (default: the config's audit.folds)")
     p.add_argument("--splits", metavar="A,B", help="comma-separated splits to audit (default: every split)")
     mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--merge", action="store_true", help="only the merge of finished folds (what the merge job runs)")
     mode.add_argument("--local", action="store_true",
                       help="the folds one after another on this machine under torchrun, then the merge (default)")
     mode.add_argument("--submit", action="store_true",
                       help="SLURM: the folds as one job array (each a DDP job with the config's slurm: section), "
                            "then the merge as a job that starts after all of them succeed")
-    mode.add_argument("--merge", action="store_true", help="only the merge of finished folds (what the merge job runs)")
     mode.add_argument("--fold", type=int, metavar="k",
                       help="train and score fold k here (each torchrun process runs this; --local starts them)")
     mode.add_argument("--vs-cleanlab", action="store_true",
