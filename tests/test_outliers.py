@@ -169,9 +169,21 @@ def _scores(nll, feature_nll) -> TaskScores:
     )
 
 
-def test_combined_score_adds_both_surprisals_and_stands_in_for_a_missing_one():
+def test_combined_score_multiplies_one_plus_both_surprisals_and_stands_in_for_a_missing_one():
     s = _scores(nll=[0.1, 5.0, 0.2, 3.0], feature_nll=[1.0, 2.0, np.nan, 9.0])
-    np.testing.assert_allclose(ranking.combined_score(s), [1.1, 7.0, 0.4, 12.0], rtol=1e-6)
+    np.testing.assert_allclose(np.exp(ranking.combined_score(s)), [1.1 * 2, 6 * 3, 1.2 * 1.2, 4 * 10], rtol=1e-5)
+
+
+def test_combined_score_keeps_its_top_when_the_gaussians_surprisal_is_rescaled():
+    # A sum of nats lets the sharper expert rank alone (about half the top 20 changes at x100); the
+    # product of (1 + surprisal) keeps most of its top.
+    rng = np.random.default_rng(0)
+    nll, feature = rng.exponential(1.0, 200), rng.exponential(1.0, 200)
+
+    def top(scale: float) -> set[int]:
+        return set(np.argsort(ranking.combined_score(_scores(nll=nll, feature_nll=scale * feature)))[-20:].tolist())
+
+    assert len(top(1.0) & top(100.0)) >= 16
 
 
 # --------------------------------------------------------------------------- on the demo shards

@@ -29,8 +29,8 @@ from artdist.train.evaluation import eval_batches
 from artdist.train.numerics import use_channels_last
 
 TYPICAL_PER_CLASS = 4  # central samples shown beside a class's outliers
-COMBINED_DESCRIPTION = ("-log p(assigned) of the classifier + -log p(assigned) of a Gaussian classifier on the "
-                        "embedding (class means, tied covariance)")
+COMBINED_DESCRIPTION = ("log(1 + s) of the classifier + log(1 + s) of a Gaussian classifier on the embedding "
+                        "(class means, tied covariance), s = -log p(assigned)")
 
 
 # --------------------------------------------------------------------------- passes over a split

@@ -35,14 +35,16 @@ def robust_z(x: np.ndarray) -> np.ndarray:
 
 
 def combined_score(scores: TaskScores) -> np.ndarray:
-    """-log p(assigned) of the classifier head plus -log p(assigned) of the Gaussian classifier on the embedding.
+    """log(1 + s_head) + log(1 + s_gauss): s = -log p(assigned) of the classifier head and of the Gaussian
+    classifier on the embedding, i.e. the log of the product of the two experts' (1 + surprisal).
 
-    Both are surprisals in nats, so they add without rescaling: -log of the product of two experts'
-    probabilities for the label on file (the alternatives measured against it: docs/benchmarks.md
-    "Outlier scores"). Where the assigned class had no training samples the head's term counts twice.
+    A product, not a sum of nats, because the two surprisals live on different scales (the Gaussians'
+    posteriors are far sharper, their surprisals run to hundreds of nats): a sum lets the Gaussians
+    rank alone, while a rescaled surprisal only shifts its log (docs/benchmarks.md "Outlier scores").
+    Where the assigned class had no training samples the head's term counts twice.
     """
     feature = np.where(np.isfinite(scores.feature_nll), scores.feature_nll, scores.nll)
-    return (scores.nll + feature).astype(np.float32)
+    return (np.log1p(scores.nll) + np.log1p(feature)).astype(np.float32)
 
 
 def oriented_scores(scores: TaskScores, combined: np.ndarray) -> dict[str, np.ndarray]:
