@@ -14,8 +14,9 @@ from artdist.config import MAX_IMAGE_SIZE, ModelConfig
 from artdist.errors import UserError
 
 TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-COPY_STAGE = TRUNK.index("layer1") + 1  # the copy descriptor reads the first residual stage
-COPY_GRID = 4  # ... pooled to 4 x 4 cells
+# The copy descriptor reads the stem (conv1..maxpool) and the first residual stage, each pooled to 4 x 4 cells.
+COPY_STAGES = (TRUNK.index("maxpool") + 1, TRUNK.index("layer1") + 1)
+COPY_GRID = 4
 MAX_GRID = MAX_IMAGE_SIZE // 32  # spatial positional embedding: feature maps up to 64x64 (ResNet stride 32)
 PREFETCH_HINT = "python -c \"import torchvision; torchvision.models.{name}(weights='{weights}')\""
 
@@ -79,14 +80,26 @@ class CNNLSTM(nn.Module):
         return logits, embedding
 
     def copy_descriptor(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C * 16] float32 for finding copies of a picture: the first residual stage's feature map pooled
-        to a 4 x 4 grid, each channel standardised over its cells, so brightness and contrast changes cancel
-        while layout and texture remain. The classifier's embedding cannot tell a crop from another
-        painting of the same style (docs/benchmarks.md, Duplicates)."""
-        fmap = self.backbone[:COPY_STAGE](x).float()
-        cells = nn.functional.adaptive_avg_pool2d(fmap, COPY_GRID).flatten(2)
-        cells = (cells - cells.mean(2, keepdim=True)) / (cells.std(2, keepdim=True) + 1e-6)
-        return cells.flatten(1)
+        """[B, sum(copy_widths)] float32 for finding copies of a picture: the stem's and the first residual
+        stage's feature maps, each pooled to a 4 x 4 grid with every channel standardised over its cells
+        (brightness and contrast changes cancel, layout and texture remain), side by side. Two depths
+        because each finds copies the other misses: recoloured ones the stem, crops the residual stage.
+        The classifier's embedding cannot tell a crop from another painting of the same style
+        (docs/benchmarks.md, Duplicates)."""
+        parts, start = [], 0
+        for stop in COPY_STAGES:
+            x = self.backbone[start:stop](x)
+            start = stop
+            cells = nn.functional.adaptive_avg_pool2d(x.float(), COPY_GRID).flatten(2)
+            parts.append(((cells - cells.mean(2, keepdim=True)) / (cells.std(2, keepdim=True) + 1e-6)).flatten(1))
+        return torch.cat(parts, 1)
+
+    @property
+    def copy_widths(self) -> tuple[int, ...]:
+        """The widths of copy_descriptor's parts, one per COPY_STAGES entry (channels x cells)."""
+        convs = [m for m in self.backbone[:COPY_STAGES[-1]].modules() if isinstance(m, nn.Conv2d)]
+        stem = [m for m in self.backbone[:COPY_STAGES[0]].modules() if isinstance(m, nn.Conv2d)]
+        return tuple(c[-1].out_channels * COPY_GRID**2 for c in (stem, convs))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_features(x)[0]

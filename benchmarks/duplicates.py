@@ -24,7 +24,7 @@ from artdist.data.shard import shard_dataset
 from artdist.data.synth import COPY_KINDS, _copy_picture
 from artdist.data.transforms import DeviceTransform
 from artdist.model import build_model
-from artdist.outliers.duplicates import copy_pairs, merge_groups
+from artdist.outliers.duplicates import descriptor_pairs, merge_groups
 
 IMAGES = 81_446  # the real label files' images
 MULTI_FILED = 1_349  # their file names in two style folders
@@ -100,9 +100,9 @@ def whole_sharder(folder: Path) -> None:
           f"{per['with']:.2f} with (+{100 * (per['with'] / per['without'] - 1):.1f} %)")
 
 
-def copy_descriptors(files: list[Path], image_size: int = 224) -> torch.Tensor:
-    """Unit-length, centred copy descriptors of image files, as `artdist duplicates` computes them from their
-    shard members (eval pixels), here with an untrained ResNet-18: no trained model needed for copies."""
+def copy_descriptors(files: list[Path], image_size: int = 224) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Copy descriptors of image files and their parts' widths, as `artdist duplicates` computes them from
+    their shard members (eval pixels), here with an untrained ResNet-18: no trained model needed for copies."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="resnet18", weights="none"), {t: 2 for t in TASKS}).eval()
     data_cfg, shard_cfg = DataConfig(image_size=image_size), ShardConfig(max_short_side=MAX_SHORT_SIDE)
@@ -112,8 +112,7 @@ def copy_descriptors(files: list[Path], image_size: int = 224) -> torch.Tensor:
         for start in range(0, len(files), 32):
             batch = np.stack([eval_pixels(path, shard_cfg, data_cfg) for path in files[start:start + 32]])
             parts.append(model.copy_descriptor(transform(torch.from_numpy(batch).permute(0, 3, 1, 2))))
-    desc = torch.cat(parts)
-    return torch.nn.functional.normalize(desc - desc.mean(0), dim=1)
+    return torch.cat(parts), model.copy_widths
 
 
 def planted_real(paths: list[Path], root: Path, max_distance: int) -> None:
@@ -136,7 +135,7 @@ def planted_real(paths: list[Path], root: Path, max_distance: int) -> None:
                             **dict(zip(duplicates.HASH_FIELDS, duplicates.sample_hashes(source, im)))})
         names = list(files)
         dc = DuplicatesConfig()
-        pairs, _ = copy_pairs(copy_descriptors(list(files.values())), dc.ratio, dc.neighbours, dc.chunk)
+        pairs, _ = descriptor_pairs(*copy_descriptors(list(files.values())), dc.ratio, dc.neighbours, dc.chunk)
     by_hash = [[m["path"] for m in g["members"]] for g in duplicates.group_samples(samples, max_distance)]
     by_descriptor = [[names[i] for i in members] for members in duplicates.components(len(names), pairs)]
     found = {"hashes": by_hash, "embeddings": by_descriptor, "either": merge_groups(by_hash + by_descriptor)}

@@ -18,7 +18,7 @@ from artdist.data.synth import make_corpus
 from artdist.data.shard import shard_dataset
 from artdist.model import build_model
 from artdist.outliers import pipeline
-from artdist.outliers.duplicates import copy_pairs, find_groups
+from artdist.outliers.duplicates import copy_pairs, descriptor_pairs, find_groups
 from artdist.outliers.scores import TaskScores
 
 
@@ -69,6 +69,34 @@ def test_copy_pairs_in_chunks_match_the_rule_on_the_full_similarity_matrix():
     full = emb @ emb.T
     assert np.allclose(sims, full[pairs[:, 0], pairs[:, 1]].numpy(), atol=1e-5)
     assert len(copy_pairs(emb[:1], 0.2, 5, 64)[0]) == 0  # one image: nothing to compare
+
+
+def test_descriptor_pairs_join_what_each_part_finds_with_its_highest_cosine():
+    # Part A sees copies 0-9 in rows 100-109, part B copies 10-19 in rows 110-119: the join finds all 20.
+    torch.manual_seed(1)
+    a, b = torch.randn(120, 16), torch.randn(120, 24)
+    a[100:110] = a[:10] + 0.02 * torch.randn(10, 16)
+    b[110:120] = b[10:20] + 0.02 * torch.randn(10, 24)
+    b[100:102] = b[:2] + 0.05 * torch.randn(2, 24)  # two copies B also sees, less sharply than A
+    pairs, sims = descriptor_pairs(torch.cat([a, b], 1), (16, 24), 0.2, 5, 32)
+    found = {tuple(p) for p in pairs.tolist()}
+    assert {(i, 100 + i) for i in range(20)} <= found and all(j >= 100 for _, j in found)
+    unit = [torch.nn.functional.normalize(x - x.mean(0), dim=1) for x in (a, b)]
+    for (i, j), sim in zip(pairs.tolist(), sims.tolist()):
+        assert sim == pytest.approx(max(float(u[i] @ u[j]) for u in unit), abs=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_copy_widths_split_the_copy_descriptor_into_its_stages(backbone):
+    model = build_model(ModelConfig(backbone=backbone, weights="none", lstm_hidden=16), {t: 3 for t in TASKS}).eval()
+    with torch.no_grad():
+        desc = model.copy_descriptor(torch.randn(2, 3, 64, 64))
+    stem, stage1 = model.copy_widths
+    assert desc.shape == (2, stem + stage1) and stem == 64 * 16 and stage1 == (64 if backbone == "resnet18" else 256) * 16
+    # each part standardised per channel over its 16 cells
+    for part in torch.split(desc, [stem, stage1], 1):
+        cells = part.view(2, -1, 16)
+        assert torch.allclose(cells.mean(2), torch.zeros(1), atol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
 from artdist import dist
 from artdist.config import TASKS, JobConfig
@@ -55,6 +56,19 @@ def copy_pairs(emb: torch.Tensor, ratio: float, neighbours: int, chunk: int) -> 
     return pairs, sims[first]
 
 
+def descriptor_pairs(desc: torch.Tensor, widths: tuple[int, ...], ratio: float, neighbours: int,
+                     chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """copy_pairs on each part of the copy descriptors [N, sum(widths)], joined: a pair any part finds,
+    with its highest cosine. Each part is centred on the dataset's mean first: what every painting
+    shares says nothing about copies."""
+    found = [copy_pairs(nn.functional.normalize(part - part.mean(0), dim=1), ratio, neighbours, chunk)
+             for part in torch.split(desc, list(widths), dim=1)]
+    pairs, sims = np.concatenate([p for p, _ in found]), np.concatenate([s for _, s in found])
+    order = np.lexsort((-sims, pairs[:, 1], pairs[:, 0]))  # each pair's highest cosine first
+    pairs, first = np.unique(pairs[order], axis=0, return_index=True)
+    return pairs, sims[order][first]
+
+
 def _descriptor_batches(model: CNNLSTM, cfg: JobConfig, manifest: Manifest, split: str, device: torch.device,
                         amp_dtype: torch.dtype | None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """This rank's share of a split: (ids, labels, copy descriptors float16) per batch."""
@@ -99,10 +113,8 @@ def find_groups(model: CNNLSTM, cfg: JobConfig, manifest: Manifest, device: torc
     labels = np.concatenate([p[1] for p in parts.values()])
     splits = [s for s, p in parts.items() for _ in range(len(p[0]))]
     desc = torch.from_numpy(np.concatenate([p[2] for p in parts.values()])).float().to(device)
-    # Centred on the dataset's mean descriptor: what every painting shares says nothing about copies.
-    emb = torch.nn.functional.normalize(desc - desc.mean(0), dim=1)
     dc = cfg.duplicates
-    pairs, sims = copy_pairs(emb, dc.ratio, dc.neighbours, dc.chunk)
+    pairs, sims = descriptor_pairs(desc, model.copy_widths, dc.ratio, dc.neighbours, dc.chunk)
     best: dict[int, float] = {}
     for (i, j), sim in zip(pairs.tolist(), sims.tolist()):
         best[i], best[j] = max(best.get(i, -1.0), sim), max(best.get(j, -1.0), sim)
