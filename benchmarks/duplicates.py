@@ -5,6 +5,7 @@ the recall/precision of the hashes and the copy descriptor on copies planted amo
 """
 from __future__ import annotations
 
+import itertools
 import shutil
 import sys
 import tempfile
@@ -85,7 +86,10 @@ def whole_sharder(folder: Path) -> None:
             for name in ("without", "with"):
                 out = Path(tmp) / "shards"
                 shutil.rmtree(out, ignore_errors=True)
-                stub = mock.patch("artdist.data.duplicates.sample_hashes", lambda source, im: ["0" * 64] * 2)
+                # Distinct stand-ins: equal ones would make every image one exact-copy group to report and move.
+                unique = itertools.count()
+                stub = mock.patch("artdist.data.duplicates.sample_hashes",
+                                  lambda source, im: [f"{next(unique):064x}", "0" * 64])
                 if name == "without":
                     stub.start()
                 start = time.process_time()
