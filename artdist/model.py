@@ -96,10 +96,10 @@ class CNNLSTM(nn.Module):
 
     @property
     def copy_widths(self) -> tuple[int, ...]:
-        """The widths of copy_descriptor's parts, one per COPY_STAGES entry (channels x cells)."""
-        convs = [m for m in self.backbone[:COPY_STAGES[-1]].modules() if isinstance(m, nn.Conv2d)]
-        stem = [m for m in self.backbone[:COPY_STAGES[0]].modules() if isinstance(m, nn.Conv2d)]
-        return tuple(c[-1].out_channels * COPY_GRID**2 for c in (stem, convs))
+        """The widths of copy_descriptor's parts, one per COPY_STAGES entry: the stage's last conv's
+        channels x the grid's cells."""
+        return tuple([m for m in self.backbone[:stop].modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+                     * COPY_GRID**2 for stop in COPY_STAGES)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_features(x)[0]
