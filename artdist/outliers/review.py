@@ -18,7 +18,7 @@ LARGE_SIDE = 640  # px, longer side of the click-to-enlarge view (images/<id>.jp
 TEMPLATE = "review_page.html"
 DATA_TOKEN = "__ARTDIST_DATA__"
 RANKING_LABELS = {  # the page's ranking menu, in RANKED_SCORES' names
-    "combined": "combined (classifier + embedding surprisal)",
+    "combined": "combined (classifier × embedding surprisal)",
     "max_softmax": "max_softmax (1 − max p)",
     "nll": "−log p(assigned)",
     "margin": "margin (best other p − p(assigned))",
