@@ -2,6 +2,7 @@
 embedding k-NN vs brute force, and copies in the outlier ranking and the evaluation ceiling."""
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from collections import Counter
@@ -10,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from artdist.config import TASKS, DataConfig, JobConfig, ModelConfig, ShardConfig, SynthConfig
 from artdist.data import duplicates
+from artdist.data.image import prepare_image
 from artdist.data.manifest import Manifest
 from artdist.data.synth import make_corpus
 from artdist.data.shard import shard_dataset
@@ -54,6 +57,32 @@ def _brute_copy_pairs(emb: torch.Tensor, ratio: float, k: int) -> set[tuple[int,
                 j = int(index[i, m])
                 found.add((min(i, j), max(i, j)))
     return found
+
+
+def _jpeg(pic: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    pic.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_a_dark_nearly_flat_painting_keeps_its_phash_when_re_encoded_or_resized(seed):
+    # A dark field a few grey levels deep, as in minimalist and colour-field paintings: on an 8-bit
+    # thumbnail its cells round to the same few levels and a q60 copy moved 20-30 of the 256 bits.
+    rng = np.random.default_rng(seed)
+    h, w = 450, 600
+    y, x = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+    field = 40 + sum(rng.uniform(-3, 3) * np.cos(np.pi * (i * x + 0.1 * rng.uniform()))
+                     * np.cos(np.pi * (j * y + 0.1 * rng.uniform())) for i in range(1, 9) for j in range(1, 9))
+    field[(np.abs(x - 0.5) < 0.03) & (np.abs(y - 0.5) < 0.1)] = 200
+    pic = Image.fromarray(np.clip(np.stack([field, field * 0.9, field * 1.1], -1), 0, 255).astype(np.uint8))
+    original = duplicates.perceptual_hash(prepare_image(_jpeg(pic, 95), 448, 10**9))
+    copies = [_jpeg(pic, 60)] + [_jpeg(pic.resize((round(w * f), round(h * f)), Image.Resampling.LANCZOS), 90)
+                                 for f in (0.6, 0.85)]
+    codes = duplicates.hash_codes([original] + [duplicates.perceptual_hash(prepare_image(c, 448, 10**9))
+                                                for c in copies])
+    distances = duplicates.hamming(codes[:1], codes[1:])
+    assert distances.max() <= ShardConfig().dup_hamming, distances
 
 
 def test_copy_pairs_in_chunks_match_the_rule_on_the_full_similarity_matrix():

@@ -19,7 +19,7 @@ from artdist.data.catalog import EVALUATION_ORDER
 from artdist.data.manifest import Manifest
 from artdist.errors import UserError
 
-HASHES = "sha256+phash256"  # what each sample's json carries; in the shard fingerprint, so old shards are redone
+HASHES = "sha256+phash256f"  # what each sample's json carries; in the shard fingerprint, so old shards are redone
 HASH_FIELDS = ("sha256", "phash")
 POLICIES = ("move", "drop", "report")
 PLANTED_NAME = "planted_duplicates.csv"
@@ -43,14 +43,16 @@ _DCT = np.cos(np.pi * (2 * np.arange(PHASH_GRID)[None, :] + 1) * np.arange(PHASH
               ).astype(np.float32)
 FLAT_RANGE = 2  # grey levels: a thumbnail spanning no more than this has no shape to hash
 # Grey first, an integer pre-reduction down to >= 2x the thumbnail, then bilinear: as robust to resizing
-# as bilinear from the full picture at a third of its cost; BOX thumbnails were not (docs/benchmarks.md).
+# as bilinear from the full picture at a third of its cost; BOX thumbnails were not. Float grey, not
+# 8-bit: rounding a dark or flat painting's cells to whole levels flipped up to 34 bits between a
+# picture and its re-encoded or resized copy (docs/benchmarks.md, Duplicates).
 THUMB_REDUCING_GAP = 2.0
 
 
 def perceptual_hash(im: Image.Image) -> str:
     """256-bit pHash of a picture, 64 hex digits: which of the 16x16 lowest DCT frequencies of its 32x32
     grey thumbnail are above their median (DC excluded). A flat picture's is 0, matched by bytes only."""
-    grey = im.convert("L").resize((PHASH_GRID, PHASH_GRID), Image.Resampling.BILINEAR,
+    grey = im.convert("F").resize((PHASH_GRID, PHASH_GRID), Image.Resampling.BILINEAR,
                                   reducing_gap=THUMB_REDUCING_GAP)
     darkest, brightest = grey.getextrema()
     if brightest - darkest <= FLAT_RANGE:
