@@ -89,15 +89,19 @@ def apply_geometry(img: Image.Image, geom: Geometry, size: int) -> np.ndarray:
         out = img.crop((x, y, x + size, y + size))
         return np.asarray(out.transpose(Image.FLIP_LEFT_RIGHT) if geom.flip else out)
     src, (x0, y0, x1, y1) = _placement(geom.box, img.width, img.height, size)
-    # torch's uint8 antialiased bilinear (PIL's filter, vectorised) on the whole-pixel window: ~5x
-    # faster than PIL's resize here; the box moves by < 0.5 source px (docs/benchmarks.md).
-    a, b = min(round(src[0]), img.width - 1), min(round(src[1]), img.height - 1)
-    window = img.crop((a, b, max(round(src[2]), a + 1), max(round(src[3]), b + 1)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a read-only array: interpolate does not write to it
-        pixels = torch.from_numpy(np.asarray(window)).permute(2, 0, 1)[None]
-    out = nn.functional.interpolate(pixels, size=(y1 - y0, x1 - x0), mode="bilinear", antialias=True,
-                                    align_corners=False)[0].permute(1, 2, 0)
+    if src[2] - src[0] >= x1 - x0 and src[3] - src[1] >= y1 - y0:
+        # Downscaling: torch's uint8 antialiased bilinear (PIL's filter, vectorised) on the whole-pixel
+        # window, ~5x faster than PIL's resize; the box moves by < 0.5 source px, i.e. < 0.5 output px.
+        a, b = min(round(src[0]), img.width - 1), min(round(src[1]), img.height - 1)
+        window = img.crop((a, b, max(round(src[2]), a + 1), max(round(src[3]), b + 1)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a read-only array: interpolate does not write to it
+            pixels = torch.from_numpy(np.asarray(window)).permute(2, 0, 1)[None]
+        out = nn.functional.interpolate(pixels, size=(y1 - y0, x1 - x0), mode="bilinear", antialias=True,
+                                        align_corners=False)[0].permute(1, 2, 0)
+    else:
+        # Upscaling: that half-pixel would grow with the scale, so PIL with the exact box.
+        out = torch.from_numpy(np.array(img.resize((x1 - x0, y1 - y0), Image.BILINEAR, box=src)))
     if geom.flip:
         out, (x0, x1) = out.flip(1), (size - x1, size - x0)
     if (x0, y0, x1, y1) == (0, 0, size, size):
