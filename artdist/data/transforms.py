@@ -156,7 +156,7 @@ def decode_drafted(data: bytes, augment: str, data_cfg: DataConfig,
 
 
 def decode_image(data: bytes, augment: str, data_cfg: DataConfig, rng: np.random.Generator | None) -> np.ndarray:
-    """Encoded image -> uint8 [S, S, 3] with PIL.
+    """Encoded image -> uint8 [S, S, 3], decoded with PIL.
 
     PIL, not torchvision.io.decode_jpeg, on the CPU: JPEG draft mode lets libjpeg decode at 1/2-1/8
     scale whenever the crop needs fewer pixels than the file holds; apply_geometry does the rest.
