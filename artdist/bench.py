@@ -382,12 +382,11 @@ def loader_floors(cfg: JobConfig, shards: Path, manifest: Manifest, images: int)
         box = (max(left, 0), max(top, 0), min(right, im.width), min(bottom, im.height))
         return im.resize((size, size), Image.Resampling.BILINEAR, box=box)
 
-    with torch_threads(1):  # as in a loader worker: decode_image resizes with torch
-        return {"augment": data_cfg.augment, "images": len(members),
-                "decode": cpu_ms(lambda data: Image.open(io.BytesIO(data)).load(), members),
-                "draft_decode": cpu_ms(lambda data: decode_drafted(data, data_cfg.augment, data_cfg, rng), members),
-                "decode_box_resize": cpu_ms(box_resize, members),
-                "decode_image": cpu_ms(lambda data: decode_image(data, data_cfg.augment, data_cfg, rng), members)}
+    return {"augment": data_cfg.augment, "images": len(members),
+            "decode": cpu_ms(lambda data: Image.open(io.BytesIO(data)).load(), members),
+            "draft_decode": cpu_ms(lambda data: decode_drafted(data, data_cfg.augment, data_cfg, rng), members),
+            "decode_box_resize": cpu_ms(box_resize, members),
+            "decode_image": cpu_ms(lambda data: decode_image(data, data_cfg.augment, data_cfg, rng), members)}
 
 
 def bench_imagefolder(cfg: JobConfig, root: Path, workers: list[int], images: int, cpus: int) -> list[dict]:

@@ -18,7 +18,7 @@ from artdist.errors import UserError
 from artdist.config import TASKS, DataConfig
 from artdist.data.loader import BAD_ID, TrainLoader, _tar_samples, make_eval_loader
 from artdist.data.manifest import SplitInfo, read_manifest
-from artdist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, Geometry, apply_geometry,
+from artdist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, Geometry, apply_geometry_pil,
                                      crop_resize_batch, decode_image, sample_geometry)
 
 CLASSES = {"style": ["a", "b", "c"], "artist": ["x", "y"], "genre": ["g0", "g1", "g2", "g3"]}
@@ -320,7 +320,7 @@ def test_crop_flip_pads_with_zeros():
     assert min(b[0] for b in boxes) < 0 and max(b[0] for b in boxes) > 0
     assert all(-10 <= b[0] <= 10 and b[2] - b[0] == 20 for b in boxes)
     white = Image.new("RGB", (20, 20), (255, 255, 255))
-    out = np.asarray(apply_geometry(white, Geometry((-5.0, 0.0, 15.0, 20.0)), 20))
+    out = np.asarray(apply_geometry_pil(white, Geometry((-5.0, 0.0, 15.0, 20.0)), 20))
     assert (out[:, :5] == 0).all() and (out[:, 5:] == 255).all()
 
 
@@ -337,7 +337,7 @@ def test_tensor_geometry_matches_pil(geom):
     # The GPU-decode path's crop/resize runs on CPU tensors too: it must agree with the PIL path.
     y, x = np.mgrid[0:64, 0:80]
     pixels = np.stack([x * 3, y * 4, (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
-    pil = np.asarray(apply_geometry(Image.fromarray(pixels), geom, 25)).astype(float)
+    pil = np.asarray(apply_geometry_pil(Image.fromarray(pixels), geom, 25)).astype(float)
     tensor = crop_resize_batch([torch.from_numpy(pixels).permute(2, 0, 1)], [geom], 25)[0]
     assert tensor.dtype == torch.uint8 and tensor.shape == (3, 25, 25)
     diff = np.abs(tensor.permute(1, 2, 0).numpy().astype(float) - pil)

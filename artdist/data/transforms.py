@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from torch import nn
 
 from artdist.config import DataConfig
 from artdist.errors import UserError
@@ -78,37 +76,21 @@ def _placement(box: tuple[float, float, float, float], width: int, height: int,
     return src, (x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))
 
 
-def apply_geometry(img: Image.Image, geom: Geometry, size: int) -> np.ndarray:
-    """The crop of an RGB picture as uint8 [size, size, 3]: geom's box resized (antialiased bilinear),
-    zero padding where it leaves the picture, mirrored when geom.flip."""
+def apply_geometry_pil(img: Image.Image, geom: Geometry, size: int) -> Image.Image:
     left, top, right, bottom = geom.box
     if abs(right - left - size) < 1 and abs(bottom - top - size) < 1:
         # After a JPEG draft the box is often at output scale already: a crop (zero-filled outside
         # the image, like the padding below) replaces a near no-op resample (docs/benchmarks.md).
         x, y = round(left), round(top)
         out = img.crop((x, y, x + size, y + size))
-        return np.asarray(out.transpose(Image.FLIP_LEFT_RIGHT) if geom.flip else out)
+        return out.transpose(Image.FLIP_LEFT_RIGHT) if geom.flip else out
     src, (x0, y0, x1, y1) = _placement(geom.box, img.width, img.height, size)
-    if src[2] - src[0] >= x1 - x0 and src[3] - src[1] >= y1 - y0:
-        # Downscaling: torch's uint8 antialiased bilinear (PIL's filter, vectorised) on the whole-pixel
-        # window, ~5x faster than PIL's resize; the box moves by < 0.5 source px, i.e. < 0.5 output px.
-        a, b = min(round(src[0]), img.width - 1), min(round(src[1]), img.height - 1)
-        window = img.crop((a, b, max(round(src[2]), a + 1), max(round(src[3]), b + 1)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # a read-only array: interpolate does not write to it
-            pixels = torch.from_numpy(np.asarray(window)).permute(2, 0, 1)[None]
-        out = nn.functional.interpolate(pixels, size=(y1 - y0, x1 - x0), mode="bilinear", antialias=True,
-                                        align_corners=False)[0].permute(1, 2, 0)
-    else:
-        # Upscaling: that half-pixel would grow with the scale, so PIL with the exact box.
-        out = torch.from_numpy(np.array(img.resize((x1 - x0, y1 - y0), Image.BILINEAR, box=src)))
-    if geom.flip:
-        out, (x0, x1) = out.flip(1), (size - x1, size - x0)
-    if (x0, y0, x1, y1) == (0, 0, size, size):
-        return out.numpy()
-    canvas = np.zeros((size, size, 3), np.uint8)
-    canvas[y0:y1, x0:x1] = out.numpy()
-    return canvas
+    out = img.resize((x1 - x0, y1 - y0), Image.BILINEAR, box=src)
+    if (x0, y0, x1, y1) != (0, 0, size, size):
+        canvas = Image.new("RGB", (size, size))
+        canvas.paste(out, (x0, y0))
+        out = canvas
+    return out.transpose(Image.FLIP_LEFT_RIGHT) if geom.flip else out
 
 
 def crop_resize_batch(images: list[torch.Tensor], geoms: list[Geometry], size: int) -> torch.Tensor:
@@ -156,13 +138,15 @@ def decode_drafted(data: bytes, augment: str, data_cfg: DataConfig,
 
 
 def decode_image(data: bytes, augment: str, data_cfg: DataConfig, rng: np.random.Generator | None) -> np.ndarray:
-    """Encoded image -> uint8 [S, S, 3], decoded with PIL.
+    """Encoded image -> uint8 [S, S, 3] with PIL.
 
     PIL, not torchvision.io.decode_jpeg, on the CPU: JPEG draft mode lets libjpeg decode at 1/2-1/8
-    scale whenever the crop needs fewer pixels than the file holds; apply_geometry does the rest.
+    scale whenever the crop needs fewer pixels than the file holds. Crop and flip stay in PIL: a numpy
+    view of the picture instead (cropped or reversed) made the batch stack slower (figures:
+    docs/benchmarks.md).
     """
     img, geom = decode_drafted(data, augment, data_cfg, rng)
-    return apply_geometry(img, geom, data_cfg.image_size)
+    return np.asarray(apply_geometry_pil(img, geom, data_cfg.image_size))
 
 
 
