@@ -2,7 +2,6 @@
 embedding k-NN vs brute force, and copies in the outlier ranking and the evaluation ceiling."""
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections import Counter
@@ -15,7 +14,7 @@ from PIL import Image
 
 from artdist.config import TASKS, DataConfig, JobConfig, ModelConfig, ShardConfig, SynthConfig
 from artdist.data import duplicates
-from artdist.data.image import prepare_image
+from artdist.data.image import encode_image, prepare_image
 from artdist.data.manifest import Manifest
 from artdist.data.synth import make_corpus
 from artdist.data.shard import shard_dataset
@@ -59,12 +58,6 @@ def _brute_copy_pairs(emb: torch.Tensor, ratio: float, k: int) -> set[tuple[int,
     return found
 
 
-def _jpeg(pic: Image.Image, quality: int) -> bytes:
-    buf = io.BytesIO()
-    pic.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("seed", [0, 5])
 def test_a_dark_nearly_flat_painting_keeps_its_phash_when_re_encoded_or_resized(seed):
     # A dark field a few grey levels deep, as in minimalist and colour-field paintings: on an 8-bit
@@ -76,9 +69,9 @@ def test_a_dark_nearly_flat_painting_keeps_its_phash_when_re_encoded_or_resized(
                      * np.cos(np.pi * (j * y + 0.1 * rng.uniform())) for i in range(1, 9) for j in range(1, 9))
     field[(np.abs(x - 0.5) < 0.03) & (np.abs(y - 0.5) < 0.1)] = 200
     pic = Image.fromarray(np.clip(np.stack([field, field * 0.9, field * 1.1], -1), 0, 255).astype(np.uint8))
-    original = duplicates.perceptual_hash(prepare_image(_jpeg(pic, 95), 448, 10**9))
-    copies = [_jpeg(pic, 60)] + [_jpeg(pic.resize((round(w * f), round(h * f)), Image.Resampling.LANCZOS), 90)
-                                 for f in (0.6, 0.85)]
+    original = duplicates.perceptual_hash(prepare_image(encode_image(pic, "jpeg", 95), 448, 10**9))
+    copies = [encode_image(pic, "jpeg", 60)] + [
+        encode_image(pic.resize((round(w * f), round(h * f)), Image.Resampling.LANCZOS), "jpeg", 90) for f in (0.6, 0.85)]
     codes = duplicates.hash_codes([original] + [duplicates.perceptual_hash(prepare_image(c, 448, 10**9))
                                                 for c in copies])
     distances = duplicates.hamming(codes[:1], codes[1:])
