@@ -198,6 +198,7 @@ class OutlierConfig(Section):
     flag_fraction: float = fraction(0.05, lo_open=True, hi_open=False)  # share of samples flagged by the combined score
     planted: str = ""  # planted_noise.csv from `artdist synth --noise`: measure AUROC/precision@k against it
     page_rows: int = positive(1000, 100_000)  # rows per task in index.html, best combined ranks first (CSV: all)
+    tta: Literal["flip", "none"] = "flip"  # flip: score each painting as the mean of it and its mirror image (2x the passes)
     projector: int = ranged(1000, 0, 16_384)  # embeddings in TensorBoard's projector (half top outliers, half a fixed sample); 0: none; at most (8192 px sprite sheet / 64 px)^2
 
 

@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import tarfile
 import time
 import traceback
@@ -19,15 +18,20 @@ import torch.multiprocessing as mp
 
 from artdist.job import main as job_main
 from artdist.config import JobConfig
+from artdist.dist import free_port
 from artdist.rundir import LAST, STOP_FILE
 from artdist.train import trainer as train
 from artdist.train.preempt import PreemptionWatch
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct TCP ports free now."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 @dataclass
@@ -52,7 +56,9 @@ def run_ranks(jobs: list[Job], out: Path, world_size: int = 2, timeout_s: float 
     running after timeout_s (a hang) are killed and fail the test.
     """
     out.mkdir(parents=True, exist_ok=True)
-    context = mp.start_processes(_worker, args=(world_size, free_port(), jobs, str(out)), nprocs=world_size,
+    # A port per job: a rank that starts the next job while rank 0 still holds the last one's store would
+    # otherwise join that store, read the old group's addresses and fail or hang (seen on a loaded 2-core VM).
+    context = mp.start_processes(_worker, args=(world_size, free_ports(len(jobs)), jobs, str(out)), nprocs=world_size,
                                  start_method="spawn", join=False)
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=1):
@@ -71,14 +77,14 @@ def param_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _worker(rank: int, world_size: int, port: int, jobs: list[Job], out: str) -> None:
+def _worker(rank: int, world_size: int, ports: list[int], jobs: list[Job], out: str) -> None:
     """One rank: env as torchrun sets it, instrumentation around train's calls, then each job's main().
 
     A job's record: status or error, per epoch the steps run and a digest of the parameters, per
     evaluation the sample counts, and the run dir's model_last.pt position + stop file afterwards.
     """
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                      OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     cwd = Path(out) / f"cwd{rank}"
     cwd.mkdir(exist_ok=True)
@@ -114,6 +120,7 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[Job], out: str) ->
             return original_stop(self)
 
         PreemptionWatch.should_stop = should_stop
+        os.environ["MASTER_PORT"] = str(ports[j])
         try:
             record["status"] = job_main(job.cfg, job.policy)
         except Exception as exc:  # recorded for the test to assert on; every rank should fail the same way

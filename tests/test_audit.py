@@ -15,7 +15,7 @@ import pytest
 
 from artdist.audit.folds import (ALL, HELDOUT, INSAMPLE, TRAIN, AuditDir, Sample, assign_folds, fold_config,
                                  painting_id, write_plan)
-from artdist.audit.merge import merge, save_fold_scores
+from artdist.audit.merge import FITTED, merge, save_fold_scores
 from artdist.audit.run import train_fold
 from artdist.config import load_config
 from artdist.data.loader import TrainLoader, make_eval_loader
@@ -102,8 +102,11 @@ def test_plan_views_partition_every_split_and_are_identical_across_runs(plan, de
 
 def test_another_plan_in_the_same_dir_is_refused(plan):
     cfg, _ = plan
-    with pytest.raises(UserError, match="holds an audit of other shards, folds or recipe"):
+    with pytest.raises(UserError, match="holds an audit of other shards, folds, recipe or outliers.tta"):
         write_plan(audit_config(cfg.data.shards, cfg.outliers.planted, cfg.run_dir, folds=4))
+    # Each fold scores its paintings when it ends: scoring them another way is another audit.
+    with pytest.raises(UserError, match="holds an audit of other shards, folds, recipe or outliers.tta"):
+        write_plan(audit_config(cfg.data.shards, cfg.outliers.planted, cfg.run_dir, extra=("outliers.tta=none",)))
 
 
 def test_the_fold_loaders_yield_only_their_samples_with_equal_steps_per_rank(plan):
@@ -141,6 +144,8 @@ def test_a_fold_run_scores_only_samples_its_loader_never_yielded_and_merge_check
     assert train_fold(fold_config(cfg, 0)) == "done"
     with np.load(audit_dir.fold_scores(0)) as data:
         scored = set(data["heldout/style/ids"].tolist()) | set(data["heldout/genre/ids"].tolist())
+        # the in-sample fold once more as the model trained (outliers.tta is on by default): same samples
+        assert np.array_equal(data["fitted/style/ids"], data["insample/style/ids"])
     assert yielded and scored and not yielded & scored
     assert scored <= set(view_ids(audit_dir.fold(0) / "shards", HELDOUT))
     done = json.loads(audit_dir.fold_done(0).read_text())
@@ -180,6 +185,8 @@ def fake_fold_scores(cfg, k: int, fingerprint: str, rng: np.random.Generator) ->
                 feature_nll=rng.random(n, dtype=np.float32), feature_predicted=p.argmax(1))
             if part == HELDOUT:
                 probs[task] = p
+    # As the model trained, without outliers.tta: here it fitted every label it saw.
+    parts[FITTED] = {task: dataclasses.replace(s, predicted=s.assigned.copy()) for task, s in parts[INSAMPLE].items()}
     save_fold_scores(audit_dir.fold_scores(k), parts, probs)
     audit_dir.fold_done(k).write_text(json.dumps({"fingerprint": fingerprint, "fold": k}))
 
@@ -201,6 +208,9 @@ def test_merge_ranks_every_sample_once_with_its_split_and_fold(demo_shards, synt
     assert all(r["split"] == table[int(r["id"])]["split"] and r["fold"] == table[int(r["id"])]["fold"] for r in rows)
     stored = json.loads(audit_dir.summary.read_text())
     assert set(stored["quality"]["style"]) == {"out_of_sample", "in_sample"}
+    # The fit of the planted labels is read from the fitted part (1.0 by construction), not from the in-sample
+    # scores (random predictions here).
+    assert stored["planted_fit_in_sample"] == {task: 1.0 for task in cfg.model.tasks}
     assert stored["quality"]["style"]["out_of_sample"]["planted"] > 0
     assert "AUROC out" in capsys.readouterr().out
     with np.load(audit_dir.probs) as data:

@@ -1,8 +1,8 @@
-"""What the loops report beside the loss: training accuracy per task, validation loss per task."""
+"""What the loops report beside the loss: training accuracy per task, validation loss per task; inference with flip TTA."""
 import torch
 from torch import nn
 
-from artdist.train.engine import TrainState, count_predictions, train_one_epoch
+from artdist.train.engine import TrainState, count_predictions, run_inference, train_one_epoch
 from artdist.train.loss import MultiTaskLoss
 
 TASKS2 = ["style", "genre"]
@@ -50,3 +50,17 @@ def test_train_accuracy_counts_labelled_samples_and_eval_reports_mean_cross_entr
             result = count_predictions(model, batches, lambda x: x, torch.device("cpu"), None, TASKS2, {"style": 3, "genre": 2})
             mean_ce = nn.functional.cross_entropy(logits[known], y[known]).item()
             assert abs(result["loss_sum"][task] / int(known.sum()) - mean_ce) < 1e-6, task
+
+
+def test_flip_tta_scores_each_sample_as_the_mean_of_it_and_its_mirror_image():
+    model, batches, cpu = Linear(), _batches(), torch.device("cpu")
+    plain = list(run_inference(model, batches, lambda x: x, cpu, None))
+    mirrored = list(run_inference(model, [(x.flip(-1), y, i) for x, y, i in batches], lambda x: x, cpu, None))
+    tta = list(run_inference(model, batches, lambda x: x, cpu, None, tta="flip"))
+    assert len(tta) == len(plain)
+    for (ids, labels, logits, emb), p, m in zip(tta, plain, mirrored):
+        assert torch.equal(ids, p[0]) and torch.equal(labels, p[1])
+        for task in TASKS2:  # sample by sample: a batch of both views split back in the wrong order fails here
+            torch.testing.assert_close(logits[task], (p[2][task] + m[2][task]) / 2)
+            assert not torch.allclose(logits[task], p[2][task])
+        torch.testing.assert_close(emb, (p[3] + m[3]) / 2)

@@ -10,7 +10,6 @@ import math
 import os
 import pickle
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from PIL import Image
 
 from artdist.cli import main as cli_main
 from artdist.config import TASKS, DataConfig, JobConfig, ModelConfig, save_config, to_dict
+from artdist.dist import free_port
 from artdist.data.loader import make_eval_loader
 from artdist.data.manifest import read_manifest
 from artdist.data.transforms import DeviceTransform
@@ -438,9 +438,7 @@ def test_two_ranks_give_the_same_scores_and_ids_as_one(probed, tmp_path):
     torch.save(model.state_dict(), tmp_path / "model.pt")
     with open(tmp_path / "args.pkl", "wb") as f:
         pickle.dump((cfg, str(tmp_path / "model.pt"), str(tmp_path / "out.pkl")), f)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",

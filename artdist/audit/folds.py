@@ -126,10 +126,11 @@ def fold_config(cfg: JobConfig, k: int) -> JobConfig:
 
 
 def fingerprint(cfg: JobConfig, samples: list[Sample], folds: list[int]) -> str:
-    """What makes fold results comparable: the fold training recipe and the fold of every sample."""
+    """What makes fold results comparable: the fold training recipe, how folds score, the fold of every sample."""
     tree = to_dict(recipe(cfg))
     kept = {section: tree[section] for section in ("data", "model", "train")}
     kept["audit"] = {"folds": cfg.audit.folds}
+    kept["outliers"] = {"tta": cfg.outliers.tta}  # each fold scores its paintings at its end
     text = json.dumps({"recipe": kept, "folds": sorted((s.split, s.key, f) for s, f in zip(samples, folds))},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -167,7 +168,7 @@ def _atomic_write(path: Path, text: str) -> None:
 def write_plan(cfg: JobConfig) -> dict:
     """Assign the folds and write RUN_DIR/plan.json, folds.csv, shards/ and each fold's shards/ view.
 
-    An audit dir holding a plan with another fingerprint (other shards, folds or recipe) is refused:
+    An audit dir holding a plan with another fingerprint (other shards, folds, recipe or outliers.tta) is refused:
     its folds would mix two audits. Returns the plan.
     """
     start = time.perf_counter()
@@ -183,7 +184,7 @@ def write_plan(cfg: JobConfig) -> dict:
     if audit_dir.plan.is_file():
         old = json.loads(audit_dir.plan.read_text())
         if old.get("fingerprint") != plan["fingerprint"]:
-            raise UserError(f"{audit_dir.path} holds an audit of other shards, folds or recipe (plan "
+            raise UserError(f"{audit_dir.path} holds an audit of other shards, folds, recipe or outliers.tta (plan "
                             f"{old.get('fingerprint')}, now {plan['fingerprint']}): set out_dir to a new "
                             "directory, or move that one away")
         plan["plan_s"] = old.get("plan_s", 0.0)

@@ -20,6 +20,7 @@ from artdist.outliers.ranking import combined_score, detection_quality, oriented
 from artdist.outliers.scores import TaskScores
 
 PARTS = (HELDOUT, INSAMPLE)  # out of sample (model k on fold k), in sample (model k on fold k+1)
+FITTED = "fitted"  # in sample as the model trained (no outliers.tta): how the recipe fits the labels it saw
 
 
 # --------------------------------------------------------------------------- one fold's scores file
@@ -40,7 +41,8 @@ def load_fold_scores(path: Path) -> tuple[dict[str, dict[str, TaskScores]], dict
         arrays = {name: data[name] for name in data.files}
     tasks = sorted({name.split("/")[1] for name in arrays if name.startswith(HELDOUT + "/")})
     scores = {part: {t: TaskScores(**{f.name: arrays[f"{part}/{t}/{f.name}"] for f in fields(TaskScores)})
-                     for t in tasks} for part in PARTS}
+                     for t in tasks} for part in (*PARTS, FITTED) if f"{part}/{tasks[0]}/ids" in arrays}
+    scores.setdefault(FITTED, scores[INSAMPLE])  # written before outliers.tta: the in-sample pass was plain
     return scores, {t: arrays[f"probs/{t}"] for t in tasks}
 
 
@@ -58,7 +60,7 @@ def check_folds(run_dir: Path, plan: dict) -> list[dict]:
         info = json.loads(done.read_text())
         if info.get("fingerprint") != plan["fingerprint"]:
             raise UserError(f"fold {k} is stale: {done} is from plan {info.get('fingerprint')}, the audit's plan "
-                            f"is {plan['fingerprint']} (other shards, folds or recipe); move {audit_dir.fold(k)} "
+                            f"is {plan['fingerprint']} (other shards, folds, recipe or outliers.tta); move {audit_dir.fold(k)} "
                             "away and run `artdist audit` again")
         found.append(info)
     return found
@@ -118,8 +120,9 @@ def merge(cfg: JobConfig) -> dict:
     tasks = list(loaded[0][0][HELDOUT])
     merged: dict[str, dict[str, TaskScores]] = {part: {} for part in PARTS}
     probs: dict[str, np.ndarray] = {}
+    merged[FITTED] = {}
     for task in tasks:
-        for part in PARTS:
+        for part in (*PARTS, FITTED):
             merged[part][task], order = _concat([scores[part][task] for scores, _ in loaded])
             if part == HELDOUT:
                 probs[task] = np.concatenate([p[task] for _, p in loaded])[order]
@@ -152,8 +155,9 @@ def merge(cfg: JobConfig) -> dict:
                 positive = np.array([(task, table[i]["path"]) in planted for i in s.ids.tolist()], dtype=bool)
                 per_part[part] = detection_quality(oriented_scores(s, combined_score(s)), positive,
                                                    cfg.outliers.top_k)
-                if part == INSAMPLE:  # how well the recipe fits the wrong labels it trains on
-                    fit[task] = float(np.mean(s.predicted[positive] == s.assigned[positive])) if positive.any() else None
+            fitted = merged[FITTED][task]  # how well the recipe fits the wrong labels it trains on
+            wrong = np.array([(task, table[i]["path"]) in planted for i in fitted.ids.tolist()], dtype=bool)
+            fit[task] = float(np.mean(fitted.predicted[wrong] == fitted.assigned[wrong])) if wrong.any() else None
             quality[task] = {"out_of_sample": per_part[HELDOUT], "in_sample": per_part[INSAMPLE]}
         summary.update(quality=quality, planted_fit_in_sample=fit, table=comparison_table(quality))
         print(summary["table"], flush=True)

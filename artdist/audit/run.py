@@ -1,6 +1,7 @@
 """`artdist audit` runs: one fold (train + score, every rank), all folds here in turn, or a SLURM array + merge job."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 
 from artdist.audit.folds import (HELDOUT, INSAMPLE, AuditDir, fold_config, fold_finished, read_plan,
                                  write_plan)
-from artdist.audit.merge import merge, save_fold_scores
+from artdist.audit.merge import FITTED, merge, save_fold_scores
 from artdist.config import JobConfig
 from artdist.data.manifest import Manifest
 from artdist.errors import UserError
@@ -35,7 +36,7 @@ def train_fold(cfg: JobConfig) -> str:
 def score_fold(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, device: torch.device,
                amp_dtype: torch.dtype | None, writer, started: float) -> None:
     """Every rank: class Gaussians on the fold's training folds, then scores of fold k (out of sample)
-    and fold k+1 (in sample); rank 0 writes scores.npz, then done.json."""
+    and fold k+1 (in sample, and again without outliers.tta: FITTED); rank 0 writes scores.npz, then done.json."""
     scoring = time.perf_counter()
     # The last epoch's weights, not model_best.pt: the best epoch was chosen on fold k's own labels.
     model.load_state_dict(load_checkpoint(RunDir(cfg.run_dir).last)["model"])
@@ -44,10 +45,15 @@ def score_fold(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, devic
     probs: dict = {}
     heldout = score_split(model, cfg, manifest, HELDOUT, device, amp_dtype, gaussians, probs=probs)
     insample = score_split(model, cfg, manifest, INSAMPLE, device, amp_dtype, gaussians)
+    fitted = insample
+    if cfg.outliers.tta != "none":
+        plain = dataclasses.replace(cfg, outliers=dataclasses.replace(cfg.outliers, tta="none"))
+        fitted = score_split(model, plain, manifest, INSAMPLE, device, amp_dtype, gaussians)
     if heldout is None:
         return
     audit, audit_dir = manifest.extra["audit"], AuditDir(Path(cfg.run_dir).parents[1])
-    save_fold_scores(audit_dir.fold_scores(audit["fold"]), {HELDOUT: heldout, INSAMPLE: insample}, probs)
+    save_fold_scores(audit_dir.fold_scores(audit["fold"]), {HELDOUT: heldout, INSAMPLE: insample, FITTED: fitted},
+                     probs)
     now = time.perf_counter()
     audit_dir.fold_done(audit["fold"]).write_text(json.dumps({
         "fingerprint": audit["fingerprint"], "fold": audit["fold"],

@@ -42,7 +42,7 @@ def _batches(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, split: 
     """This rank's share of a split through the model: (ids, labels, logits per task, embedding)."""
     loader = eval_batches(cfg, manifest, split, progress=progress)
     transform = DeviceTransform(cfg.data, device, train=False, channels_last=use_channels_last(cfg, device))
-    yield from run_inference(model, loader, transform, device, amp_dtype)
+    yield from run_inference(model, loader, transform, device, amp_dtype, cfg.outliers.tta)
 
 
 def fit_class_gaussians(model: torch.nn.Module, cfg: JobConfig, manifest: Manifest, device: torch.device,
@@ -193,7 +193,8 @@ def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: Man
     summary: dict[str, Any] = {
         "split": split, "num_samples": manifest.num_samples(split),
         "threshold": cfg.outliers.threshold, "flag_fraction": cfg.outliers.flag_fraction,
-        "combined": COMBINED_DESCRIPTION, "gaussians_fitted_on": fitted_on or cfg.data.train_split, "tasks": {},
+        "combined": COMBINED_DESCRIPTION, "gaussians_fitted_on": fitted_on or cfg.data.train_split,
+        "tta": cfg.outliers.tta, "tasks": {},
     }
     pages: dict[str, dict[str, Any]] = {}
     grids: dict[str, list[dict[str, Any]]] = {}

@@ -193,21 +193,28 @@ def _non_finite_message(tasks: list[str], step_loss: torch.Tensor, global_step: 
 
 
 def run_inference(model: torch.nn.Module, loader: Iterable, transform: Callable[[torch.Tensor], torch.Tensor],
-                  device: torch.device, amp_dtype: torch.dtype | None
+                  device: torch.device, amp_dtype: torch.dtype | None, tta: str = "none"
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]]:
     """Yield (ids [B], labels [B,3], logits {task: [B,C] fp32}, embedding [B,D] fp32), all on `device`.
 
-    `model` is the plain model (not the DDP wrapper); eval mode, no grad.
+    `model` is the plain model (not the DDP wrapper); eval mode, no grad. tta="flip": logits and
+    embedding are the means over each picture and its mirror image (one forward of both).
     """
     model.eval()
     with torch.no_grad():
         for images, labels, ids in loader:
             x = transform(images)
+            if tta == "flip":
+                x = torch.cat([x, x.flip(-1)])
             # Eager even when train.compile is on: no_grad and the ragged last batch would each recompile
             # the backbone, and dynamo gives up after 8 recompiles (seen on an H200, docs/benchmarks.md).
             with autocast(device, amp_dtype), torch.compiler.set_stance("force_eager"):
                 logits, embedding = model.forward_features(x)
-            yield (ids.to(device), labels.to(device), {t: v.float() for t, v in logits.items()}, embedding.float())
+            logits, embedding = {t: v.float() for t, v in logits.items()}, embedding.float()
+            if tta == "flip":
+                logits = {t: v.view(2, -1, v.shape[1]).mean(0) for t, v in logits.items()}
+                embedding = embedding.view(2, -1, embedding.shape[1]).mean(0)
+            yield ids.to(device), labels.to(device), logits, embedding
 
 
 def count_predictions(model: torch.nn.Module, loader: Iterable, transform: Callable[[torch.Tensor], torch.Tensor],
