@@ -274,6 +274,7 @@ def test_planted_noise_is_found_far_better_than_by_the_max_softmax_rule(probed, 
     assert re.search(rf"max_softmax +{baseline['auroc']:5.3f}", printed) and f"{combined['auroc']:5.3f}" in printed
     stored = json.loads((tmp_path / "run" / "outliers" / SPLIT / "summary.json").read_text())
     assert stored["tasks"]["style"]["quality"] == q
+    assert stored["tta"] == cfg.outliers.tta == "flip" and "mirror image" in stored["combined"]  # the page says so
 
 
 def expected_flags(s: TaskScores, cfg: JobConfig) -> tuple[set[int], list[int]]:

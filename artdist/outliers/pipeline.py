@@ -193,7 +193,9 @@ def write_reports(per_task: dict[str, TaskScores], cfg: JobConfig, manifest: Man
     summary: dict[str, Any] = {
         "split": split, "num_samples": manifest.num_samples(split),
         "threshold": cfg.outliers.threshold, "flag_fraction": cfg.outliers.flag_fraction,
-        "combined": COMBINED_DESCRIPTION, "gaussians_fitted_on": fitted_on or cfg.data.train_split,
+        "combined": COMBINED_DESCRIPTION + ("; every painting scored as the mean of it and its mirror image "
+                                            "(outliers.tta=flip)" if cfg.outliers.tta == "flip" else ""),
+        "gaussians_fitted_on": fitted_on or cfg.data.train_split,
         "tta": cfg.outliers.tta, "tasks": {},
     }
     pages: dict[str, dict[str, Any]] = {}
