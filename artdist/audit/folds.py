@@ -168,8 +168,8 @@ def _atomic_write(path: Path, text: str) -> None:
 def write_plan(cfg: JobConfig) -> dict:
     """Assign the folds and write RUN_DIR/plan.json, folds.csv, shards/ and each fold's shards/ view.
 
-    An audit dir holding a plan with another fingerprint (other shards, folds, recipe or outliers.tta) is refused:
-    its folds would mix two audits. Returns the plan.
+    An audit dir holding a plan with another fingerprint (other shards, folds, recipe or outliers.tta) is
+    refused: its folds would mix two audits. Returns the plan.
     """
     start = time.perf_counter()
     k, audit_dir = cfg.audit.folds, AuditDir(cfg.run_dir)

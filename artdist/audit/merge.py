@@ -60,8 +60,8 @@ def check_folds(run_dir: Path, plan: dict) -> list[dict]:
         info = json.loads(done.read_text())
         if info.get("fingerprint") != plan["fingerprint"]:
             raise UserError(f"fold {k} is stale: {done} is from plan {info.get('fingerprint')}, the audit's plan "
-                            f"is {plan['fingerprint']} (other shards, folds, recipe or outliers.tta); move {audit_dir.fold(k)} "
-                            "away and run `artdist audit` again")
+                            f"is {plan['fingerprint']} (other shards, folds, recipe or outliers.tta); move "
+                            f"{audit_dir.fold(k)} away and run `artdist audit` again")
         found.append(info)
     return found
 
