@@ -118,9 +118,8 @@ def merge(cfg: JobConfig) -> dict:
     table = read_table(run_dir)
     loaded = [load_fold_scores(audit_dir.fold_scores(k)) for k in range(plan["folds"])]
     tasks = list(loaded[0][0][HELDOUT])
-    merged: dict[str, dict[str, TaskScores]] = {part: {} for part in PARTS}
+    merged: dict[str, dict[str, TaskScores]] = {part: {} for part in (*PARTS, FITTED)}
     probs: dict[str, np.ndarray] = {}
-    merged[FITTED] = {}
     for task in tasks:
         for part in (*PARTS, FITTED):
             merged[part][task], order = _concat([scores[part][task] for scores, _ in loaded])
