@@ -23,7 +23,6 @@ the timed batches need, so one DataLoader epoch covers the whole measurement (no
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import itertools
@@ -53,7 +52,7 @@ from artdist.data.manifest import Manifest, SplitInfo, read_manifest
 from artdist.data.shard import shard_dataset
 from artdist.data.synth import JPEG_QUALITY, make_corpus
 from artdist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, decode_drafted, decode_image,
-                                     sample_geometry)
+                                     sample_geometry, torch_threads)
 from artdist.errors import UserError
 from artdist.train.engine import TrainState, train_one_epoch
 from artdist.train.numerics import resolve_amp, use_channels_last
@@ -128,18 +127,6 @@ def drain(batches: Iterable, count: int, warmup: int) -> dict:
         pass
     clock.stop()
     return clock.rate(warmup)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    # DataLoader workers run torch single-threaded; the in-process (workers=0) case must too, or
-    # its "one core" figure would use every core for the tensor ops.
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 # --------------------------------------------------------------------------- corpus
@@ -382,11 +369,12 @@ def loader_floors(cfg: JobConfig, shards: Path, manifest: Manifest, images: int)
         box = (max(left, 0), max(top, 0), min(right, im.width), min(bottom, im.height))
         return im.resize((size, size), Image.Resampling.BILINEAR, box=box)
 
-    return {"augment": data_cfg.augment, "images": len(members),
-            "decode": cpu_ms(lambda data: Image.open(io.BytesIO(data)).load(), members),
-            "draft_decode": cpu_ms(lambda data: decode_drafted(data, data_cfg.augment, data_cfg, rng), members),
-            "decode_box_resize": cpu_ms(box_resize, members),
-            "decode_image": cpu_ms(lambda data: decode_image(data, data_cfg.augment, data_cfg, rng), members)}
+    with torch_threads(1):  # as in a loader worker
+        return {"augment": data_cfg.augment, "images": len(members),
+                "decode": cpu_ms(lambda data: Image.open(io.BytesIO(data)).load(), members),
+                "draft_decode": cpu_ms(lambda data: decode_drafted(data, data_cfg.augment, data_cfg, rng), members),
+                "decode_box_resize": cpu_ms(box_resize, members),
+                "decode_image": cpu_ms(lambda data: decode_image(data, data_cfg.augment, data_cfg, rng), members)}
 
 
 def bench_imagefolder(cfg: JobConfig, root: Path, workers: list[int], images: int, cpus: int) -> list[dict]:

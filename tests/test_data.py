@@ -18,8 +18,8 @@ from artdist.errors import UserError
 from artdist.config import TASKS, DataConfig
 from artdist.data.loader import BAD_ID, TrainLoader, _tar_samples, make_eval_loader
 from artdist.data.manifest import SplitInfo, read_manifest
-from artdist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, Geometry, apply_geometry_pil,
-                                     crop_resize_batch, decode_image, sample_geometry)
+from artdist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, Geometry, apply_geometry,
+                                     crop_resize_batch, decode_image, resize_window, sample_geometry)
 
 CLASSES = {"style": ["a", "b", "c"], "artist": ["x", "y"], "genre": ["g0", "g1", "g2", "g3"]}
 
@@ -320,7 +320,7 @@ def test_crop_flip_pads_with_zeros():
     assert min(b[0] for b in boxes) < 0 and max(b[0] for b in boxes) > 0
     assert all(-10 <= b[0] <= 10 and b[2] - b[0] == 20 for b in boxes)
     white = Image.new("RGB", (20, 20), (255, 255, 255))
-    out = np.asarray(apply_geometry_pil(white, Geometry((-5.0, 0.0, 15.0, 20.0)), 20))
+    out = apply_geometry(white, Geometry((-5.0, 0.0, 15.0, 20.0)), 20)
     assert (out[:, :5] == 0).all() and (out[:, 5:] == 255).all()
 
 
@@ -337,11 +337,55 @@ def test_tensor_geometry_matches_pil(geom):
     # The GPU-decode path's crop/resize runs on CPU tensors too: it must agree with the PIL path.
     y, x = np.mgrid[0:64, 0:80]
     pixels = np.stack([x * 3, y * 4, (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
-    pil = np.asarray(apply_geometry_pil(Image.fromarray(pixels), geom, 25)).astype(float)
+    pil = apply_geometry(Image.fromarray(pixels), geom, 25).astype(float)
     tensor = crop_resize_batch([torch.from_numpy(pixels).permute(2, 0, 1)], [geom], 25)[0]
     assert tensor.dtype == torch.uint8 and tensor.shape == (3, 25, 25)
     diff = np.abs(tensor.permute(1, 2, 0).numpy().astype(float) - pil)
     assert diff.mean() < 3.0
+
+
+def _painting(width: int, height: int) -> Image.Image:
+    return Image.open(io.BytesIO(_jpeg(3, width, height))).convert("RGB")
+
+
+@pytest.mark.parametrize("augment", ["crop_flip", "none"])
+def test_downscaled_boxes_are_in_whole_pixels(augment):
+    # resize_window's fast path needs whole-pixel boxes: crop_flip gives them when it downscales, eval always.
+    cfg = DataConfig(image_size=224, crop_padding=16)
+    for seed, (w, h) in enumerate([(333, 251), (251, 333), (597, 448), (225, 300), (120, 90)]):
+        geom = sample_geometry(augment, w, h, cfg, np.random.default_rng(seed))
+        whole = all(float(v).is_integer() for v in geom.box)
+        # An upscaled crop_flip box stays on whole output pixels: its padding edge lands exactly.
+        assert whole == (augment == "none" or min(w, h) > 224), geom
+        assert geom.box[2] - geom.box[0] == pytest.approx(min(w, h)) == geom.box[3] - geom.box[1]
+
+
+def test_resize_window_is_pils_bilinear_within_one_level():
+    im = _painting(333, 251)
+    for box, size in [((0, 0, 333, 251), (224, 169)), ((20, 10, 271, 251), (224, 214)), ((5, 0, 105, 100), (150, 150))]:
+        ours = resize_window(im, box, size).numpy().astype(int)
+        pil = np.asarray(im.crop(box).resize(size, Image.BILINEAR)).astype(int)
+        assert ours.shape == pil.shape == (size[1], size[0], 3)
+        assert np.abs(ours - pil).max() <= 1
+    # A sub-pixel box, which torch cannot place, is PIL's resize exactly.
+    box = (10.5, 3.25, 200.5, 193.25)
+    assert np.array_equal(resize_window(im, box, (100, 100)).numpy(), np.asarray(im.resize((100, 100), Image.BILINEAR,
+                                                                                           box=box)))
+
+
+def test_apply_geometry_pads_resizes_and_flips_the_whole_box():
+    im = _painting(300, 240)
+    geom = Geometry((-30.0, 0.0, 210.0, 240.0), flip=True)  # 30 px of zero padding on the left, 240 -> 112 px
+    out = apply_geometry(im, geom, 112).astype(int)
+    padded = np.zeros((240, 240, 3), np.uint8)
+    padded[:, 30:] = np.asarray(im)[:, :210]
+    expected = np.asarray(Image.fromarray(padded).resize((112, 112), Image.BILINEAR)).astype(int)[:, ::-1]
+    assert out.shape == (112, 112, 3)
+    assert np.abs(out - expected).max() <= 1
+    assert (out[:, -13:] == 0).all()  # the padding (14 px at 112/240), flipped to the right
+    threads = torch.get_num_threads()
+    apply_geometry(im, geom, 112)
+    assert torch.get_num_threads() == threads  # the one-thread resize gives the threads back
 
 
 def _shard_jpegs(shards: Path, count: int) -> list[bytes]:

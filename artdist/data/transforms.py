@@ -1,13 +1,16 @@
 """Image preparation: crop/resize/flip geometry shared by the CPU and GPU paths, decoding, device-side normalization."""
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 import torchvision
+from torchvision.transforms.v2 import functional as tv_functional
 from PIL import Image
 
 from artdist.config import DataConfig
@@ -35,9 +38,10 @@ def sample_geometry(augment: str, width: int, height: int, data_cfg: DataConfig,
     """One image's crop for `augment` in crop_flip | rrc | none (none = eval: shorter side to
     image_size, center crop). Shared by the CPU (PIL) and GPU decode paths."""
     size = data_cfg.image_size
+    # Boxes are in whole source pixels where the recipe allows: resize_window does those fastest.
     if augment == "none":
         side = min(width, height)
-        left, top = (width - side) / 2, (height - side) / 2
+        left, top = (width - side) // 2, (height - side) // 2
         return Geometry((left, top, left + side, top + side))
     if augment == "crop_flip":
         # The usual recipe: resize shorter side to size, zero-pad by crop_padding, random crop.
@@ -45,7 +49,12 @@ def sample_geometry(augment: str, width: int, height: int, data_cfg: DataConfig,
         pad = data_cfg.crop_padding
         x = int(rng.integers(round(width * scale) + 2 * pad - size + 1)) - pad
         y = int(rng.integers(round(height * scale) + 2 * pad - size + 1)) - pad
-        return Geometry((x / scale, y / scale, (x + size) / scale, (y + size) / scale), bool(rng.random() < 0.5))
+        flip = bool(rng.random() < 0.5)
+        if scale < 1:  # a downscale: the offset on the nearest source pixel, a box resize_window does fastest
+            side = min(width, height)
+            left, top = round(x / scale), round(y / scale)
+            return Geometry((left, top, left + side, top + side), flip)
+        return Geometry((x / scale, y / scale, (x + size) / scale, (y + size) / scale), flip)
     if augment == "rrc":
         # torchvision's RandomResizedCrop parameters, drawn from our per-sample generator.
         area = width * height
@@ -60,37 +69,81 @@ def sample_geometry(augment: str, width: int, height: int, data_cfg: DataConfig,
                 return Geometry((left, top, left + w, top + h), bool(rng.random() < 0.5))
         ratio = min(max(width / height, 3 / 4), 4 / 3)
         w, h = min(width, round(height * ratio)), min(height, round(width / ratio))
-        left, top = (width - w) / 2, (height - h) / 2
+        left, top = (width - w) // 2, (height - h) // 2
         return Geometry((left, top, left + w, top + h), bool(rng.random() < 0.5))
     raise ValueError(f"unknown augment {augment!r}")
 
 
 def _placement(box: tuple[float, float, float, float], width: int, height: int,
-               size: int) -> tuple[tuple[float, float, float, float], tuple[int, int, int, int]]:
-    """The part of `box` inside the image, and the output rectangle it lands in."""
+               size: tuple[int, int]) -> tuple[tuple[float, float, float, float], tuple[int, int, int, int]]:
+    """The part of `box` inside the image, and the output rectangle (of `size`, w x h) it lands in."""
     left, top, right, bottom = box
-    sx, sy = size / (right - left), size / (bottom - top)
+    sx, sy = size[0] / (right - left), size[1] / (bottom - top)
     src = (max(left, 0.0), max(top, 0.0), min(right, float(width)), min(bottom, float(height)))
-    x0, y0 = min(round((src[0] - left) * sx), size - 1), min(round((src[1] - top) * sy), size - 1)
+    x0, y0 = min(round((src[0] - left) * sx), size[0] - 1), min(round((src[1] - top) * sy), size[1] - 1)
     x1, y1 = round((src[2] - left) * sx), round((src[3] - top) * sy)
     return src, (x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))
 
 
-def apply_geometry_pil(img: Image.Image, geom: Geometry, size: int) -> Image.Image:
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to n inside. Per-image tensor ops must run on one, as in a DataLoader
+    worker: in the main process a second thread spins through each small op and doubles its CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def apply_geometry(img: Image.Image, geom: Geometry, size: int) -> np.ndarray:
+    """The picture's crop for `geom`: uint8 [size, size, 3], zero outside the picture, flipped if asked."""
     left, top, right, bottom = geom.box
     if abs(right - left - size) < 1 and abs(bottom - top - size) < 1:
         # After a JPEG draft the box is often at output scale already: a crop (zero-filled outside
         # the image, like the padding below) replaces a near no-op resample (docs/benchmarks.md).
         x, y = round(left), round(top)
         out = img.crop((x, y, x + size, y + size))
-        return out.transpose(Image.FLIP_LEFT_RIGHT) if geom.flip else out
-    src, (x0, y0, x1, y1) = _placement(geom.box, img.width, img.height, size)
-    out = img.resize((x1 - x0, y1 - y0), Image.BILINEAR, box=src)
-    if (x0, y0, x1, y1) != (0, 0, size, size):
-        canvas = Image.new("RGB", (size, size))
-        canvas.paste(out, (x0, y0))
-        out = canvas
-    return out.transpose(Image.FLIP_LEFT_RIGHT) if geom.flip else out
+        return np.asarray(out.transpose(Image.FLIP_LEFT_RIGHT) if geom.flip else out)
+    pixels = resize_window(img, geom.box, (size, size))
+    return (pixels.flip(1) if geom.flip else pixels).numpy()
+
+
+def resize_window(img: Image.Image, box: tuple[float, float, float, float], size: tuple[int, int]) -> torch.Tensor:
+    """img's `box`, zero outside the picture, resampled to `size` (w, h) with an antialiased triangle
+    filter: uint8 [h, w, 3] in HWC memory.
+
+    A downscale of a box in whole pixels goes through torch's vectorised uint8 kernel (2-3x faster than
+    PIL's on these sizes); a sub-pixel box, which torch cannot place, and an upscale, through PIL. The
+    torch path sees the box alone where PIL reads past it, so their edge pixels differ by a few levels
+    (docs/benchmarks.md).
+    """
+    left, top, right, bottom = box
+    if all(float(v).is_integer() for v in box) and right - left >= size[0] and bottom - top >= size[1]:
+        inside = (max(int(left), 0), max(int(top), 0), min(int(right), img.width), min(int(bottom), img.height))
+        pixels = _tensor(img if inside == (0, 0, img.width, img.height) else img.crop(inside))
+        if inside != box:
+            padded = torch.zeros((int(bottom - top), int(right - left), 3), dtype=torch.uint8)
+            padded[inside[1] - int(top):inside[3] - int(top), inside[0] - int(left):inside[2] - int(left)] = pixels
+            pixels = padded
+        # torchvision's resize, not interpolate: it keeps the HWC (channels_last) memory, so that neither
+        # the resize nor the batch's np.stack transposes (each would cost about as much as the resize).
+        with torch_threads(1):
+            return tv_functional.resize(pixels.permute(2, 0, 1), [size[1], size[0]], antialias=True).permute(1, 2, 0)
+    # PIL's box must lie inside the picture: resize that part into its place in a zero canvas.
+    src, (x0, y0, x1, y1) = _placement(box, img.width, img.height, size)
+    pixels = _tensor(img.resize((x1 - x0, y1 - y0), Image.BILINEAR, box=src))
+    if (x0, y0, x1, y1) != (0, 0, *size):
+        canvas = torch.zeros((size[1], size[0], 3), dtype=torch.uint8)
+        canvas[y0:y1, x0:x1] = pixels
+        pixels = canvas
+    return pixels
+
+
+def _tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB picture's pixels as uint8 [h, w, 3]; bytearray because torch wants writable memory."""
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3)
 
 
 def crop_resize_batch(images: list[torch.Tensor], geoms: list[Geometry], size: int) -> torch.Tensor:
@@ -146,7 +199,7 @@ def decode_image(data: bytes, augment: str, data_cfg: DataConfig, rng: np.random
     docs/benchmarks.md).
     """
     img, geom = decode_drafted(data, augment, data_cfg, rng)
-    return np.asarray(apply_geometry_pil(img, geom, data_cfg.image_size))
+    return apply_geometry(img, geom, data_cfg.image_size)
 
 
 
