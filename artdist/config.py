@@ -113,7 +113,7 @@ class ShardConfig(Section):
     seed: int = ranged(0, *SEED_RANGE)  # random split / test carving salt; deterministic from the path either way
     max_short_side: int = positive(448, 16384)  # shorter side at most this many px: serves 224-448 px training
     resample: Literal["lanczos", "bicubic", "hamming", "bilinear", "box"] = (  # downscale filter after the JPEG draft;
-        "hamming")  # lanczos: ~2x the cost for a 224 px difference the size of the q85 JPEG error (docs/benchmarks.md)
+        "bilinear")  # bilinear in torch: fastest, bytes vary by CPU family (pixels by <= 1 level); others in PIL (docs/benchmarks.md)
     format: Literal["jpeg", "webp", "png"] = "jpeg"  # image encoding inside the shards
     quality: int = ranged(85, 1, 100, interval=True)  # jpeg/webp quality (why 85: docs/benchmarks.md)
     samples_per_shard: int = positive(1000, 10_000_000)  # target images per tar shard

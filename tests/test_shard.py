@@ -203,6 +203,21 @@ def test_predict_and_the_eval_loader_see_the_same_pixels(odd_corpus, odd_shards,
     assert np.array_equal(eval_pixels(root / "images" / cases[case], shard, data_cfg), loader)
 
 
+@pytest.mark.parametrize("size", [(900, 700), (700, 1300), (640, 480)])
+def test_bilinear_resample_is_pils_bilinear_within_one_level(size):
+    # shard.resample=bilinear runs in torch; it must be PIL's filter, the right way round, at the right size.
+    grid = np.random.default_rng(1).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    im = Image.fromarray(grid).resize(size, Image.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, "PNG")  # no JPEG draft: the whole resize is the filter's
+    ours = prepare_image(buf.getvalue(), 448, MAX_PIXELS, "bilinear")
+    w, h = size
+    expected = (448, round(h * 448 / w)) if w <= h else (round(w * 448 / h), 448)
+    assert ours.size == expected and ours.mode == "RGB"
+    pil = im.resize(expected, Image.BILINEAR, reducing_gap=None)
+    assert np.abs(np.asarray(ours).astype(int) - np.asarray(pil)).max() <= 1
+
+
 def test_upright_rgb_pictures_are_not_copied():
     im = Image.new("RGB", (8, 6), (1, 2, 3))
     assert to_rgb(im) is im and upright(im) is im
@@ -213,7 +228,7 @@ def test_predict_takes_the_shard_options_from_the_runs_manifest(odd_shards, tmp_
     out, manifest = odd_shards
     cfg = JobConfig()
     cfg.data.shards = str(out)
-    assert (shard_options(cfg).max_short_side, shard_options(cfg).resample) == (SHORT_SIDE, "hamming")
+    assert (shard_options(cfg).max_short_side, shard_options(cfg).resample) == (SHORT_SIDE, "bilinear")
     old = {**manifest, "options": {k: v for k, v in manifest["options"].items() if k != "resample"}}
     (tmp_path / "manifest.json").write_text(json.dumps(old))
     cfg.data.shards = str(tmp_path)

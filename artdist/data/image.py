@@ -14,13 +14,15 @@ from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from artdist.config import DataConfig, JobConfig, ShardConfig
 from artdist.data.manifest import read_manifest
-from artdist.data.transforms import decode_image
+from artdist.data.transforms import decode_image, resize_window
 from artdist.errors import UserError
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 EXIF_ORIENTATION = 0x0112
-# Antialiased filters for the downscale left after the JPEG draft (choices of shard.resample).
+# Antialiased filters for the downscale left after the JPEG draft (choices of shard.resample). bilinear
+# runs through torch's vectorised kernel (transforms.resize_window): PIL's filter within one level, ~3.5x
+# faster, but its bytes differ between x86 CPUs with AVX2 and others; PIL's filters' do not (docs/benchmarks.md).
 RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
     "bicubic": Image.Resampling.BICUBIC,
@@ -99,7 +101,7 @@ def read_source(path: Path) -> bytes:
 
 
 def prepare_image(source: str | Path | bytes, max_short_side: int, max_pixels: int,
-                  resample: str = "hamming") -> Image.Image:
+                  resample: str = "bilinear") -> Image.Image:
     """The RGB picture of a file (path or bytes): upright, any mode converted (to_rgb), shorter side
     exactly max_short_side when larger (never upscaled). Raises BadImage saying why not.
 
@@ -142,6 +144,8 @@ def prepare_image(source: str | Path | bytes, max_short_side: int, max_pixels: i
     size = short_side_size(out.width, out.height, max_short_side)
     if size is None:
         return out
+    if resample == "bilinear":
+        return Image.fromarray(resize_window(out, (0, 0, out.width, out.height), size).numpy())
     return out.resize(size, RESAMPLE[resample], reducing_gap=REDUCING_GAP)
 
 
