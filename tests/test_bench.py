@@ -199,3 +199,18 @@ def test_bad_flags_are_one_line_errors(tmp_path, flags, words):
     assert code == 2
     assert words in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())  # rejected before building anything
+
+
+def test_shard_sizes_benchmark_reports_each_size_class(tmp_path, capsys):
+    # benchmarks/shard_sizes.py (docs/benchmarks.md's by-size table) on three files: one per size class.
+    import runpy
+    for name, size in {"small": (500, 400), "mid": (800, 600), "large": (1400, 1000)}.items():
+        Image.new("RGB", size, (120, 60, 30)).save(tmp_path / f"{name}.jpg", quality=90)
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "shard_sizes.py"))
+    script["main"](tmp_path)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("3 files of")
+    rows = {line.split(":")[0].strip(): line for line in lines[1:]}
+    assert set(rows) == {"0-0.3 MP", "0.3-0.5 MP", ">= 1 MP", ">= 0 MP", ">= 0.47 MP"}
+    assert all("x naive" in row and "x floor" in row for row in rows.values())
+    assert rows[">= 0 MP"].split()[3] == "3" and rows[">= 0.47 MP"].split()[3] == "2"

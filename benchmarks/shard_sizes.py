@@ -1,0 +1,62 @@
+"""Figures for docs/benchmarks.md: the sharder's per-image work against the naive way and the draft-decode
+floor, by source file size (the ratio to the naive way grows with the file).
+
+    python benchmarks/shard_sizes.py [IMAGE_FOLDER]   (default: ../shared/wikiart_sample, any folder of JPEGs)
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from artdist.bench import draft_decode, naive_shard_image
+from artdist.config import ShardConfig
+from artdist.data import duplicates
+from artdist.data.image import encode_image, prepare_image, read_source
+
+CLASSES = [(0, 0.3), (0.3, 0.5), (0.5, 1), (1, 1e9), (0, 1e9), (0.47, 1e9)]  # MP; 0.47: WikiArt's median
+
+
+def best_ms(work: Callable[[], object], passes: int = 3) -> float:
+    best = float("inf")
+    for _ in range(passes):
+        start = time.process_time()
+        work()
+        best = min(best, time.process_time() - start)
+    return best * 1000
+
+
+def sharder_work(path: Path, cfg: ShardConfig, resample: str) -> None:
+    """What `artdist shard` does per image, less the tar: read, prepare, encode, hash."""
+    source = read_source(path)
+    im = prepare_image(source, cfg.max_short_side, cfg.max_pixels, resample)
+    encode_image(im, cfg.format, cfg.quality)
+    duplicates.sample_hashes(source, im)
+
+
+def main(folder: Path) -> None:
+    cfg = ShardConfig()
+    rows = []
+    for path in sorted(folder.rglob("*.jpg")):
+        with Image.open(path) as im:
+            megapixels = im.width * im.height / 1e6
+        rows.append((megapixels, best_ms(lambda: draft_decode(path, cfg.max_short_side)),
+                     best_ms(lambda: naive_shard_image(path, cfg.max_short_side, cfg.quality)),
+                     best_ms(lambda: sharder_work(path, cfg, cfg.resample)),
+                     best_ms(lambda: sharder_work(path, cfg, "hamming"))))
+    print(f"{len(rows)} files of {folder}, CPU ms per image (best of 3), shard.resample={cfg.resample}")
+    for lo, hi in CLASSES:
+        sel = [r for r in rows if lo <= r[0] < hi]
+        if not sel:
+            continue
+        floor, naive, ours, hamming = (sum(r[i] for r in sel) / len(sel) for i in (1, 2, 3, 4))
+        label = f"{lo}-{hi} MP" if hi < 1e9 else f">= {lo} MP"
+        print(f"{label:>12}: {len(sel):4d} files  floor {floor:5.2f}  naive {naive:6.2f}  sharder {ours:5.2f} "
+              f"= {naive / ours:.2f}x naive, {ours / floor:.2f}x floor  (hamming: {naive / hamming:.2f}x naive)")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "shared" / "wikiart_sample")
