@@ -116,6 +116,7 @@ class ShardConfig(Section):
         "bilinear")  # bilinear in torch: fastest, bytes vary by CPU family (pixels by <= 1 level); others in PIL (docs/benchmarks.md)
     format: Literal["jpeg", "webp", "png"] = "jpeg"  # image encoding inside the shards
     quality: int = ranged(85, 1, 100, interval=True)  # jpeg/webp quality (why 85: docs/benchmarks.md)
+    passthrough: bool = True  # keep a JPEG's own bytes when re-encoding could only lose: no resize, baseline 4:2:0, no metadata, coarser than quality
     samples_per_shard: int = positive(1000, 10_000_000)  # target images per tar shard
     min_shards: int = ranged(8, 1, 100_000)  # per split, a floor for small splits: shuffling mixes whole shards
     workers: int = ranged(0, 0, 256)  # processes writing shards; 0: all CPU cores

@@ -15,7 +15,7 @@ from PIL import Image
 from artdist.bench import draft_decode, naive_shard_image
 from artdist.config import ShardConfig
 from artdist.data import duplicates
-from artdist.data.image import encode_image, prepare_image, read_source
+from artdist.data.image import prepare_image, read_source, shard_member
 
 CLASSES = [(0, 0.3), (0.3, 0.5), (0.5, 1), (1, 1e9), (0, 1e9), (0.47, 1e9)]  # MP; 0.47: WikiArt's median
 
@@ -30,11 +30,11 @@ def best_ms(work: Callable[[], object], passes: int = 3) -> float:
 
 
 def sharder_work(path: Path, cfg: ShardConfig, resample: str) -> None:
-    """What `artdist shard` does per image, less the tar: read, prepare, encode, hash."""
+    """What `artdist shard` does per image, less the tar: read, prepare, hash, encode (or keep the bytes)."""
     source = read_source(path)
     im = prepare_image(source, cfg.max_short_side, cfg.max_pixels, resample)
-    encode_image(im, cfg.format, cfg.quality)
     duplicates.sample_hashes(source, im)
+    shard_member(source, im, cfg.format, cfg.quality, cfg.passthrough)
 
 
 def main(folder: Path) -> None:

@@ -20,7 +20,8 @@ from artdist.data.manifest import read_manifest
 from artdist.cli import main
 from artdist.config import TASKS, DataConfig, ShardConfig, SynthConfig
 from artdist.config import JobConfig
-from artdist.data.image import BadImage, eval_pixels, prepare_image, shard_options, to_rgb, upright
+from artdist.data.image import (BadImage, eval_pixels, prepare_image, shard_member, shard_options, to_rgb,
+                                upright)
 from artdist.data.shard import sample_key, shard_dataset, shard_ranges
 from artdist.data.transforms import decode_image
 from artdist.data.synth import make_corpus
@@ -217,6 +218,57 @@ def test_bilinear_resample_is_pils_bilinear_up_to_rounding(size):
     pil = im.resize(expected, Image.BILINEAR, reducing_gap=3.0)  # 4000x3000: reduced by 2 first, as PIL does
     diff = np.abs(np.asarray(ours).astype(int) - np.asarray(pil))
     assert diff.max() <= 2 and (diff > 0).mean() < 0.01  # the kernels' weights are rounded differently
+
+
+def _smooth(size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    grid = np.random.default_rng(2).integers(0, 256, (5, 5, 3), dtype=np.uint8)
+    return Image.fromarray(grid).resize(size, Image.BICUBIC).convert(mode)
+
+
+def test_a_jpeg_that_needs_no_change_is_stored_as_it_is():
+    plain = _jpeg(_smooth((120, 90)), quality=75)  # Pillow's defaults: baseline, 4:2:0, JFIF only
+    im = prepare_image(plain, 448, MAX_PIXELS)
+    data, own = shard_member(plain, im, "jpeg", 85, True)
+    assert own and data == plain
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(im))  # what was hashed
+    icc = b"\0" * 128  # any profile: its bytes would ride along
+    reencoded = {
+        "finer than shard.quality": _jpeg(_smooth((120, 90)), quality=95),
+        "progressive": _jpeg(_smooth((120, 90)), quality=75, progressive=True),
+        "4:4:4": _jpeg(_smooth((120, 90)), quality=75, subsampling=0),
+        "exif": _jpeg(_smooth((120, 90)), quality=75, exif=Image.Exif().tobytes()),
+        "comment": _jpeg(_smooth((120, 90)), quality=75, comment=b"scanned by me"),
+        "icc": _jpeg(_smooth((120, 90)), quality=75, icc_profile=icc),
+        "grey": _jpeg(_smooth((120, 90), "L"), quality=75),
+    }
+    for why, source in reencoded.items():
+        data, own = shard_member(source, prepare_image(source, 448, MAX_PIXELS), "jpeg", 85, True)
+        assert not own and data != source, why
+        assert Image.open(io.BytesIO(data)).info.keys() <= {"jfif", "jfif_version", "jfif_unit", "jfif_density"}, why
+    resized = prepare_image(plain, 64, MAX_PIXELS)
+    assert shard_member(plain, resized, "jpeg", 85, True) == (shard_member(plain, resized, "jpeg", 85, False)[0], False)
+    assert not shard_member(plain, im, "jpeg", 85, False)[1] and not shard_member(plain, im, "webp", 85, True)[1]
+    # Predict's preparation follows the same rule: the same pixels as the stored bytes give the loader.
+    data_cfg = DataConfig(image_size=32)
+    assert np.array_equal(eval_pixels(plain, ShardConfig(), data_cfg), decode_image(plain, "none", data_cfg, None))
+
+
+def test_shard_counts_and_keeps_the_jpegs_stored_as_they_are(tmp_path, capsys):
+    root = tmp_path / "corpus"
+    make_corpus(SynthConfig(out=str(root), images=24, seed=3, noise=0.0, size=64))
+    files = sorted((root / "images").rglob("*.jpg"))
+    for path in files[:10]:  # q90 from synth (re-encoded at q85); these ten at q75 (kept)
+        path.write_bytes(_jpeg(Image.open(path).convert("RGB"), quality=75))
+    out = tmp_path / "shards"
+    manifest = shard_dataset(_config(root, out, max_short_side=448))  # 64 px pictures: no resize
+    assert "(10 JPEGs stored as they are: shard.passthrough)" in capsys.readouterr().err
+    samples = _read_back(out, manifest)
+    for path in files:
+        rel = str(path.relative_to(root / "images"))
+        with tarfile.open(out / samples[rel]["shard"]) as tar:
+            member = tar.extractfile(f"{samples[rel]['key']}.jpg").read()
+        assert (member == path.read_bytes()) == (path in files[:10]), rel
+    assert manifest["options"]["passthrough"] is True
 
 
 def test_upright_rgb_pictures_are_not_copied():

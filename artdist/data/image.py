@@ -35,6 +35,12 @@ RESAMPLE = {
 # which Pillow documents as indistinguishable from a direct resample.
 REDUCING_GAP = 3.0
 WEBP_METHOD = 4
+# The JPEG standard's luminance table (Annex K), which libjpeg scales by the quality.
+JPEG_LUMA = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+             14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+             49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
+# The only JPEG segments a file stored as is may carry: the JFIF header and Adobe's colour transform.
+KEPT_SEGMENTS = {"APP0": b"JFIF\x00", "APP14": b"Adobe"}
 PNG_COMPRESS_LEVEL = 6
 
 
@@ -153,6 +159,38 @@ def prepare_image(source: str | Path | bytes, max_short_side: int, max_pixels: i
     return out.resize(size, RESAMPLE[resample], reducing_gap=REDUCING_GAP)
 
 
+def _libjpeg_luma_total(quality: int) -> int:
+    """Sum of the luminance quantisation table libjpeg (so Pillow) writes at `quality`."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return sum(min(max((q * scale + 50) // 100, 1), 255) for q in JPEG_LUMA)
+
+
+def stored_as_is(source: bytes, im: Image.Image, fmt: str, quality: int) -> bool:
+    """Whether `source` can be its own shard member, `im` being its prepared picture: a JPEG decoded as
+    it is (no resize, no turn, no mode change), baseline 4:2:0, with no metadata beyond JFIF/Adobe, and
+    quantised at least as coarsely as `quality` would. Re-encoding such a file only loses detail and
+    adds bytes (docs/benchmarks.md); its bytes decode to `im` exactly."""
+    if fmt != "jpeg":
+        return False
+    try:
+        with Image.open(io.BytesIO(source)) as f:
+            return (isinstance(f, JpegImagePlugin.JpegImageFile) and f.mode == "RGB" and f.size == im.size
+                    and not (f.info.get("progressive") or f.info.get("progression") or "comment" in f.info)
+                    and JpegImagePlugin.get_sampling(f) == 2
+                    and all(data.startswith(KEPT_SEGMENTS.get(marker, b"\xff")) for marker, data in f.applist)
+                    and bool(f.quantization) and sum(f.quantization[0]) >= _libjpeg_luma_total(quality))
+    except Exception:  # noqa: BLE001 - any doubt about the file: re-encode it, as before
+        return False
+
+
+def shard_member(source: bytes, im: Image.Image, fmt: str, quality: int, passthrough: bool) -> tuple[bytes, bool]:
+    """The bytes `artdist shard` stores for a file (`source`, its bytes; `im`, its prepared picture) with
+    shard.format, .quality and .passthrough, and whether they are the source's own."""
+    if passthrough and stored_as_is(source, im, fmt, quality):
+        return bytes(source), True
+    return encode_image(im, fmt, quality), False
+
+
 def encode_image(im: Image.Image, fmt: str, quality: int) -> bytes:
     """Fixed encoder settings and no metadata, so the bytes depend on the pixels only."""
     im.info = {}  # PIL's encoders copy some source metadata (a JPEG comment, a PNG's ICC profile)
@@ -170,8 +208,10 @@ def eval_pixels(source: str | Path | bytes, shard: ShardConfig, data_cfg: DataCo
     """A file as evaluation sees it, uint8 [S, S, 3]: prepared and encoded as `artdist shard` does with
     `shard`'s options, then decoded and center-cropped as the eval loader does (bit for bit the pixels
     it gets from that file's shard member). Raises BadImage."""
-    im = prepare_image(source, shard.max_short_side, shard.max_pixels, shard.resample)
-    return decode_image(encode_image(im, shard.format, shard.quality), "none", data_cfg, None)
+    data = source if isinstance(source, (bytes, bytearray)) else read_source(Path(source))
+    im = prepare_image(data, shard.max_short_side, shard.max_pixels, shard.resample)
+    member, _ = shard_member(data, im, shard.format, shard.quality, shard.passthrough)
+    return decode_image(member, "none", data_cfg, None)
 
 
 def shard_options(cfg: JobConfig) -> ShardConfig:
@@ -181,9 +221,9 @@ def shard_options(cfg: JobConfig) -> ShardConfig:
         options = read_manifest(cfg.data.shards).extra.get("options", {})
     except UserError:
         return cfg.shard
-    # Manifests written before shard.resample existed were made with LANCZOS.
-    options = {"resample": "lanczos", **options}
+    # Manifests written before shard.resample existed were made with LANCZOS, before passthrough without it.
+    options = {"resample": "lanczos", "passthrough": False, **options}
     usable = {k: v for k, v in options.items()
-              if k in ("max_short_side", "format", "quality", "max_pixels", "resample")
+              if k in ("max_short_side", "format", "quality", "max_pixels", "resample", "passthrough")
               and type(v) is type(getattr(cfg.shard, k)) and (k != "resample" or v in RESAMPLE)}
     return dataclasses.replace(cfg.shard, **usable)

@@ -18,7 +18,7 @@ from artdist.config import TASKS, ShardConfig, to_dict
 from artdist.data import duplicates
 from artdist.data.catalog import SPLITS, Catalog, assign_splits, load_catalog, path_key
 from artdist.data.duplicates import file_sha256 as _sha256
-from artdist.data.image import BadImage, encode_image, prepare_image, read_source
+from artdist.data.image import BadImage, prepare_image, read_source, shard_member
 from artdist.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
 from artdist.errors import UserError
 from artdist.progress import Progress
@@ -27,7 +27,7 @@ EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png"}
 KEY_HEX_DIGITS = 16
 DONE_DIR = ".done"
 # Options that change what a shard holds; a done record made under other values is redone.
-CONTENT_OPTIONS = ("images", "max_short_side", "resample", "format", "quality", "max_pixels")
+CONTENT_OPTIONS = ("images", "max_short_side", "resample", "format", "quality", "max_pixels", "passthrough")
 SHARD_NAME = re.compile(rf"(?:{'|'.join(SPLITS)})-[0-9]{{6}}\.tar")  # shard_name()'s pattern
 
 
@@ -88,7 +88,7 @@ def _write_shard(job: _ShardJob) -> dict:
     out, opts = Path(job.out), job.options
     ext = EXTENSIONS[opts["format"]]
     tmp = out / f"{job.name}.tmp"
-    skipped, written, hashes = [], 0, {}
+    skipped, written, as_is, hashes = [], 0, [], {}
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in job.samples:
             try:
@@ -101,7 +101,8 @@ def _write_shard(job: _ShardJob) -> dict:
             key = sample_key(sample["path"])
             hashes[sample["path"]] = duplicates.sample_hashes(source, im)
             sample = {**sample, **dict(zip(duplicates.HASH_FIELDS, hashes[sample["path"]]))}
-            data = encode_image(im, opts["format"], opts["quality"])
+            data, own = shard_member(source, im, opts["format"], opts["quality"], opts["passthrough"])
+            as_is += [sample["path"]] if own else []
             _add_member(tar, f"{key}.{ext}", data)
             _add_member(tar, f"{key}.json", json.dumps(sample).encode("utf-8"))
             written += 1
@@ -109,6 +110,7 @@ def _write_shard(job: _ShardJob) -> dict:
     record = {
         "name": job.name,
         "num_samples": written,
+        "stored_as_is": as_is,
         "sha256": _sha256(out / job.name),
         "bytes": (out / job.name).stat().st_size,
         "images": len(job.samples),
@@ -317,7 +319,10 @@ def shard_dataset(cfg: ShardConfig, progress: bool = True) -> dict:
     written = sum(records[name]["num_samples"] for names in shards.values() for name in names)
     size = sum(records[name]["bytes"] for names in shards.values() for name in names)
     log(duplicates.summarize(dups))
-    log(f"{written:,} images in {len(jobs)} shards ({len(jobs) - len(todo)} reused), {size / 2**20:.1f} MiB, "
+    dropped = {a["path"] for a in dups["actions"] if not a["to"]}
+    as_is = len({path for r in records.values() for path in r.get("stored_as_is", ())} - dropped)
+    log(f"{written:,} images in {len(jobs)} shards ({len(jobs) - len(todo)} reused), {size / 2**20:.1f} MiB"
+        + (f" ({as_is:,} JPEGs stored as they are: shard.passthrough)" if as_is else "") + ", "
         f"{bar.rate():.1f} images/s; skipped {len(skipped):,}"
         + (": " + ", ".join(f"{reason} {n:,}" for reason, n in sorted(reasons.items())) if skipped else ""))
     return manifest
