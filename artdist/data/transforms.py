@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -120,9 +121,10 @@ def resize_window(img: Image.Image, box: tuple[float, float, float, float], size
     (docs/benchmarks.md).
     """
     left, top, right, bottom = box
-    if all(float(v).is_integer() for v in box) and right - left >= size[0] and bottom - top >= size[1]:
+    if (all(float(v).is_integer() for v in box) and right - left >= size[0] and bottom - top >= size[1]
+            and (right - left, bottom - top) != tuple(size)):  # torchvision would hand back its input
         inside = (max(int(left), 0), max(int(top), 0), min(int(right), img.width), min(int(bottom), img.height))
-        pixels = _tensor(img if inside == (0, 0, img.width, img.height) else img.crop(inside))
+        pixels = _tensor(img if inside == (0, 0, img.width, img.height) else img.crop(inside), writable=False)
         if inside != box:
             padded = torch.zeros((int(bottom - top), int(right - left), 3), dtype=torch.uint8)
             padded[inside[1] - int(top):inside[3] - int(top), inside[0] - int(left):inside[2] - int(left)] = pixels
@@ -141,9 +143,15 @@ def resize_window(img: Image.Image, box: tuple[float, float, float, float], size
     return pixels
 
 
-def _tensor(img: Image.Image) -> torch.Tensor:
-    """An RGB picture's pixels as uint8 [h, w, 3]; bytearray because torch wants writable memory."""
-    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3)
+def _tensor(img: Image.Image, writable: bool = True) -> torch.Tensor:
+    """An RGB picture's pixels as uint8 [h, w, 3]. writable=False spares a copy of them (a resize's
+    input: read only, and never handed out); torch warns about read-only memory, which is then meant."""
+    data = img.tobytes()
+    if writable:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(img.height, img.width, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=torch.uint8).view(img.height, img.width, 3)
 
 
 def crop_resize_batch(images: list[torch.Tensor], geoms: list[Geometry], size: int) -> torch.Tensor:
