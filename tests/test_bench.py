@@ -69,6 +69,7 @@ def test_shard_part_compares_the_sharder_with_naive_and_the_floor(tiny_run):
         assert math.isfinite(value) and value > 0, key
         assert shard["ratio_to_floor"][key] == pytest.approx(value / ms["floor"], rel=1e-12)
     assert shard["speedup_over_naive"] == pytest.approx(ms["naive"] / ms["sharder_bilinear"], rel=1e-12)
+    assert shard["stored_as_is"] == 0  # every picture resized (below): none can keep its bytes
     diff = shard["filter_difference"]  # 64x48 pictures -> 40 px short side: every one resized
     assert diff["resized_images"] == 24
     assert 20 < diff["min_psnr_db_at_image_size"] <= diff["psnr_db_at_image_size"] < math.inf

@@ -269,6 +269,7 @@ def test_shard_counts_and_keeps_the_jpegs_stored_as_they_are(tmp_path, capsys):
             member = tar.extractfile(f"{samples[rel]['key']}.jpg").read()
         assert (member == path.read_bytes()) == (path in files[:10]), rel
     assert manifest["options"]["passthrough"] is True
+    assert manifest["stored_as_is"] == sorted(str(p.relative_to(root / "images")) for p in files[:10])
 
 
 def test_upright_rgb_pictures_are_not_copied():

@@ -309,8 +309,10 @@ def shard_dataset(cfg: ShardConfig, progress: bool = True) -> dict:
                                      for name in shards[split]))
               for split in SPLITS}
     # The output folder is where the manifest lives; leaving it out of the options keeps copies identical.
+    dropped = {a["path"] for a in dups["actions"] if not a["to"]}
+    as_is = sorted({path for r in records.values() for path in r.get("stored_as_is", ())} - dropped)
     extra = {"options": {k: v for k, v in to_dict(cfg).items() if k != "out"}, "anomalies": catalog.anomalies,
-             "skipped": skipped, "duplicates": dups}
+             "skipped": skipped, "duplicates": dups, "stored_as_is": as_is}
     manifest = Manifest(out, splits, catalog.classes, EXTENSIONS[cfg.format], extra).to_json()
     # No indent: json's C encoder only runs without one, and 80k skipped entries take seconds else.
     _write_atomic(out / MANIFEST_NAME, json.dumps(manifest) + "\n")
@@ -319,10 +321,8 @@ def shard_dataset(cfg: ShardConfig, progress: bool = True) -> dict:
     written = sum(records[name]["num_samples"] for names in shards.values() for name in names)
     size = sum(records[name]["bytes"] for names in shards.values() for name in names)
     log(duplicates.summarize(dups))
-    dropped = {a["path"] for a in dups["actions"] if not a["to"]}
-    as_is = len({path for r in records.values() for path in r.get("stored_as_is", ())} - dropped)
     log(f"{written:,} images in {len(jobs)} shards ({len(jobs) - len(todo)} reused), {size / 2**20:.1f} MiB"
-        + (f" ({as_is:,} JPEGs stored as they are: shard.passthrough)" if as_is else "") + ", "
+        + (f" ({len(as_is):,} JPEGs stored as they are: shard.passthrough)" if as_is else "") + ", "
         f"{bar.rate():.1f} images/s; skipped {len(skipped):,}"
         + (": " + ", ".join(f"{reason} {n:,}" for reason, n in sorted(reasons.items())) if skipped else ""))
     return manifest
