@@ -229,7 +229,9 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint_and_matches_uninterru
     assert state == "COMPLETED", f"job {job_id} ended {state}; log {log}"
     # The restarted workers meet in a fresh store (no "Gloo connectFullMesh failed") and resume.
     assert "connectFullMesh" not in text
-    assert re.search(r"resuming from .*model_last.pt: epoch 1, step [3-5],", text), text
+    # From the last checkpoint before the kill: step 3, or step 6 when the kill lands after its save
+    # (the rank's pid is looked up after "step 5" shows; a faster loader gets there first).
+    assert re.search(r"resuming from .*model_last.pt: epoch 1, step [36],", text), text
     assert_finished_run(run_dir)
     assert_same_weights(final_weights(run_dir), final_weights(sbatch_reference[1]))
 

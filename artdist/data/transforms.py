@@ -199,12 +199,12 @@ def decode_drafted(data: bytes, augment: str, data_cfg: DataConfig,
 
 
 def decode_image(data: bytes, augment: str, data_cfg: DataConfig, rng: np.random.Generator | None) -> np.ndarray:
-    """Encoded image -> uint8 [S, S, 3] with PIL.
+    """Encoded image -> uint8 [S, S, 3]: decoded by PIL, cropped by apply_geometry.
 
     PIL, not torchvision.io.decode_jpeg, on the CPU: JPEG draft mode lets libjpeg decode at 1/2-1/8
-    scale whenever the crop needs fewer pixels than the file holds. Crop and flip stay in PIL: a numpy
-    view of the picture instead (cropped or reversed) made the batch stack slower (figures:
-    docs/benchmarks.md).
+    scale whenever the crop needs fewer pixels than the file holds. The output is HWC memory, never a
+    reversed or cropped numpy view: those made the batch's np.stack several times slower
+    (docs/benchmarks.md).
     """
     img, geom = decode_drafted(data, augment, data_cfg, rng)
     return apply_geometry(img, geom, data_cfg.image_size)
