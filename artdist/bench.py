@@ -336,7 +336,8 @@ def bench_shard(cfg: JobConfig, corpus: Path) -> dict:
                                              out=str(out), resample=resample, workers=1), progress=False)
             best = min(best, time.process_time() - start)
         rows[f"sharder_{resample}"] = best / len(files) * 1000
-        kept = len(manifest["stored_as_is"]) if resample == sc.resample else kept
+        if resample == sc.resample:
+            kept = len(manifest["stored_as_is"])
     shutil.rmtree(corpus / "shard-timing", ignore_errors=True)
     return {"images": len(files), "resample": sc.resample, "stored_as_is": kept,
             "ms_per_image": rows, "ratio_to_floor": {k: v / floor for k, v in rows.items()},

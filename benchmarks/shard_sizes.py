@@ -6,27 +6,16 @@ floor, by source file size (the ratio to the naive way grows with the file).
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image
 
-from artdist.bench import draft_decode, naive_shard_image
+from artdist.bench import cpu_ms, draft_decode, naive_shard_image
 from artdist.config import ShardConfig
 from artdist.data import duplicates
 from artdist.data.image import prepare_image, read_source, shard_member
 
 CLASSES = [(0, 0.3), (0.3, 0.5), (0.5, 1), (1, 1e9), (0, 1e9), (0.47, 1e9)]  # MP; 0.47: WikiArt's median
-
-
-def best_ms(work: Callable[[], object], passes: int = 3) -> float:
-    best = float("inf")
-    for _ in range(passes):
-        start = time.process_time()
-        work()
-        best = min(best, time.process_time() - start)
-    return best * 1000
 
 
 def sharder_work(path: Path, cfg: ShardConfig, resample: str) -> None:
@@ -43,10 +32,10 @@ def main(folder: Path) -> None:
     for path in sorted(folder.rglob("*.jpg")):
         with Image.open(path) as im:
             megapixels = im.width * im.height / 1e6
-        rows.append((megapixels, best_ms(lambda: draft_decode(path, cfg.max_short_side)),
-                     best_ms(lambda: naive_shard_image(path, cfg.max_short_side, cfg.quality)),
-                     best_ms(lambda: sharder_work(path, cfg, cfg.resample)),
-                     best_ms(lambda: sharder_work(path, cfg, "hamming"))))
+        rows.append((megapixels, cpu_ms(lambda p: draft_decode(p, cfg.max_short_side), [path], 3),
+                     cpu_ms(lambda p: naive_shard_image(p, cfg.max_short_side, cfg.quality), [path], 3),
+                     cpu_ms(lambda p: sharder_work(p, cfg, cfg.resample), [path], 3),
+                     cpu_ms(lambda p: sharder_work(p, cfg, "hamming"), [path], 3)))
     print(f"{len(rows)} files of {folder}, CPU ms per image (best of 3), shard.resample={cfg.resample}")
     for lo, hi in CLASSES:
         sel = [r for r in rows if lo <= r[0] < hi]

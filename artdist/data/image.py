@@ -35,13 +35,13 @@ RESAMPLE = {
 # which Pillow documents as indistinguishable from a direct resample.
 REDUCING_GAP = 3.0
 WEBP_METHOD = 4
+PNG_COMPRESS_LEVEL = 6
 # The JPEG standard's luminance table (Annex K), which libjpeg scales by the quality.
 JPEG_LUMA = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
              14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
              49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
 # The only JPEG segments a file stored as is may carry: the JFIF header and Adobe's colour transform.
 KEPT_SEGMENTS = {"APP0": b"JFIF\x00", "APP14": b"Adobe"}
-PNG_COMPRESS_LEVEL = 6
 
 
 class BadImage(Exception):

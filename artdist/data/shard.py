@@ -302,14 +302,14 @@ def shard_dataset(cfg: ShardConfig, progress: bool = True) -> dict:
     for task in TASKS:
         _write_atomic(out / f"class_names_{task}.txt", "".join(f"{name}\n" for name in catalog.classes[task]))
     skipped += [s for job in jobs for s in records[job.name]["skipped"]]
-    skipped += [{"path": a["path"], "reason": "leaking copy dropped"} for a in dups["actions"] if not a["to"]]
+    dropped = {a["path"] for a in dups["actions"] if not a["to"]}
+    skipped += [{"path": path, "reason": "leaking copy dropped"} for path in sorted(dropped)]
     skipped.sort(key=lambda s: s["path"])
     splits = {split: SplitInfo(sum(records[name]["num_samples"] for name in shards[split]),
                                tuple(ShardInfo(**{k: records[name][k] for k in ("name", "num_samples", "sha256")})
                                      for name in shards[split]))
               for split in SPLITS}
     # The output folder is where the manifest lives; leaving it out of the options keeps copies identical.
-    dropped = {a["path"] for a in dups["actions"] if not a["to"]}
     as_is = sorted({path for r in records.values() for path in r.get("stored_as_is", ())} - dropped)
     extra = {"options": {k: v for k, v in to_dict(cfg).items() if k != "out"}, "anomalies": catalog.anomalies,
              "skipped": skipped, "duplicates": dups, "stored_as_is": as_is}
