@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from torchvision import transforms
 
 from artdist.config import MIN_SYNTH_IMAGES, TASKS, JobConfig, SynthConfig
-from artdist.data.image import prepare_image, short_side_size
+from artdist.data.image import jpeg_pixels, plain_jpeg, prepare_image, short_side_size
 from artdist.data.loader import TrainLoader
 from artdist.data.manifest import Manifest, SplitInfo, read_manifest
 from artdist.data.shard import shard_dataset
@@ -266,12 +266,17 @@ def cpu_ms(work: Callable[[Any], Any], items: list, repeats: int = 2) -> float:
     return best / len(items) * 1000
 
 
-def draft_decode(path: Path, max_short_side: int) -> Image.Image:
-    """The floor of sharding one file: open, JPEG draft as prepare_image does, decode; nothing else."""
-    with Image.open(path) as im:
-        scale = max_short_side / min(im.size)
+def draft_decode(path: Path, max_short_side: int, pil_only: bool = False) -> Image.Image | torch.Tensor:
+    """The floor of sharding one file: read, open, JPEG draft as prepare_image does, decode by the decoder
+    it uses (PIL after a draft, else jpeg_pixels where it can; pil_only: PIL always); nothing else."""
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        scale, full = max_short_side / min(im.size), im.size
         if im.format == "JPEG" and scale < 1:
             im.draft(None, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
+        pixels = jpeg_pixels(data) if plain_jpeg(im, full) and not pil_only else None
+        if pixels is not None:
+            return pixels
         im.load()
         return im
 
@@ -322,8 +327,9 @@ def bench_shard(cfg: JobConfig, corpus: Path) -> dict:
     sc = cfg.shard
     files = sorted((corpus / "images").rglob("*.jpg"))
     floor = cpu_ms(lambda path: draft_decode(path, sc.max_short_side), files)
+    pil_floor = cpu_ms(lambda path: draft_decode(path, sc.max_short_side, pil_only=True), files)
     naive = cpu_ms(lambda path: naive_shard_image(path, sc.max_short_side, sc.quality), files)
-    rows = {"floor": floor, "naive": naive}
+    rows = {"floor": floor, "floor_pil": pil_floor, "naive": naive}
     variants = [sc.resample] + (["lanczos"] if sc.resample != "lanczos" else [])
     kept = 0
     for resample in variants:
@@ -523,6 +529,7 @@ def format_table(result: dict) -> str:
         ms, ratio = sh["ms_per_image"], sh["ratio_to_floor"]
         lines += ["", f"sharding, CPU ms per image over {sh['images']} files (one process; ratio to the draft-decode floor):"]
         for key, what in (("floor", "floor: open + JPEG draft + decode"),
+                          ("floor_pil", "the same, decoded by PIL only"),
                           ("naive", "naive: full decode, LANCZOS, encode"),
                           (f"sharder_{sh['resample']}", f"artdist shard, shard.resample={sh['resample']}"),
                           ("sharder_lanczos", "artdist shard, shard.resample=lanczos")):

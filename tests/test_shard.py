@@ -20,6 +20,7 @@ from artdist.data.manifest import read_manifest
 from artdist.cli import main
 from artdist.config import TASKS, DataConfig, ShardConfig, SynthConfig
 from artdist.config import JobConfig
+from artdist.data import image
 from artdist.data.image import (BadImage, eval_pixels, prepare_image, shard_member, shard_options, to_rgb,
                                 upright)
 from artdist.data.shard import sample_key, shard_dataset, shard_ranges
@@ -218,6 +219,48 @@ def test_bilinear_resample_is_pils_bilinear_up_to_rounding(size):
     pil = im.resize(expected, Image.BILINEAR, reducing_gap=3.0)  # 4000x3000: reduced by 2 first, as PIL does
     diff = np.abs(np.asarray(ours).astype(int) - np.asarray(pil))
     assert diff.max() <= 2 and (diff > 0).mean() < 0.01  # the kernels' weights are rounded differently
+
+
+def _real_files(count: int) -> list[bytes]:
+    folder = Path(__file__).resolve().parents[2] / "shared" / "wikiart_sample"
+    return [f.read_bytes() for f in sorted(folder.rglob("*.jpg"))[:count]]
+
+
+def test_the_torch_jpeg_decoder_gives_the_pixels_pils_gives(monkeypatch):
+    # prepare_image decodes a plain full-scale JPEG with torchvision's libjpeg-turbo (image.jpeg_pixels):
+    # every prepared picture must be the one PIL alone makes, resized or not, in every filter.
+    noisy = Image.fromarray(np.random.default_rng(4).integers(0, 256, (517, 333, 3), dtype=np.uint8))
+    sources = [_jpeg(noisy, quality=q, **kw) for q, kw in ((75, {}), (95, {"subsampling": 0}), (85, {"subsampling": 1}),
+                                                           (80, {"progressive": True}))]
+    sources += [_jpeg(_smooth((1000, 640)), quality=90), _jpeg(_smooth((120, 90), "L"), quality=75)]
+    sources += [_jpeg(_smooth((300, 200)), exif=_oriented_exif(6))] + _real_files(12)
+    used = []
+    monkeypatch.setattr(image, "tv_decode_jpeg", _recording(image.tv_decode_jpeg, used))
+    for source in sources:
+        for side, resample in ((448, "bilinear"), (150, "bilinear"), (150, "hamming")):
+            ours = prepare_image(source, side, MAX_PIXELS, resample)
+            with monkeypatch.context() as pil_only:
+                pil_only.setattr(image, "tv_decode_jpeg", None)
+                pil = prepare_image(source, side, MAX_PIXELS, resample)
+            assert ours.size == pil.size and np.array_equal(np.asarray(ours), np.asarray(pil)), (len(source), side)
+    assert len(used) >= 3 * 5  # the four noisy ones and the smooth one each time; grey and turned ones by PIL
+    # A file the torch decoder cannot read still gets PIL's verdict.
+    with pytest.raises(BadImage, match="truncated"):
+        prepare_image(sources[0][: len(sources[0]) // 2], 448, MAX_PIXELS)
+    assert image.jpeg_pixels(sources[0][:100]) is None
+
+
+def _recording(decode, calls: list):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return decode(*args, **kwargs)
+    return wrapper
+
+
+def _oriented_exif(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
 
 
 def _smooth(size: tuple[int, int], mode: str = "RGB") -> Image.Image:

@@ -10,11 +10,17 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+
+try:  # deprecated in torchvision 0.29 for TorchCodec; without it PIL decodes everything
+    from torchvision.io import ImageReadMode, decode_jpeg as tv_decode_jpeg
+except ImportError:  # pragma: no cover
+    tv_decode_jpeg = None
 
 from artdist.config import DataConfig, JobConfig, ShardConfig
 from artdist.data.manifest import read_manifest
-from artdist.data.transforms import decode_image, resize_window
+from artdist.data.transforms import decode_image, resize_pixels, resize_window
 from artdist.errors import UserError
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -113,7 +119,8 @@ def prepare_image(source: str | Path | bytes, max_short_side: int, max_pixels: i
     exactly max_short_side when larger (never upscaled). Raises BadImage saying why not.
 
     JPEGs are decoded at 1/2-1/8 scale in the DCT domain when that still leaves max_short_side, so a
-    17 MP painting is never decoded at full size; `resample` (a RESAMPLE key) does the rest.
+    17 MP painting is never decoded at full size; at full scale a plain one goes through jpeg_pixels
+    (the same pixels, faster); `resample` (a RESAMPLE key) does the rest.
     """
     if isinstance(source, (bytes, bytearray)):
         if not source:
@@ -130,11 +137,13 @@ def prepare_image(source: str | Path | bytes, max_short_side: int, max_pixels: i
         with pixel_limit(max_pixels), Image.open(opened) as im:
             if im.width * im.height > max_pixels:
                 raise BadImage("too large", f"{im.width}x{im.height} px > max_pixels {max_pixels}")
-            scale = max_short_side / min(im.size)
+            scale, full = max_short_side / min(im.size), im.size
             if isinstance(im, JpegImagePlugin.JpegImageFile) and scale < 1:
                 im.draft(None, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
-            im.load()
-            out = to_rgb(upright(im))
+            pixels = jpeg_pixels(source) if isinstance(source, (bytes, bytearray)) and plain_jpeg(im, full) else None
+            if pixels is None:
+                im.load()
+                out = to_rgb(upright(im))
     except BadImage:
         raise
     except FileNotFoundError:
@@ -148,6 +157,11 @@ def prepare_image(source: str | Path | bytes, max_short_side: int, max_pixels: i
         raise BadImage("truncated" if "truncated" in str(exc) else "unreadable", exc.strerror or str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on corrupt files; one must not stop 80k
         raise BadImage("undecodable", f"{type(exc).__name__}: {exc}") from None
+    if pixels is not None:
+        size = short_side_size(pixels.shape[1], pixels.shape[0], max_short_side)
+        if size is not None and resample == "bilinear":
+            return Image.fromarray(resize_pixels(pixels, size).numpy())
+        out = Image.fromarray(pixels.numpy())
     size = short_side_size(out.width, out.height, max_short_side)
     if size is None:
         return out
@@ -157,6 +171,29 @@ def prepare_image(source: str | Path | bytes, max_short_side: int, max_pixels: i
         out = out.reduce(factor) if factor > 1 else out
         return Image.fromarray(resize_window(out, (0, 0, out.width, out.height), size).numpy())
     return out.resize(size, RESAMPLE[resample], reducing_gap=REDUCING_GAP)
+
+
+def plain_jpeg(im: Image.Image, size: tuple[int, int]) -> bool:
+    """Whether an opened file is a JPEG that jpeg_pixels decodes to the very picture PIL would: RGB,
+    not reduced by a draft from its `size`, not turned by its EXIF orientation."""
+    return (isinstance(im, JpegImagePlugin.JpegImageFile) and im.mode == "RGB" and im.size == size
+            and im.getexif().get(EXIF_ORIENTATION, 1) not in range(2, 9))
+
+
+def jpeg_pixels(source: bytes) -> torch.Tensor | None:
+    """A JPEG's pixels at full scale, uint8 [h, w, 3] HWC, by torchvision's libjpeg-turbo decoder: the
+    pixels PIL's gives, about a quarter faster (no chunked reads, no 4-byte pixels to pack back). None
+    on any doubt (no such decoder, an error, a libjpeg warning): PIL then decodes and says what is wrong."""
+    if tv_decode_jpeg is None:
+        return None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)  # torchvision 0.29 points to TorchCodec
+            pixels = tv_decode_jpeg(torch.frombuffer(bytearray(source), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except Exception:  # noqa: BLE001 - a truncated or odd file: PIL's decode names the reason
+        return None
+    return None if caught else pixels.permute(1, 2, 0)
 
 
 def _libjpeg_luma_total(quality: int) -> int:

@@ -129,10 +129,7 @@ def resize_window(img: Image.Image, box: tuple[float, float, float, float], size
             padded = torch.zeros((int(bottom - top), int(right - left), 3), dtype=torch.uint8)
             padded[inside[1] - int(top):inside[3] - int(top), inside[0] - int(left):inside[2] - int(left)] = pixels
             pixels = padded
-        # torchvision's resize, not interpolate: it keeps the HWC (channels_last) memory, so that neither
-        # the resize nor the batch's np.stack transposes (each would cost about as much as the resize).
-        with torch_threads(1):
-            return tv_functional.resize(pixels.permute(2, 0, 1), [size[1], size[0]], antialias=True).permute(1, 2, 0)
+        return resize_pixels(pixels, size)
     # PIL's box must lie inside the picture: resize that part into its place in a zero canvas.
     src, (x0, y0, x1, y1) = _placement(box, img.width, img.height, size)
     pixels = _tensor(img.resize((x1 - x0, y1 - y0), Image.BILINEAR, box=src))
@@ -141,6 +138,15 @@ def resize_window(img: Image.Image, box: tuple[float, float, float, float], size
         canvas[y0:y1, x0:x1] = pixels
         pixels = canvas
     return pixels
+
+
+def resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [h, w, 3] HWC pixels resampled to `size` (w, h) by torch's vectorised antialiased bilinear
+    kernel, one thread: uint8 [size h, size w, 3] in HWC memory."""
+    # torchvision's resize, not interpolate: it keeps the HWC (channels_last) memory, so that neither
+    # the resize nor the batch's np.stack transposes (each would cost about as much as the resize).
+    with torch_threads(1):
+        return tv_functional.resize(pixels.permute(2, 0, 1), [size[1], size[0]], antialias=True).permute(1, 2, 0)
 
 
 def _tensor(img: Image.Image, writable: bool = True) -> torch.Tensor:
