@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torchvision
 import webdataset as wds
 from PIL import Image, JpegImagePlugin
 
@@ -248,6 +249,15 @@ def test_the_torch_jpeg_decoder_gives_the_pixels_pils_gives(monkeypatch):
     with pytest.raises(BadImage, match="truncated"):
         prepare_image(sources[0][: len(sources[0]) // 2], 448, MAX_PIXELS)
     assert image.jpeg_pixels(sources[0][:100]) is None
+    # A torchvision whose libjpeg decodes otherwise (here: one that flips) is not used at all.
+    image._decoders_agree.cache_clear()
+    try:
+        monkeypatch.setattr(image, "tv_decode_jpeg", lambda data, mode: torchvision.io.decode_jpeg(data, mode=mode).flip(1))
+        assert image.jpeg_pixels(sources[0]) is None
+        assert np.array_equal(np.asarray(prepare_image(sources[0], 448, MAX_PIXELS)),
+                              np.asarray(Image.open(io.BytesIO(sources[0]))))
+    finally:
+        image._decoders_agree.cache_clear()
 
 
 def _recording(decode, calls: list):
