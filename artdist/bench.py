@@ -46,13 +46,13 @@ from torch.utils.data import DataLoader, RandomSampler
 from torchvision import transforms
 
 from artdist.config import MIN_SYNTH_IMAGES, TASKS, JobConfig, SynthConfig
-from artdist.data.image import jpeg_pixels, plain_jpeg, prepare_image, short_side_size
+from artdist.data.image import plain_jpeg, prepare_image, short_side_size
 from artdist.data.loader import TrainLoader
 from artdist.data.manifest import Manifest, SplitInfo, read_manifest
 from artdist.data.shard import shard_dataset
 from artdist.data.synth import JPEG_QUALITY, make_corpus
 from artdist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, decode_drafted, decode_image,
-                                     sample_geometry, torch_threads)
+                                     jpeg_pixels, sample_geometry, torch_threads)
 from artdist.errors import UserError
 from artdist.train.engine import TrainState, train_one_epoch
 from artdist.train.numerics import resolve_amp, use_channels_last
@@ -365,11 +365,16 @@ def shard_members(shards: Path, manifest: Manifest, split: str, count: int) -> l
 
 def loader_floors(cfg: JobConfig, shards: Path, manifest: Manifest, images: int) -> dict:
     """CPU ms per image of the least work the loader could do on the same shard members: a bare full
-    decode; the draft decode its crops allow; a full decode plus one box resize of its crops; and
-    decode_image alone (the loader's per-image work, without tar reading, labels and batching)."""
+    decode (by jpeg_pixels where it can, as the loader; and by PIL); the draft decode its crops allow; a
+    full decode plus one box resize of its crops (PIL's, the issue's definition); and decode_image alone
+    (the loader's per-image work, without tar reading, labels and batching)."""
     data_cfg, size = cfg.data, cfg.data.image_size
     members = shard_members(shards, manifest, data_cfg.train_split, images)
     rng = np.random.default_rng(cfg.train.seed)
+
+    def bare_decode(data: bytes) -> object:
+        pixels = jpeg_pixels(data)
+        return pixels if pixels is not None else Image.open(io.BytesIO(data)).load()
 
     def box_resize(data: bytes) -> Image.Image:
         im = Image.open(io.BytesIO(data))
@@ -380,7 +385,8 @@ def loader_floors(cfg: JobConfig, shards: Path, manifest: Manifest, images: int)
 
     with torch_threads(1):  # as in a loader worker
         return {"augment": data_cfg.augment, "images": len(members),
-                "decode": cpu_ms(lambda data: Image.open(io.BytesIO(data)).load(), members),
+                "decode": cpu_ms(bare_decode, members),
+                "decode_pil": cpu_ms(lambda data: Image.open(io.BytesIO(data)).load(), members),
                 "draft_decode": cpu_ms(lambda data: decode_drafted(data, data_cfg.augment, data_cfg, rng), members),
                 "decode_box_resize": cpu_ms(box_resize, members),
                 "decode_image": cpu_ms(lambda data: decode_image(data, data_cfg.augment, data_cfg, rng), members)}
@@ -566,8 +572,8 @@ def format_table(result: dict) -> str:
     fl = result.get("loader_floor")
     if fl:
         lines.append(f"loader floors on the same shard members ({fl['augment']}), CPU ms per image: bare decode "
-                     f"{fl['decode']:.2f}, draft decode {fl['draft_decode']:.2f}, full decode + one box resize "
-                     f"{fl['decode_box_resize']:.2f}" + (
+                     f"{fl['decode']:.2f} (by PIL {fl['decode_pil']:.2f}), draft decode {fl['draft_decode']:.2f}, "
+                     f"full decode + one PIL box resize {fl['decode_box_resize']:.2f}" + (
                          f"; loader (workers 0) {fl['loader_ms']:.2f} = {fl['ratio']['decode']:.2f}x bare decode, "
                          f"{fl['ratio']['draft_decode']:.2f}x draft decode, {fl['ratio']['decode_box_resize']:.2f}x "
                          f"decode + box resize, {fl['ratio']['decode_image']:.2f}x its own decode_image "
@@ -646,7 +652,7 @@ def run_bench(cfg: JobConfig, *, workdir: Path, images: int, full_size: int, wor
             loader_ms = 1000 / in_process[0]["images_per_cpu_s"]
             floors["loader_ms"] = loader_ms
             floors["ratio"] = {k: loader_ms / floors[k]
-                               for k in ("decode", "draft_decode", "decode_box_resize", "decode_image")}
+                               for k in ("decode", "decode_pil", "draft_decode", "decode_box_resize", "decode_image")}
         result["loader_floor"] = floors
     if "imagefolder" in only:
         result["imagefolder"] = bench_imagefolder(cfg, Path(corpus["dir"]) / "images", workers, images, info["cores"])

@@ -83,7 +83,7 @@ def test_loader_floors_are_measured_on_the_same_shards(tiny_run):
     assert floor["augment"] == "crop_flip" and floor["images"] == 24
     loader_ms = 1000 / result["loader"][0]["images_per_cpu_s"]
     assert floor["loader_ms"] == pytest.approx(loader_ms)
-    for key in ("decode", "draft_decode", "decode_box_resize", "decode_image"):
+    for key in ("decode", "decode_pil", "draft_decode", "decode_box_resize", "decode_image"):
         assert math.isfinite(floor[key]) and floor[key] > 0
         assert floor["ratio"][key] == pytest.approx(loader_ms / floor[key])
     assert "loader floors on the same shard members" in out

@@ -409,6 +409,27 @@ def _real_jpegs(count: int) -> list[bytes]:
     return out
 
 
+@pytest.mark.parametrize("augment", ["none", "crop_flip", "rrc"])
+def test_full_scale_decodes_through_torchvision_give_pils_crops(demo_shards, monkeypatch, augment):
+    # decode_image takes jpeg_pixels' tensor wherever no draft applies (most rrc crops of 448 px shard
+    # pictures): every crop, padded, flipped or resized, must be the one PIL's decode gives.
+    from artdist.data import transforms
+    jpegs = _real_jpegs(16) + _shard_jpegs(demo_shards, 8)
+    used = []
+    real = transforms.tv_decode_jpeg
+    monkeypatch.setattr(transforms, "tv_decode_jpeg", lambda *a, **k: used.append(1) or real(*a, **k))
+    for size, jpeg_set in ((224, jpegs[:16]), (64, jpegs[16:])):
+        cfg = DataConfig(image_size=size, augment=augment, crop_padding=4)
+        for k, data in enumerate(jpeg_set):
+            ours = decode_image(data, augment, cfg, np.random.default_rng(k))
+            with monkeypatch.context() as pil_only:
+                pil_only.setattr(transforms, "tv_decode_jpeg", None)
+                pil = decode_image(data, augment, cfg, np.random.default_rng(k))
+            assert ours.flags.c_contiguous and np.array_equal(ours, pil), (augment, size, k)
+    if augment == "rrc":
+        assert len(used) >= 16  # the real pictures' crops mostly need the full picture
+
+
 # Bound on |GPU-path pixels - CPU-path pixels| (0-255), same shards and geometry: the stated contract
 # of data.decode=gpu (docs/benchmarks.md). Mean, and the 99th percentile (edges of padded crops differ most).
 GPU_DECODE_BOUND = {"mean": 1.5, "p99": 12.0}

@@ -21,7 +21,7 @@ from artdist.data.manifest import read_manifest
 from artdist.cli import main
 from artdist.config import TASKS, DataConfig, ShardConfig, SynthConfig
 from artdist.config import JobConfig
-from artdist.data import image
+from artdist.data import transforms
 from artdist.data.image import (BadImage, eval_pixels, prepare_image, shard_member, shard_options, to_rgb,
                                 upright)
 from artdist.data.shard import sample_key, shard_dataset, shard_ranges
@@ -228,7 +228,7 @@ def _real_files(count: int) -> list[bytes]:
 
 
 def test_the_torch_jpeg_decoder_gives_the_pixels_pils_gives(monkeypatch):
-    # prepare_image decodes a plain full-scale JPEG with torchvision's libjpeg-turbo (image.jpeg_pixels):
+    # prepare_image decodes a plain full-scale JPEG with torchvision's libjpeg-turbo (transforms.jpeg_pixels):
     # every prepared picture must be the one PIL alone makes, resized or not, in every filter.
     noisy = Image.fromarray(np.random.default_rng(4).integers(0, 256, (517, 333, 3), dtype=np.uint8))
     sources = [_jpeg(noisy, quality=q, **kw) for q, kw in ((75, {}), (95, {"subsampling": 0}), (85, {"subsampling": 1}),
@@ -236,28 +236,28 @@ def test_the_torch_jpeg_decoder_gives_the_pixels_pils_gives(monkeypatch):
     sources += [_jpeg(_smooth((1000, 640)), quality=90), _jpeg(_smooth((120, 90), "L"), quality=75)]
     sources += [_jpeg(_smooth((300, 200)), exif=_oriented_exif(6))] + _real_files(12)
     used = []
-    monkeypatch.setattr(image, "tv_decode_jpeg", _recording(image.tv_decode_jpeg, used))
+    monkeypatch.setattr(transforms, "tv_decode_jpeg", _recording(transforms.tv_decode_jpeg, used))
     for source in sources:
         for side, resample in ((448, "bilinear"), (150, "bilinear"), (150, "hamming")):
             ours = prepare_image(source, side, MAX_PIXELS, resample)
             with monkeypatch.context() as pil_only:
-                pil_only.setattr(image, "tv_decode_jpeg", None)
+                pil_only.setattr(transforms, "tv_decode_jpeg", None)
                 pil = prepare_image(source, side, MAX_PIXELS, resample)
             assert ours.size == pil.size and np.array_equal(np.asarray(ours), np.asarray(pil)), (len(source), side)
     assert len(used) >= 3 * 5  # the four noisy ones and the smooth one each time; grey and turned ones by PIL
     # A file the torch decoder cannot read still gets PIL's verdict.
     with pytest.raises(BadImage, match="truncated"):
         prepare_image(sources[0][: len(sources[0]) // 2], 448, MAX_PIXELS)
-    assert image.jpeg_pixels(sources[0][:100]) is None
+    assert transforms.jpeg_pixels(sources[0][:100]) is None
     # A torchvision whose libjpeg decodes otherwise (here: one that flips) is not used at all.
-    image._decoders_agree.cache_clear()
+    transforms._decoders_agree.cache_clear()
     try:
-        monkeypatch.setattr(image, "tv_decode_jpeg", lambda data, mode: torchvision.io.decode_jpeg(data, mode=mode).flip(1))
-        assert image.jpeg_pixels(sources[0]) is None
+        monkeypatch.setattr(transforms, "tv_decode_jpeg", lambda data, mode: torchvision.io.decode_jpeg(data, mode=mode).flip(1))
+        assert transforms.jpeg_pixels(sources[0]) is None
         assert np.array_equal(np.asarray(prepare_image(sources[0], 448, MAX_PIXELS)),
                               np.asarray(Image.open(io.BytesIO(sources[0]))))
     finally:
-        image._decoders_agree.cache_clear()
+        transforms._decoders_agree.cache_clear()
 
 
 def _recording(decode, calls: list):

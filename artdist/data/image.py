@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import io
 import math
 import warnings
@@ -11,17 +10,11 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
-
-try:  # deprecated in torchvision 0.29 for TorchCodec; without it PIL decodes everything
-    from torchvision.io import ImageReadMode, decode_jpeg as tv_decode_jpeg
-except ImportError:  # pragma: no cover
-    tv_decode_jpeg = None
 
 from artdist.config import DataConfig, JobConfig, ShardConfig
 from artdist.data.manifest import read_manifest
-from artdist.data.transforms import decode_image, resize_pixels, resize_window
+from artdist.data.transforms import decode_image, jpeg_pixels, resize_pixels, resize_window
 from artdist.errors import UserError
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -179,41 +172,6 @@ def plain_jpeg(im: Image.Image, size: tuple[int, int]) -> bool:
     not reduced by a draft from its `size`, not turned by its EXIF orientation."""
     return (isinstance(im, JpegImagePlugin.JpegImageFile) and im.mode == "RGB" and im.size == size
             and im.getexif().get(EXIF_ORIENTATION, 1) not in range(2, 9))
-
-
-def jpeg_pixels(source: bytes) -> torch.Tensor | None:
-    """A JPEG's pixels at full scale, uint8 [h, w, 3] HWC, by torchvision's libjpeg-turbo decoder: the
-    pixels PIL's gives, 10-15 % faster (no chunked reads, no 4-byte pixels to pack back). None on any
-    doubt (no such decoder, one that disagrees with PIL's here, an error, a libjpeg warning): PIL then
-    decodes and says what is wrong."""
-    if tv_decode_jpeg is None or not _decoders_agree():
-        return None
-    return _torch_decode(source)
-
-
-def _torch_decode(source: bytes) -> torch.Tensor | None:
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            warnings.filterwarnings("ignore", category=DeprecationWarning)  # torchvision 0.29 points to TorchCodec
-            pixels = tv_decode_jpeg(torch.frombuffer(bytearray(source), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except Exception:  # noqa: BLE001 - a truncated or odd file: PIL's decode names the reason
-        return None
-    return None if caught else pixels.permute(1, 2, 0)
-
-
-@functools.cache
-def _decoders_agree() -> bool:
-    """Whether torchvision's JPEG decoder gives PIL's pixels in this environment, on noise saved 4:2:0 and
-    4:4:4: another libjpeg build (IJG's 9 upsamples chroma differently) would change the shards' bytes."""
-    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 51, 3), dtype=np.uint8))
-    for subsampling in (2, 0):
-        buf = io.BytesIO()
-        noise.save(buf, "JPEG", quality=90, subsampling=subsampling)
-        ours = _torch_decode(buf.getvalue())
-        if ours is None or not np.array_equal(ours.numpy(), np.asarray(Image.open(buf))):
-            return False
-    return True
 
 
 def _libjpeg_luma_total(quality: int) -> int:
