@@ -46,13 +46,13 @@ from torch.utils.data import DataLoader, RandomSampler
 from torchvision import transforms
 
 from artdist.config import MIN_SYNTH_IMAGES, TASKS, JobConfig, SynthConfig
-from artdist.data.image import plain_jpeg, prepare_image, short_side_size
+from artdist.data.image import prepare_image, short_side_size
 from artdist.data.loader import TrainLoader
 from artdist.data.manifest import Manifest, SplitInfo, read_manifest
 from artdist.data.shard import shard_dataset
 from artdist.data.synth import JPEG_QUALITY, make_corpus
 from artdist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, decode_drafted, decode_image,
-                                     jpeg_pixels, sample_geometry, torch_threads)
+                                     jpeg_pixels, plain_jpeg, sample_geometry, torch_threads)
 from artdist.errors import UserError
 from artdist.train.engine import TrainState, train_one_epoch
 from artdist.train.numerics import resolve_amp, use_channels_last

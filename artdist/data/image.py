@@ -14,12 +14,12 @@ from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from artdist.config import DataConfig, JobConfig, ShardConfig
 from artdist.data.manifest import read_manifest
-from artdist.data.transforms import decode_image, jpeg_pixels, resize_pixels, resize_window
+from artdist.data.transforms import (EXIF_ORIENTATION, decode_image, jpeg_pixels, plain_jpeg, resize_pixels,
+                                     resize_window)
 from artdist.errors import UserError
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-EXIF_ORIENTATION = 0x0112
 # Antialiased filters for the downscale left after the JPEG draft (choices of shard.resample). bilinear
 # runs through torch's vectorised kernel (transforms.resize_window): PIL's filter but for a level on a few
 # pixels in a thousand, ~3.5x faster; its bytes differ between x86 CPUs with AVX2 and others, PIL's
@@ -165,13 +165,6 @@ def prepare_image(source: str | Path | bytes, max_short_side: int, max_pixels: i
         out = out.reduce(factor) if factor > 1 else out
         return Image.fromarray(resize_window(out, (0, 0, out.width, out.height), size).numpy())
     return out.resize(size, RESAMPLE[resample], reducing_gap=REDUCING_GAP)
-
-
-def plain_jpeg(im: Image.Image, size: tuple[int, int]) -> bool:
-    """Whether an opened file is a JPEG that jpeg_pixels decodes to the very picture PIL would: RGB,
-    not reduced by a draft from its `size`, not turned by its EXIF orientation."""
-    return (isinstance(im, JpegImagePlugin.JpegImageFile) and im.mode == "RGB" and im.size == size
-            and im.getexif().get(EXIF_ORIENTATION, 1) not in range(2, 9))
 
 
 def _libjpeg_luma_total(quality: int) -> int:
