@@ -245,6 +245,11 @@ def test_the_torch_jpeg_decoder_gives_the_pixels_pils_gives(monkeypatch):
                 pil = prepare_image(source, side, MAX_PIXELS, resample)
             assert ours.size == pil.size and np.array_equal(np.asarray(ours), np.asarray(pil)), (len(source), side)
     assert len(used) >= 3 * 5  # the four noisy ones and the smooth one each time; grey and turned ones by PIL
+    with monkeypatch.context() as odd_layout:  # a chroma layout the agreement check did not cover: PIL's
+        odd_layout.setattr(JpegImagePlugin, "get_sampling", lambda im: -1)
+        before = len(used)
+        prepare_image(sources[0], 448, MAX_PIXELS)
+        assert len(used) == before
     # A file the torch decoder cannot read still gets PIL's verdict.
     with pytest.raises(BadImage, match="truncated"):
         prepare_image(sources[0][: len(sources[0]) // 2], 448, MAX_PIXELS)

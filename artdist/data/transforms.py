@@ -28,6 +28,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RRC_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 RRC_TRIES = 10
 EXIF_ORIENTATION = 0x0112
+DECODER_CHECKED = (0, 1, 2)  # Pillow's chroma subsampling codes: 4:4:4, 4:2:2, 4:2:0
 
 
 @dataclass(frozen=True)
@@ -162,9 +163,11 @@ def resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def plain_jpeg(im: Image.Image, size: tuple[int, int]) -> bool:
-    """Whether an opened file is a JPEG that jpeg_pixels decodes to the very picture PIL would (as prepare_image makes it): RGB,
-    not reduced by a draft from its `size`, not turned by its EXIF orientation."""
+    """Whether an opened file is a JPEG that jpeg_pixels decodes to the very picture PIL would (as
+    prepare_image makes it): RGB, 4:4:4, 4:2:2 or 4:2:0 (the layouts _decoders_agree checks), not
+    reduced by a draft from its `size`, not turned by its EXIF orientation."""
     return (isinstance(im, JpegImagePlugin.JpegImageFile) and im.mode == "RGB" and im.size == size
+            and JpegImagePlugin.get_sampling(im) in DECODER_CHECKED
             and im.getexif().get(EXIF_ORIENTATION, 1) not in range(2, 9))
 
 
@@ -191,10 +194,11 @@ def _torch_decode(source: bytes) -> torch.Tensor | None:
 
 @functools.cache
 def _decoders_agree() -> bool:
-    """Whether torchvision's JPEG decoder gives PIL's pixels in this environment, on noise saved 4:2:0 and
-    4:4:4: another libjpeg build (IJG's 9 upsamples chroma differently) would change the shards' bytes."""
+    """Whether torchvision's JPEG decoder gives PIL's pixels in this environment, on noise saved in each
+    DECODER_CHECKED layout: another libjpeg build (IJG's 9 upsamples chroma differently) would change the
+    shards' bytes."""
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 51, 3), dtype=np.uint8))
-    for subsampling in (2, 0):
+    for subsampling in DECODER_CHECKED:
         buf = io.BytesIO()
         noise.save(buf, "JPEG", quality=90, subsampling=subsampling)
         ours = _torch_decode(buf.getvalue())
