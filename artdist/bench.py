@@ -51,8 +51,9 @@ from artdist.data.loader import TrainLoader
 from artdist.data.manifest import Manifest, SplitInfo, read_manifest
 from artdist.data.shard import shard_dataset
 from artdist.data.synth import JPEG_QUALITY, make_corpus
-from artdist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, decode_drafted, decode_image,
-                                     jpeg_pixels, plain_jpeg, sample_geometry, torch_threads)
+from artdist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, as_pil, decode_drafted,
+                                     decode_image, jpeg_pixels, picture_size, plain_jpeg, sample_geometry,
+                                     torch_threads)
 from artdist.errors import UserError
 from artdist.train.engine import TrainState, train_one_epoch
 from artdist.train.numerics import resolve_amp, use_channels_last
@@ -309,8 +310,8 @@ def filter_difference(files: list[Path], cfg: JobConfig) -> dict:
         if np.array_equal(np.asarray(ours), np.asarray(ref)):
             continue  # no residual resize after the draft (or the same filter)
         at_shard.append(psnr(np.asarray(ours), np.asarray(ref)))
-        small = short_side_size(ours.width, ours.height, cfg.data.image_size) or ours.size
-        a, b = (np.asarray(im.resize(small, Image.Resampling.BILINEAR)) for im in (ours, ref))
+        small = short_side_size(*picture_size(ours), cfg.data.image_size) or picture_size(ours)
+        a, b = (np.asarray(as_pil(pixels).resize(small, Image.Resampling.BILINEAR)) for pixels in (ours, ref))
         at_train.append(psnr(a, b))
         max_abs = max(max_abs, int(np.abs(a.astype(np.int16) - b).max()))
     if not at_shard:

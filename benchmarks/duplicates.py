@@ -61,10 +61,10 @@ def hashing(paths: list[Path]) -> None:
         for path in paths:
             start = time.process_time()
             source = read_source(path)
-            im = prepare_image(source, MAX_SHORT_SIDE, 200_000_000)
-            encode_image(im, "jpeg", 85)
+            pixels = prepare_image(source, MAX_SHORT_SIDE, 200_000_000)
+            encode_image(pixels, "jpeg", 85)
             mid = time.process_time()
-            duplicates.sample_hashes(source, im)
+            duplicates.sample_hashes(source, pixels)
             end = time.process_time()
             base += mid - start
             hashed += end - mid
@@ -89,7 +89,7 @@ def whole_sharder(folder: Path) -> None:
                 # Distinct stand-ins: equal ones would make every image one exact-copy group to report and move.
                 unique = itertools.count()
                 stub = mock.patch("artdist.data.duplicates.sample_hashes",
-                                  lambda source, im: [f"{next(unique):064x}", "0" * 64])
+                                  lambda source, pixels: [f"{next(unique):064x}", "0" * 64])
                 if name == "without":
                     stub.start()
                 start = time.process_time()
@@ -134,9 +134,9 @@ def planted_real(paths: list[Path], root: Path, max_distance: int) -> None:
             planted.append({"path": copy.name, "original": str(original.relative_to(root)), "kind": kind})
         for i, (name, path) in enumerate(files.items()):
             source = read_source(path)
-            im = prepare_image(source, MAX_SHORT_SIDE, 200_000_000)
+            pixels = prepare_image(source, MAX_SHORT_SIDE, 200_000_000)
             samples.append({"path": name, "id": i, "split": "train", "style": 0, "artist": -1, "genre": -1,
-                            **dict(zip(duplicates.HASH_FIELDS, duplicates.sample_hashes(source, im)))})
+                            **dict(zip(duplicates.HASH_FIELDS, duplicates.sample_hashes(source, pixels)))})
         names = list(files)
         dc = DuplicatesConfig()
         pairs, _ = descriptor_pairs(*copy_descriptors(list(files.values())), dc.ratio, dc.neighbours, dc.chunk)

@@ -21,9 +21,9 @@ CLASSES = [(0, 0.3), (0.3, 0.5), (0.5, 1), (1, 1e9), (0, 1e9), (0.47, 1e9)]  # M
 def sharder_work(path: Path, cfg: ShardConfig, resample: str) -> None:
     """What `artdist shard` does per image, less the tar: read, prepare, hash, encode (or keep the bytes)."""
     source = read_source(path)
-    im = prepare_image(source, cfg.max_short_side, cfg.max_pixels, resample)
-    duplicates.sample_hashes(source, im)
-    shard_member(source, im, cfg.format, cfg.quality, cfg.passthrough)
+    pixels = prepare_image(source, cfg.max_short_side, cfg.max_pixels, resample)
+    duplicates.sample_hashes(source, pixels)
+    shard_member(source, pixels, cfg.format, cfg.quality, cfg.passthrough)
 
 
 def main(folder: Path) -> None:

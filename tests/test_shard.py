@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torchvision
 import webdataset as wds
 from PIL import Image, JpegImagePlugin
@@ -21,9 +22,9 @@ from artdist.data.manifest import read_manifest
 from artdist.cli import main
 from artdist.config import TASKS, DataConfig, ShardConfig, SynthConfig
 from artdist.config import JobConfig
-from artdist.data import transforms
-from artdist.data.image import (BadImage, eval_pixels, prepare_image, shard_member, shard_options, to_rgb,
-                                upright)
+from artdist.data import image, transforms
+from artdist.data.image import (BadImage, encode_image, eval_pixels, prepare_image, shard_member, shard_options,
+                                to_rgb, upright)
 from artdist.data.shard import sample_key, shard_dataset, shard_ranges
 from artdist.data.transforms import decode_image
 from artdist.data.synth import make_corpus
@@ -189,7 +190,7 @@ def test_huge_jpeg_is_decoded_in_draft_mode(odd_corpus, monkeypatch):
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", spy)
     im = prepare_image(root / "images" / cases["huge"], SHORT_SIDE, MAX_PIXELS)
     assert decoded[0] == (HUGE[0] // 8, HUGE[1] // 8)  # DCT scaling at 1/8, never the full 24 MP
-    assert im.size == (72, SHORT_SIDE)
+    assert im.shape == (SHORT_SIDE, 72, 3) and im.dtype == torch.uint8
 
 
 @pytest.mark.parametrize("case", ["grey", "cmyk", "palette", "rgba", "sixteen_bit", "rotated", "huge"])
@@ -216,7 +217,7 @@ def test_bilinear_resample_is_pils_bilinear_up_to_rounding(size):
     ours = prepare_image(buf.getvalue(), 448, MAX_PIXELS, "bilinear")
     w, h = size
     expected = (448, round(h * 448 / w)) if w <= h else (round(w * 448 / h), 448)
-    assert ours.size == expected and ours.mode == "RGB"
+    assert ours.shape == (expected[1], expected[0], 3) and ours.dtype == torch.uint8
     pil = im.resize(expected, Image.BILINEAR, reducing_gap=3.0)  # 4000x3000: reduced by 2 first, as PIL does
     diff = np.abs(np.asarray(ours).astype(int) - np.asarray(pil))
     assert diff.max() <= 2 and (diff > 0).mean() < 0.01  # the kernels' weights are rounded differently
@@ -243,7 +244,7 @@ def test_the_torch_jpeg_decoder_gives_the_pixels_pils_gives(monkeypatch):
             with monkeypatch.context() as pil_only:
                 pil_only.setattr(transforms, "tv_decode_jpeg", None)
                 pil = prepare_image(source, side, MAX_PIXELS, resample)
-            assert ours.size == pil.size and np.array_equal(np.asarray(ours), np.asarray(pil)), (len(source), side)
+            assert ours.shape == pil.shape and np.array_equal(np.asarray(ours), np.asarray(pil)), (len(source), side)
     assert len(used) >= 3 * 5  # the four noisy ones and the smooth one each time; grey and turned ones by PIL
     with monkeypatch.context() as odd_layout:  # a chroma layout the agreement check did not cover: PIL's
         odd_layout.setattr(JpegImagePlugin, "get_sampling", lambda im: -1)
@@ -263,6 +264,33 @@ def test_the_torch_jpeg_decoder_gives_the_pixels_pils_gives(monkeypatch):
                               np.asarray(Image.open(io.BytesIO(sources[0]))))
     finally:
         transforms._decoders_agree.cache_clear()
+
+
+def test_the_torch_jpeg_encoder_writes_the_bytes_pils_writes(monkeypatch):
+    # encode_image hands prepared pixels to torchvision's libjpeg-turbo: its bytes must be PIL's, or a
+    # shard would depend on which encoder wrote it. Resized pixels are HWC memory, unresized ones the
+    # decoder's CHW memory: both layouts are checked.
+    noisy = torch.from_numpy(np.random.default_rng(4).integers(0, 256, (333, 517, 3), dtype=np.uint8))
+    pictures = [noisy, noisy.permute(2, 0, 1).contiguous().permute(1, 2, 0), torch.zeros((1, 1, 3), dtype=torch.uint8)]
+    pictures += [prepare_image(source, side, MAX_PIXELS) for source in _real_files(8) for side in (448, 150)]
+    assert any(not p.is_contiguous() for p in pictures) and image._encoders_agree()
+    used = []
+    monkeypatch.setattr(image, "tv_encode_jpeg", _recording(image.tv_encode_jpeg, used))
+    for pixels in pictures:
+        for quality in (60, 85, 95):
+            pil = Image.fromarray(np.ascontiguousarray(pixels.numpy()))
+            assert encode_image(pixels, "jpeg", quality) == encode_image(pil, "jpeg", quality), (pixels.shape, quality)
+    assert len(used) == 3 * len(pictures)
+    # A torchvision whose encoder writes other bytes (here: one a quality step off) is not used at all.
+    image._encoders_agree.cache_clear()
+    try:
+        monkeypatch.setattr(image, "tv_encode_jpeg",
+                            lambda chw, quality: torchvision.io.encode_jpeg(chw, quality=max(quality - 1, 1)))
+        pil = Image.fromarray(noisy.numpy())
+        assert encode_image(noisy, "jpeg", 85) == encode_image(pil, "jpeg", 85)
+        assert not image._encoders_agree()
+    finally:
+        image._encoders_agree.cache_clear()
 
 
 def _recording(decode, calls: list):

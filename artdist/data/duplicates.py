@@ -12,14 +12,15 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import torch
 
 from artdist.config import TASKS
 from artdist.data.catalog import EVALUATION_ORDER
 from artdist.data.manifest import Manifest
+from artdist.data.transforms import resize_pixels
 from artdist.errors import UserError
 
-HASHES = "sha256+phash256f"  # what each sample's json carries; in the shard fingerprint, so old shards are redone
+HASHES = "sha256+phash256t"  # what each sample's json carries; in the shard fingerprint, so old shards are redone
 HASH_FIELDS = ("sha256", "phash")
 POLICIES = ("move", "drop", "report")
 PLANTED_NAME = "planted_duplicates.csv"
@@ -42,28 +43,31 @@ PHASH_BITS = PHASH_SIDE * PHASH_SIDE
 _DCT = np.cos(np.pi * (2 * np.arange(PHASH_GRID)[None, :] + 1) * np.arange(PHASH_SIDE)[:, None] / (2 * PHASH_GRID)
               ).astype(np.float32)
 FLAT_RANGE = 2  # grey levels: a thumbnail spanning no more than this has no shape to hash
-# Grey first, an integer pre-reduction down to >= 2x the thumbnail, then bilinear: as robust to resizing
-# as bilinear from the full picture at a third of its cost; BOX thumbnails were not. Float grey, not
-# 8-bit: rounding a dark or flat painting's cells to whole levels flipped up to 34 bits between a
-# picture and its re-encoded or resized copy (docs/benchmarks.md, Duplicates).
-THUMB_REDUCING_GAP = 2.0
+GREY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL's convert("L"/"F")
+# The thumbnail comes straight from the picture's pixels by the sharder's own resize (torch's antialiased
+# bilinear, uint8), at three times the grid and averaged 3x3 in float: 32x32 uint8 cells, rounded to
+# whole levels, moved the copies of dark, nearly flat paintings past dup_hamming; 2x lost more real
+# copies than the PIL float-grey thumbnail it replaces, 3x no more (docs/benchmarks.md).
+PHASH_POOL = 3
+PHASH_THUMB = PHASH_POOL * PHASH_GRID
 
 
-def perceptual_hash(im: Image.Image) -> str:
-    """256-bit pHash of a picture, 64 hex digits: which of the 16x16 lowest DCT frequencies of its 32x32
-    grey thumbnail are above their median (DC excluded). A flat picture's is 0, matched by bytes only."""
-    grey = im.convert("F").resize((PHASH_GRID, PHASH_GRID), Image.Resampling.BILINEAR,
-                                  reducing_gap=THUMB_REDUCING_GAP)
-    darkest, brightest = grey.getextrema()
-    if brightest - darkest <= FLAT_RANGE:
+def perceptual_hash(pixels: torch.Tensor) -> str:
+    """256-bit pHash of a picture (uint8 [h, w, 3] pixels), 64 hex digits: which of the 16x16 lowest DCT
+    frequencies of its 32x32 grey thumbnail are above their median (DC excluded). A flat picture's is 0,
+    matched by bytes only."""
+    thumb = resize_pixels(pixels, (PHASH_THUMB, PHASH_THUMB)).to(torch.float32) @ GREY
+    grey = thumb.view(PHASH_GRID, PHASH_POOL, PHASH_GRID, PHASH_POOL).mean((1, 3)).numpy()
+    if grey.max() - grey.min() <= FLAT_RANGE:
         return "0" * (PHASH_BITS // 4)
-    low = (_DCT @ np.asarray(grey, dtype=np.float32) @ _DCT.T).ravel()
-    return np.packbits(low > np.median(low[1:])).tobytes().hex()
+    low = (_DCT @ grey @ _DCT.T).ravel()
+    middle = (PHASH_BITS - 1) // 2  # the AC terms are an odd count: their median is one of them
+    return np.packbits(low > np.partition(low[1:], middle)[middle]).tobytes().hex()
 
 
-def sample_hashes(source: bytes, im: Image.Image) -> list[str]:
-    """HASH_FIELDS of one sharded image: sha256 of its source file's bytes, pHash of its decoded picture."""
-    return [hashlib.sha256(source).hexdigest(), perceptual_hash(im)]
+def sample_hashes(source: bytes, pixels: torch.Tensor) -> list[str]:
+    """HASH_FIELDS of one sharded image: sha256 of its source file's bytes, pHash of its prepared pixels."""
+    return [hashlib.sha256(source).hexdigest(), perceptual_hash(pixels)]
 
 
 def hash_codes(hexes: list[str]) -> np.ndarray:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import math
 import warnings
@@ -10,13 +11,19 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from artdist.config import DataConfig, JobConfig, ShardConfig
 from artdist.data.manifest import read_manifest
-from artdist.data.transforms import (EXIF_ORIENTATION, decode_image, jpeg_pixels, plain_jpeg, resize_pixels,
-                                     resize_window)
+from artdist.data.transforms import (EXIF_ORIENTATION, as_pil, as_pixels, decode_image, jpeg_pixels, picture_size,
+                                     plain_jpeg, resize_pixels, resize_window)
 from artdist.errors import UserError
+
+try:  # deprecated in torchvision 0.29 for TorchCodec; without it PIL encodes everything
+    from torchvision.io import encode_jpeg as tv_encode_jpeg
+except ImportError:  # pragma: no cover
+    tv_encode_jpeg = None
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -108,13 +115,14 @@ def read_source(path: Path) -> bytes:
 
 
 def prepare_image(source: str | Path | bytes, max_short_side: int, max_pixels: int,
-                  resample: str = "bilinear") -> Image.Image:
-    """The RGB picture of a file (path or bytes): upright, any mode converted (to_rgb), shorter side
-    exactly max_short_side when larger (never upscaled). Raises BadImage saying why not.
+                  resample: str = "bilinear") -> torch.Tensor:
+    """The RGB pixels of a file (path or bytes), uint8 [h, w, 3]: upright, any mode converted (to_rgb),
+    shorter side exactly max_short_side when larger (never upscaled). Raises BadImage saying why not.
 
     JPEGs are decoded at 1/2-1/8 scale in the DCT domain when that still leaves max_short_side, so a
     17 MP painting is never decoded at full size; at full scale a plain one goes through jpeg_pixels
-    (the same pixels, faster); `resample` (a RESAMPLE key) does the rest.
+    (the same pixels, faster); `resample` (a RESAMPLE key) does the rest. Pixels, not PIL: the
+    sharder's resize, hash and encode all run on them, with no PIL copy in between (docs/benchmarks.md).
     """
     if isinstance(source, (bytes, bytearray)):
         if not source:
@@ -153,36 +161,39 @@ def prepare_image(source: str | Path | bytes, max_short_side: int, max_pixels: i
         raise BadImage("undecodable", f"{type(exc).__name__}: {exc}") from None
     if pixels is not None:
         size = short_side_size(pixels.shape[1], pixels.shape[0], max_short_side)
-        if size is not None and resample == "bilinear":
-            return Image.fromarray(resize_pixels(pixels, size).numpy())
-        out = Image.fromarray(pixels.numpy())
+        if size is None:
+            return pixels
+        if resample == "bilinear":
+            return resize_pixels(pixels, size)
+        out = as_pil(pixels)
     size = short_side_size(out.width, out.height, max_short_side)
     if size is None:
-        return out
+        return as_pixels(out)
     if resample == "bilinear":
         # Pillow's reducing_gap by hand: the whole-factor reduction keeps a large PNG's tensor copies small.
         factor = int(min(out.width / size[0], out.height / size[1]) / REDUCING_GAP)
         out = out.reduce(factor) if factor > 1 else out
-        return Image.fromarray(resize_window(out, (0, 0, out.width, out.height), size).numpy())
-    return out.resize(size, RESAMPLE[resample], reducing_gap=REDUCING_GAP)
+        return resize_window(out, (0, 0, out.width, out.height), size)
+    return as_pixels(out.resize(size, RESAMPLE[resample], reducing_gap=REDUCING_GAP))
 
 
+@functools.cache
 def _libjpeg_luma_total(quality: int) -> int:
     """Sum of the luminance quantisation table libjpeg (so Pillow) writes at `quality`."""
     scale = 5000 // quality if quality < 50 else 200 - 2 * quality
     return sum(min(max((q * scale + 50) // 100, 1), 255) for q in JPEG_LUMA)
 
 
-def stored_as_is(source: bytes, im: Image.Image, fmt: str, quality: int) -> bool:
-    """Whether `source` can be its own shard member, `im` being its prepared picture: a JPEG decoded as
+def stored_as_is(source: bytes, pixels: torch.Tensor, fmt: str, quality: int) -> bool:
+    """Whether `source` can be its own shard member, `pixels` being its prepared picture: a JPEG decoded as
     it is (no resize, no turn, no mode change), baseline 4:2:0, with no metadata beyond JFIF/Adobe, and
     quantised at least as coarsely as `quality` would. Re-encoding such a file only loses detail and
-    adds bytes (docs/benchmarks.md); its bytes decode to `im` exactly."""
+    adds bytes (docs/benchmarks.md); its bytes decode to `pixels` exactly."""
     if fmt != "jpeg":
         return False
     try:
         with Image.open(io.BytesIO(source)) as f:
-            return (isinstance(f, JpegImagePlugin.JpegImageFile) and f.mode == "RGB" and f.size == im.size
+            return (isinstance(f, JpegImagePlugin.JpegImageFile) and f.mode == "RGB" and f.size == picture_size(pixels)
                     and not (f.info.get("progressive") or f.info.get("progression") or "comment" in f.info)
                     and JpegImagePlugin.get_sampling(f) == 2
                     and all(data.startswith(KEPT_SEGMENTS.get(marker, b"\xff")) for marker, data in f.applist)
@@ -191,16 +202,23 @@ def stored_as_is(source: bytes, im: Image.Image, fmt: str, quality: int) -> bool
         return False
 
 
-def shard_member(source: bytes, im: Image.Image, fmt: str, quality: int, passthrough: bool) -> tuple[bytes, bool]:
-    """The bytes `artdist shard` stores for a file (`source`, its bytes; `im`, its prepared picture) with
-    shard.format, .quality and .passthrough, and whether they are the source's own."""
-    if passthrough and stored_as_is(source, im, fmt, quality):
+def shard_member(source: bytes, pixels: torch.Tensor, fmt: str, quality: int, passthrough: bool) -> tuple[bytes, bool]:
+    """The bytes `artdist shard` stores for a file (`source`, its bytes; `pixels`, its prepared picture)
+    with shard.format, .quality and .passthrough, and whether they are the source's own."""
+    if passthrough and stored_as_is(source, pixels, fmt, quality):
         return bytes(source), True
-    return encode_image(im, fmt, quality), False
+    return encode_image(pixels, fmt, quality), False
 
 
-def encode_image(im: Image.Image, fmt: str, quality: int) -> bytes:
-    """Fixed encoder settings and no metadata, so the bytes depend on the pixels only."""
+def encode_image(img: Image.Image | torch.Tensor, fmt: str, quality: int) -> bytes:
+    """A picture (PIL, or uint8 [h, w, 3] pixels) encoded with fixed settings and no metadata, so the
+    bytes depend on the pixels only. Pixels to JPEG go through torchvision's libjpeg-turbo where it
+    writes PIL's very bytes (_encoders_agree), sparing the PIL copy of the picture."""
+    if fmt == "jpeg" and isinstance(img, torch.Tensor) and _encoders_agree():
+        data = _torch_encode(img, quality)
+        if data is not None:
+            return data
+    im = as_pil(img)
     im.info = {}  # PIL's encoders copy some source metadata (a JPEG comment, a PNG's ICC profile)
     buf = io.BytesIO()
     if fmt == "jpeg":
@@ -212,13 +230,39 @@ def encode_image(im: Image.Image, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def _torch_encode(pixels: torch.Tensor, quality: int) -> bytes | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
+            return tv_encode_jpeg(pixels.permute(2, 0, 1), quality=quality).numpy().tobytes()
+    except Exception:  # noqa: BLE001 - PIL encodes whatever torchvision will not
+        return None
+
+
+@functools.cache
+def _encoders_agree() -> bool:
+    """Whether torchvision's JPEG encoder writes PIL's bytes in this environment (probes at two qualities,
+    odd sizes): shards must not depend on which encoder wrote them."""
+    if tv_encode_jpeg is None:
+        return False
+    noise = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (37, 51, 3), dtype=np.uint8))
+    smooth = torch.arange(64 * 45 * 3).remainder(251).to(torch.uint8).view(45, 64, 3)
+    for probe in (noise, smooth):
+        for quality in (50, 95):
+            buf = io.BytesIO()
+            Image.fromarray(probe.numpy()).save(buf, "JPEG", quality=quality)
+            if _torch_encode(probe, quality) != buf.getvalue():
+                return False
+    return True
+
+
 def eval_pixels(source: str | Path | bytes, shard: ShardConfig, data_cfg: DataConfig) -> np.ndarray:
     """A file as evaluation sees it, uint8 [S, S, 3]: prepared and encoded as `artdist shard` does with
     `shard`'s options, then decoded and center-cropped as the eval loader does (bit for bit the pixels
     it gets from that file's shard member). Raises BadImage."""
     data = source if isinstance(source, (bytes, bytearray)) else read_source(Path(source))
-    im = prepare_image(data, shard.max_short_side, shard.max_pixels, shard.resample)
-    member, _ = shard_member(data, im, shard.format, shard.quality, shard.passthrough)
+    pixels = prepare_image(data, shard.max_short_side, shard.max_pixels, shard.resample)
+    member, _ = shard_member(data, pixels, shard.format, shard.quality, shard.passthrough)
     return decode_image(member, "none", data_cfg, None)
 
 

@@ -93,15 +93,15 @@ def _write_shard(job: _ShardJob) -> dict:
         for sample in job.samples:
             try:
                 source = read_source(Path(opts["images"]) / sample["path"])
-                im = prepare_image(source, opts["max_short_side"], opts["max_pixels"], opts["resample"])
+                pixels = prepare_image(source, opts["max_short_side"], opts["max_pixels"], opts["resample"])
             except BadImage as exc:
                 skipped.append({"path": sample["path"], "reason": exc.reason,
                                 **({"detail": exc.detail} if exc.detail else {})})
                 continue
             key = sample_key(sample["path"])
-            hashes[sample["path"]] = duplicates.sample_hashes(source, im)
+            hashes[sample["path"]] = duplicates.sample_hashes(source, pixels)
             sample = {**sample, **dict(zip(duplicates.HASH_FIELDS, hashes[sample["path"]]))}
-            data, own = shard_member(source, im, opts["format"], opts["quality"], opts["passthrough"])
+            data, own = shard_member(source, pixels, opts["format"], opts["quality"], opts["passthrough"])
             as_is += [sample["path"]] if own else []
             _add_member(tar, f"{key}.{ext}", data)
             _add_member(tar, f"{key}.json", json.dumps(sample).encode("utf-8"))

@@ -112,7 +112,7 @@ def apply_geometry(img: Image.Image | torch.Tensor, geom: Geometry, size: int) -
         # After a JPEG draft the box is often at output scale already: a crop (zero-filled outside
         # the image, like the padding below) replaces a near no-op resample (docs/benchmarks.md).
         x, y = round(left), round(top)
-        out = _pil(img).crop((x, y, x + size, y + size))
+        out = as_pil(img).crop((x, y, x + size, y + size))
         return np.asarray(out.transpose(Image.FLIP_LEFT_RIGHT) if geom.flip else out)
     pixels = resize_window(img, geom.box, (size, size))
     return (pixels.flip(1) if geom.flip else pixels).numpy()
@@ -131,21 +131,21 @@ def resize_window(img: Image.Image | torch.Tensor, box: tuple[float, float, floa
     left, top, right, bottom = box
     if (all(float(v).is_integer() for v in box) and right - left >= size[0] and bottom - top >= size[1]
             and (right - left, bottom - top) != tuple(size)):  # torchvision would hand back its input
-        width, height = _size(img)
+        width, height = picture_size(img)
         inside = (max(int(left), 0), max(int(top), 0), min(int(right), width), min(int(bottom), height))
         if isinstance(img, torch.Tensor):  # a cropped view is copied: torch's kernel wants HWC memory
             pixels = img[inside[1]:inside[3], inside[0]:inside[2]].contiguous()
         else:
-            pixels = _tensor(img if inside == (0, 0, width, height) else img.crop(inside), writable=False)
+            pixels = as_pixels(img if inside == (0, 0, width, height) else img.crop(inside), writable=False)
         if inside != box:
             padded = torch.zeros((int(bottom - top), int(right - left), 3), dtype=torch.uint8)
             padded[inside[1] - int(top):inside[3] - int(top), inside[0] - int(left):inside[2] - int(left)] = pixels
             pixels = padded
         return resize_pixels(pixels, size)
     # PIL's box must lie inside the picture: resize that part into its place in a zero canvas.
-    img = _pil(img)
+    img = as_pil(img)
     src, (x0, y0, x1, y1) = _placement(box, img.width, img.height, size)
-    pixels = _tensor(img.resize((x1 - x0, y1 - y0), Image.BILINEAR, box=src))
+    pixels = as_pixels(img.resize((x1 - x0, y1 - y0), Image.BILINEAR, box=src))
     if (x0, y0, x1, y1) != (0, 0, *size):
         canvas = torch.zeros((size[1], size[0], 3), dtype=torch.uint8)
         canvas[y0:y1, x0:x1] = pixels
@@ -207,16 +207,17 @@ def _decoders_agree() -> bool:
     return True
 
 
-def _size(img: Image.Image | torch.Tensor) -> tuple[int, int]:
+def picture_size(img: Image.Image | torch.Tensor) -> tuple[int, int]:
+    """(width, height) of a picture, PIL or uint8 [h, w, 3] pixels."""
     return (img.shape[1], img.shape[0]) if isinstance(img, torch.Tensor) else img.size
 
 
-def _pil(img: Image.Image | torch.Tensor) -> Image.Image:
+def as_pil(img: Image.Image | torch.Tensor) -> Image.Image:
     """A picture as PIL, for the few steps done there (sub-pixel boxes, upscales, output-scale crops)."""
     return Image.fromarray(img.numpy()) if isinstance(img, torch.Tensor) else img
 
 
-def _tensor(img: Image.Image, writable: bool = True) -> torch.Tensor:
+def as_pixels(img: Image.Image, writable: bool = True) -> torch.Tensor:
     """An RGB picture's pixels as uint8 [h, w, 3]. writable=False spares a copy of them (a resize's
     input: read only, and never handed out); torch warns about read-only memory, which is then meant."""
     data = img.tobytes()
