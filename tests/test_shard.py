@@ -268,8 +268,8 @@ def test_the_torch_jpeg_decoder_gives_the_pixels_pils_gives(monkeypatch):
 
 def test_the_torch_jpeg_encoder_writes_the_bytes_pils_writes(monkeypatch):
     # encode_image hands prepared pixels to torchvision's libjpeg-turbo: its bytes must be PIL's, or a
-    # shard would depend on which encoder wrote it. Resized pixels are HWC memory, unresized ones the
-    # decoder's CHW memory: both layouts are checked.
+    # shard would depend on which encoder wrote it. Prepared pixels are HWC memory; a CHW-memory view
+    # is checked too.
     noisy = torch.from_numpy(np.random.default_rng(4).integers(0, 256, (333, 517, 3), dtype=np.uint8))
     pictures = [noisy, noisy.permute(2, 0, 1).contiguous().permute(1, 2, 0), torch.zeros((1, 1, 3), dtype=torch.uint8)]
     pictures += [prepare_image(source, side, MAX_PIXELS) for source in _real_files(8) for side in (448, 150)]
