@@ -29,7 +29,7 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # Antialiased filters for the downscale left after the JPEG draft (choices of shard.resample). bilinear
 # runs through torch's vectorised kernel (transforms.resize_window): PIL's filter but for a level on a few
-# pixels in a thousand, ~3.5x faster; its bytes differ between x86 CPUs with AVX2 and others, PIL's
+# pixels in a thousand, and faster; its bytes differ between x86 CPUs with AVX2 and others, PIL's
 # filters' do not (docs/benchmarks.md).
 RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,

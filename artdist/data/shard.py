@@ -268,8 +268,9 @@ def _duplicates(cfg: ShardConfig, out: Path, plan: dict[str, list[_ShardJob]], r
 def shard_dataset(cfg: ShardConfig, progress: bool = True) -> dict:
     """Write cfg.out: shards per split, class_names_<task>.txt, manifest.json (last, atomically).
 
-    Same inputs and options give byte-identical files (shard.resample=bilinear: with the same torch
-    and CPU family); a rerun redoes only shards without a matching done record. Returns the manifest.
+    Same inputs and options give byte-identical files with the same torch on one CPU family (its uint8
+    resize, behind the pHash and shard.resample=bilinear, rounds differently on others); a rerun redoes
+    only shards without a matching done record. Returns the manifest.
     """
     _check_images(cfg)
     log = (lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None)

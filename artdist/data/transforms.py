@@ -123,8 +123,8 @@ def resize_window(img: Image.Image | torch.Tensor, box: tuple[float, float, floa
     """img's `box` (img: PIL, or uint8 [h, w, 3] pixels), zero outside the picture, resampled to `size`
     (w, h) with an antialiased triangle filter: uint8 [h, w, 3] in HWC memory.
 
-    A downscale of a box in whole pixels goes through torch's vectorised uint8 kernel (2-3x faster than
-    PIL's on these sizes); a sub-pixel box, which torch cannot place, and an upscale, through PIL. The
+    A downscale of a box in whole pixels goes through torch's vectorised uint8 kernel (faster than PIL's,
+    docs/benchmarks.md); a sub-pixel box, which torch cannot place, and an upscale, through PIL. The
     torch path sees the box alone where PIL reads past it, so their edge pixels differ by a few levels
     (docs/benchmarks.md).
     """
@@ -173,7 +173,7 @@ def plain_jpeg(im: Image.Image, size: tuple[int, int]) -> bool:
 
 def jpeg_pixels(source: bytes) -> torch.Tensor | None:
     """A JPEG's pixels at full scale, uint8 [h, w, 3] HWC, by torchvision's libjpeg-turbo decoder: the
-    pixels PIL's gives, 12-17 % faster here (no chunked reads, no 4-byte pixels to pack back). None on any
+    pixels PIL's gives, faster (no chunked reads, no 4-byte pixels to pack back; docs/benchmarks.md). None on any
     doubt (no such decoder, one that disagrees with PIL's here, an error, a libjpeg warning): PIL then
     decodes and says what is wrong."""
     if tv_decode_jpeg is None or not _decoders_agree():
