@@ -26,6 +26,7 @@ from artdist.data import image, transforms
 from artdist.data.image import (BadImage, encode_image, eval_pixels, prepare_image, shard_member, shard_options,
                                 to_rgb, upright)
 from artdist.data.shard import sample_key, shard_dataset, shard_ranges
+from artdist.data.tarwriter import TarWriter
 from artdist.data.transforms import decode_image
 from artdist.data.synth import make_corpus
 from artdist.errors import UserError
@@ -447,6 +448,34 @@ def test_shard_sizes_are_even():
     assert shard_ranges(100, 30, 2) == [(0, 25), (25, 50), (50, 75), (75, 100)]
     assert shard_ranges(3, 100, 8) == [(0, 1), (1, 2), (2, 3)]
     assert shard_ranges(0, 100, 8) == []
+
+
+def _tarfile_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """What tarfile writes for `members` with the shards' fixed metadata."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("count", [0, 1, 7])
+def test_tar_writer_writes_tarfiles_bytes(tmp_path, count):
+    rng = np.random.default_rng(count)
+    sizes = [0, 1, 511, 512, 513, 10_240, int(rng.integers(0, 70_000))]
+    names = ["a.jpg", f"{'0f' * 8}.json", "x" * 99, "d" * 60 + "/" + "e" * 60 + ".jpg", "é.json"]  # the 4th splits
+    members = [(names[i % len(names)], rng.integers(0, 256, sizes[i % len(sizes)], dtype=np.uint8).tobytes())
+               for i in range(count)]
+    with TarWriter(tmp_path / "t.tar") as tar:
+        for name, data in members:
+            tar.add(name, data)
+    written = (tmp_path / "t.tar").read_bytes()
+    assert written == _tarfile_bytes(members)
+    assert tar.sha256 == hashlib.sha256(written).hexdigest() and tar.size == len(written)
+    with tarfile.open(tmp_path / "t.tar") as back:
+        assert [(m.name, back.extractfile(m).read()) for m in back] == members
 
 
 def test_rerun_into_a_new_folder_is_byte_identical(odd_corpus, odd_shards, tmp_path):

@@ -1,10 +1,8 @@
 """Copies of one picture: content hashes at shard time, grouping by index, leakage policy, planted-copy scoring."""
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -17,6 +15,7 @@ import torch
 from artdist.config import TASKS
 from artdist.data.catalog import EVALUATION_ORDER
 from artdist.data.manifest import Manifest
+from artdist.data.tarwriter import TarWriter
 from artdist.data.transforms import resize_pixels
 from artdist.errors import UserError
 
@@ -27,14 +26,6 @@ PLANTED_NAME = "planted_duplicates.csv"
 PLANTED_FIELDS = ("path", "original", "kind", "split", "original_split")
 MAX_SHOWN = 5
 MIN_BITS = 32  # a perceptual hash with fewer ones is a flat picture's (0) and matched by bytes only
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 PHASH_GRID = 32  # the picture as 32x32 grey cells; their 16x16 lowest DCT frequencies give the 256 bits
@@ -221,10 +212,6 @@ def copies_lost(manifest: Manifest, split: str, task: str) -> int:
 # --------------------------------------------------------------------------- applying the policy to shards
 
 
-def _shard_record(path: Path, num_samples: int) -> dict:
-    return {"name": path.name, "num_samples": num_samples, "sha256": file_sha256(path), "bytes": path.stat().st_size}
-
-
 def apply_actions(out: Path, samples: dict[str, dict], actions: list[dict], new_names: dict[str, str]) -> dict:
     """Take the acted-on samples out of their shards (raw tar members, no decode) and put the moved
     ones, their json's split changed, into one new shard per destination split (`new_names`).
@@ -236,34 +223,35 @@ def apply_actions(out: Path, samples: dict[str, dict], actions: list[dict], new_
     for action in actions:
         sample = samples[action["path"]]
         by_shard[sample["shard"]][sample["key"]] = action
-    moved: dict[str, list[tuple[str, tarfile.TarInfo, bytes]]] = defaultdict(list)
+    moved: dict[str, list[tuple[str, str, bytes]]] = defaultdict(list)
     shards = {}
     for name, acted in sorted(by_shard.items()):
         tmp, kept = out / f"{name}.tmp", set()
-        with tarfile.open(out / name) as tar_in, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar_out:
+        with tarfile.open(out / name) as tar_in, TarWriter(tmp) as tar_out:
             for member in tar_in:
                 key = member.name.partition(".")[0]
                 data = tar_in.extractfile(member).read()
                 action = acted.get(key)
                 if action is None:
-                    tar_out.addfile(member, io.BytesIO(data))
+                    tar_out.add(member.name, data)
                     kept.add(key)
                 elif action["to"]:
                     if member.name.endswith(".json"):
                         data = json.dumps({**json.loads(data), "split": action["to"], "moved_from": action["from"]}
                                           ).encode("utf-8")
-                    moved[action["to"]].append((action["path"], member, data))
+                    moved[action["to"]].append((action["path"], member.name, data))
         os.replace(tmp, out / name)
-        shards[name] = _shard_record(out / name, len(kept))
+        shards[name] = _shard_record(name, len(kept), tar_out)
     for split, items in sorted(moved.items()):
-        path = out / new_names[split]
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for _, member, data in sorted(items, key=lambda item: (item[0], item[1].name)):
-                info = copy.copy(member)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        shards[path.name] = _shard_record(path, len(items) // 2)
+        with TarWriter(out / new_names[split]) as tar:
+            for _, member, data in sorted(items, key=lambda item: item[:2]):
+                tar.add(member, data)
+        shards[new_names[split]] = _shard_record(new_names[split], len(items) // 2, tar)
     return shards
+
+
+def _shard_record(name: str, num_samples: int, tar: TarWriter) -> dict:
+    return {"name": name, "num_samples": num_samples, "sha256": tar.sha256, "bytes": tar.size}
 
 
 def summarize(report: dict) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from artdist.config import TASKS
 from artdist.data.manifest import MANIFEST_NAME, Manifest, SplitInfo, read_manifest
-from artdist.data.shard import _add_member, _sha256, _write_atomic
+from artdist.data.shard import _write_atomic
+from artdist.data.tarwriter import TarWriter
 from artdist.data.verify import verify_split
 from artdist.errors import UserError
 
@@ -114,15 +115,15 @@ def _copy_shards(shards: Path, out: Path, manifest: Manifest, todo: dict[tuple[s
         for shard in info.shards:
             src, dst = shards / shard.name, out / shard.name
             tmp = dst.with_name(dst.name + ".tmp")
-            with tarfile.open(src) as tar_in, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar_out:
+            with tarfile.open(src) as tar_in, TarWriter(tmp) as tar_out:
                 for member in tar_in:
                     data = tar_in.extractfile(member).read()
                     if member.name.endswith(".json"):
                         data, changes = _apply(json.loads(data), todo, manifest.classes, split)
                         applied += changes
-                    _add_member(tar_out, member.name, data)
+                    tar_out.add(member.name, data)
             tmp.replace(dst)
-            new_shards.append(dataclasses.replace(shard, sha256=_sha256(dst)))
+            new_shards.append(dataclasses.replace(shard, sha256=tar_out.sha256))
         splits[split] = dataclasses.replace(info, shards=tuple(new_shards))
     return splits, applied
 

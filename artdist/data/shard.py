@@ -2,24 +2,23 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
-import io
 import json
 import math
 import multiprocessing
 import os
 import re
 import sys
-import tarfile
 from collections import Counter
 from pathlib import Path
 
 from artdist.config import TASKS, ShardConfig, to_dict
 from artdist.data import duplicates
 from artdist.data.catalog import SPLITS, Catalog, assign_splits, load_catalog, path_key
-from artdist.data.duplicates import file_sha256 as _sha256
 from artdist.data.image import BadImage, prepare_image, read_source, shard_member
 from artdist.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
+from artdist.data.tarwriter import TarWriter
 from artdist.errors import UserError
 from artdist.progress import Progress
 
@@ -66,17 +65,6 @@ def _fingerprint(options: dict, samples: list[dict]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """A tar member with fixed metadata (mtime 0, root, 0644), so tars are byte-identical."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -89,7 +77,7 @@ def _write_shard(job: _ShardJob) -> dict:
     ext = EXTENSIONS[opts["format"]]
     tmp = out / f"{job.name}.tmp"
     skipped, written, as_is, hashes = [], 0, [], {}
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with TarWriter(tmp) as tar:
         for sample in job.samples:
             try:
                 source = read_source(Path(opts["images"]) / sample["path"])
@@ -103,16 +91,16 @@ def _write_shard(job: _ShardJob) -> dict:
             sample = {**sample, **dict(zip(duplicates.HASH_FIELDS, hashes[sample["path"]]))}
             data, own = shard_member(source, pixels, opts["format"], opts["quality"], opts["passthrough"])
             as_is += [sample["path"]] if own else []
-            _add_member(tar, f"{key}.{ext}", data)
-            _add_member(tar, f"{key}.json", json.dumps(sample).encode("utf-8"))
+            tar.add(f"{key}.{ext}", data)
+            tar.add(f"{key}.json", json.dumps(sample).encode("utf-8"))
             written += 1
     os.replace(tmp, out / job.name)
     record = {
         "name": job.name,
         "num_samples": written,
         "stored_as_is": as_is,
-        "sha256": _sha256(out / job.name),
-        "bytes": (out / job.name).stat().st_size,
+        "sha256": tar.sha256,
+        "bytes": tar.size,
         "images": len(job.samples),
         "skipped": skipped,
         "fingerprint": job.fingerprint,
@@ -222,19 +210,31 @@ def _remove_stale(out: Path, names: set[str], log) -> None:
         path.unlink()
 
 
+def _freeze_imports() -> None:
+    """A pool worker's start, run once this module (so torch) is imported: see _run_jobs."""
+    gc.freeze()
+
+
 def _run_jobs(jobs: list[_ShardJob], workers: int, progress: Progress) -> list[dict]:
-    """Write the shards, in this process or in a pool of `workers` processes, whole shards each."""
+    """Write the shards, in this process or in a pool of `workers` processes, whole shards each.
+
+    The objects alive when writing starts (torch's, by the hundred thousand) are frozen out of the
+    garbage collector: each of its full passes over them took a pause worth several images."""
     records = []
     # The cores this process may use (a SLURM allocation), not every core of the node.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     processes = min(workers or cores, len(jobs))
     if processes <= 1:
-        for job in jobs:
-            records.append(_write_shard(job))
-            progress.update(records[-1]["images"])
+        gc.freeze()
+        try:
+            for job in jobs:
+                records.append(_write_shard(job))
+                progress.update(records[-1]["images"])
+        finally:
+            gc.unfreeze()
         return records
     # spawn: the parent may hold threads (torch) that fork would copy mid-state.
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+    with multiprocessing.get_context("spawn").Pool(processes, initializer=_freeze_imports) as pool:
         for record in pool.imap_unordered(_write_shard, jobs):
             records.append(record)
             progress.update(record["images"])
