@@ -225,13 +225,16 @@ def _run_jobs(jobs: list[_ShardJob], workers: int, progress: Progress) -> list[d
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     processes = min(workers or cores, len(jobs))
     if processes <= 1:
-        gc.freeze()
+        ours = gc.get_freeze_count() == 0  # a caller's own freeze is left as it is
+        if ours:
+            gc.freeze()
         try:
             for job in jobs:
                 records.append(_write_shard(job))
                 progress.update(records[-1]["images"])
         finally:
-            gc.unfreeze()
+            if ours:
+                gc.unfreeze()
         return records
     # spawn: the parent may hold threads (torch) that fork would copy mid-state.
     with multiprocessing.get_context("spawn").Pool(processes, initializer=_freeze_imports) as pool:
