@@ -218,8 +218,8 @@ def _freeze_imports() -> None:
 def _run_jobs(jobs: list[_ShardJob], workers: int, progress: Progress) -> list[dict]:
     """Write the shards, in this process or in a pool of `workers` processes, whole shards each.
 
-    The objects alive when writing starts (torch's, by the hundred thousand) are frozen out of the
-    garbage collector: each of its full passes over them took a pause worth several images."""
+    The objects alive when writing starts (torch's among them) are frozen out of the garbage collector,
+    whose full passes over them were pauses worth several images (docs/benchmarks.md)."""
     records = []
     # The cores this process may use (a SLURM allocation), not every core of the node.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
