@@ -119,7 +119,7 @@ class ShardConfig(Section):
     passthrough: bool = True  # keep a JPEG's own bytes when re-encoding could only lose: no resize, baseline 4:2:0, no metadata, coarser than quality
     samples_per_shard: int = positive(1000, 10_000_000)  # target images per tar shard
     min_shards: int = ranged(8, 1, 100_000)  # per split, a floor for small splits: shuffling mixes whole shards
-    workers: int = ranged(0, 0, 256)  # processes writing shards; 0: all CPU cores
+    workers: int = ranged(0, 0, 256)  # processes writing shards; 0: one per 1,000 images, at most all CPU cores
     max_pixels: int = ranged(200_000_000, 1, 10**10)  # decompression-bomb guard; larger images are skipped, reported
     dup_hamming: int = ranged(16, 0, 64)  # near-duplicates: 256-bit perceptual hashes differing in at most this many bits
     duplicate_policy: Literal["move", "drop", "report"] = "move"  # copies in several splits: move to the evaluation side, drop, or only report

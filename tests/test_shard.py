@@ -25,7 +25,7 @@ from artdist.config import JobConfig
 from artdist.data import image, transforms
 from artdist.data.image import (BadImage, encode_image, eval_pixels, prepare_image, shard_member, shard_options,
                                 to_rgb, upright)
-from artdist.data.shard import sample_key, shard_dataset, shard_ranges
+from artdist.data.shard import sample_key, shard_dataset, shard_ranges, worker_count
 from artdist.data.tarwriter import TarWriter
 from artdist.data.transforms import decode_image
 from artdist.data.synth import make_corpus
@@ -492,6 +492,16 @@ def test_worker_pool_writes_the_same_shards(odd_corpus, odd_shards, tmp_path):
     assert pooled["splits"] == manifest["splits"] and pooled["skipped"] == manifest["skipped"]
     tars = {k: v for k, v in _files(out).items() if k.endswith(".tar")}
     assert {k: v for k, v in _files(tmp_path / "pool").items() if k.endswith(".tar")} == tars
+
+
+def test_auto_workers_start_one_process_per_thousand_images():
+    assert worker_count(0, 214, 24, 16) == 1  # a small folder: no pool, whose workers would import torch first
+    assert worker_count(0, 1_260, 24, 16) == 1  # the demo
+    assert worker_count(0, 2_140, 24, 16) == 2
+    assert worker_count(0, 81_446, 100, 16) == 16  # WikiArt: every core
+    assert worker_count(0, 81_446, 8, 16) == 8  # never more processes than shards
+    assert worker_count(4, 214, 24, 16) == 4  # an explicit count is kept
+    assert worker_count(0, 0, 0, 16) == 0
 
 
 def test_interrupted_run_redoes_only_the_lost_shard(odd_corpus, odd_shards, tmp_path):

@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="target images per shard; small splits still get shard.min_shards shards "
                         "(shard.samples_per_shard)")
     p.add_argument("--workers", type=int, metavar="N",
-                   help="processes writing shards; 0: every CPU core this process may use (shard.workers)")
+                   help="processes writing shards; 0: one per 1,000 images, at most every CPU core this process may use (shard.workers)")
 
 
 def run(args: argparse.Namespace) -> int:

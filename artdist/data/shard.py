@@ -27,6 +27,9 @@ KEY_HEX_DIGITS = 16
 DONE_DIR = ".done"
 # Options that change what a shard holds; a done record made under other values is redone.
 CONTENT_OPTIONS = ("images", "max_short_side", "resample", "format", "quality", "max_pixels", "passthrough")
+# shard.workers=0 starts one process per this many images, up to every core: a spawned worker first
+# spends seconds importing torch, more than a small folder's whole work (docs/benchmarks.md).
+IMAGES_PER_WORKER = 1000
 SHARD_NAME = re.compile(rf"(?:{'|'.join(SPLITS)})-[0-9]{{6}}\.tar")  # shard_name()'s pattern
 
 
@@ -210,20 +213,25 @@ def _remove_stale(out: Path, names: set[str], log) -> None:
         path.unlink()
 
 
+def worker_count(workers: int, images: int, shards: int, cores: int) -> int:
+    """Processes to write `shards` shards of `images` images with shard.workers=`workers` on `cores` cores."""
+    return min(workers or min(cores, max(1, images // IMAGES_PER_WORKER)), shards)
+
+
 def _freeze_imports() -> None:
     """A pool worker's start, run once this module (so torch) is imported: see _run_jobs."""
     gc.freeze()
 
 
 def _run_jobs(jobs: list[_ShardJob], workers: int, progress: Progress) -> list[dict]:
-    """Write the shards, in this process or in a pool of `workers` processes, whole shards each.
+    """Write the shards, in this process or in a pool of worker_count processes, whole shards each.
 
     The objects alive when writing starts (torch's among them) are frozen out of the garbage collector,
     whose full passes over them were pauses worth several images (docs/benchmarks.md)."""
     records = []
     # The cores this process may use (a SLURM allocation), not every core of the node.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    processes = min(workers or cores, len(jobs))
+    processes = worker_count(workers, sum(len(job.samples) for job in jobs), len(jobs), cores)
     if processes <= 1:
         ours = gc.get_freeze_count() == 0  # a caller's own freeze is left as it is
         if ours:
