@@ -30,6 +30,16 @@ def real_labels(tmp_path_factory) -> Path:
     return out / "wikiart_csv"
 
 
+# The 214 real WikiArt JPEGs beside the checkout (../shared/wikiart_sample), where it has them.
+REAL_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "wikiart_sample"
+
+
+@pytest.fixture(scope="session")
+def real_sample() -> list[Path]:
+    """The real sample's JPEG files, sorted; empty where this checkout has no sample beside it."""
+    return sorted(REAL_SAMPLE.rglob("*.jpg"))
+
+
 @pytest.fixture(scope="session")
 def synth_corpus(tmp_path_factory) -> Path:
     """400 pictures of 64 px, seed 0, 10% planted label noise: DIR with images/, labels/, planted_noise.csv."""

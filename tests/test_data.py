@@ -393,12 +393,11 @@ def _shard_jpegs(shards: Path, count: int) -> list[bytes]:
         return [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")][:count]
 
 
-def _real_jpegs(count: int) -> list[bytes]:
-    # Real WikiArt pictures (../shared/wikiart_sample) where this checkout has them, shrunk to shard size.
-    folder = Path(__file__).resolve().parents[2] / "shared" / "wikiart_sample"
-    files = sorted(folder.rglob("*.jpg"))[:count]
+def _real_jpegs(real_sample: list[Path], count: int) -> list[bytes]:
+    # Real WikiArt pictures (the real_sample fixture), shrunk to shard size.
+    files = real_sample[:count]
     if not files:
-        pytest.skip(f"no real WikiArt sample at {folder}")
+        pytest.skip("no real WikiArt sample beside this checkout")
     out = []
     for f in files:
         img = Image.open(f).convert("RGB")
@@ -410,11 +409,11 @@ def _real_jpegs(count: int) -> list[bytes]:
 
 
 @pytest.mark.parametrize("augment", ["none", "crop_flip", "rrc"])
-def test_full_scale_decodes_through_torchvision_give_pils_crops(demo_shards, monkeypatch, augment):
+def test_full_scale_decodes_through_torchvision_give_pils_crops(demo_shards, real_sample, monkeypatch, augment):
     # decode_image takes jpeg_pixels' tensor wherever no draft applies (most rrc crops of 448 px shard
     # pictures): every crop, padded, flipped or resized, must be the one PIL's decode gives.
     from artdist.data import transforms
-    jpegs = _real_jpegs(16) + _shard_jpegs(demo_shards, 8)
+    jpegs = _real_jpegs(real_sample, 16) + _shard_jpegs(demo_shards, 8)
     used = []
     real = transforms.tv_decode_jpeg
     monkeypatch.setattr(transforms, "tv_decode_jpeg", lambda *a, **k: used.append(1) or real(*a, **k))
@@ -438,10 +437,10 @@ GPU_DECODE_BOUND = {"mean": 1.5, "p99": 12.0}
 @pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 @pytest.mark.parametrize("source", ["synth", "real"])
 @pytest.mark.parametrize("augment", ["none", "crop_flip", "rrc"])
-def test_batched_gpu_decode_maths_matches_cpu_path(demo_shards, source, augment):
+def test_batched_gpu_decode_maths_matches_cpu_path(demo_shards, real_sample, source, augment):
     """data.decode=gpu's half that is not nvJPEG (batched crop/resize/flip) against decode_image on CPU."""
     import torchvision
-    jpegs = _shard_jpegs(demo_shards, 12) if source == "synth" else _real_jpegs(12)
+    jpegs = _shard_jpegs(demo_shards, 12) if source == "synth" else _real_jpegs(real_sample, 12)
     cfg = DataConfig(image_size=64 if source == "synth" else 224, augment=augment, crop_padding=4)
     tensors = [torchvision.io.decode_jpeg(torch.frombuffer(bytearray(j), dtype=torch.uint8),
                                           mode=torchvision.io.ImageReadMode.RGB) for j in jpegs]

@@ -224,19 +224,16 @@ def test_bilinear_resample_is_pils_bilinear_up_to_rounding(size):
     assert diff.max() <= 2 and (diff > 0).mean() < 0.01  # the kernels' weights are rounded differently
 
 
-def _real_files(count: int) -> list[bytes]:
-    folder = Path(__file__).resolve().parents[2] / "shared" / "wikiart_sample"
-    return [f.read_bytes() for f in sorted(folder.rglob("*.jpg"))[:count]]
 
 
-def test_the_torch_jpeg_decoder_gives_the_pixels_pils_gives(monkeypatch):
+def test_the_torch_jpeg_decoder_gives_the_pixels_pils_gives(real_sample, monkeypatch):
     # prepare_image decodes a plain full-scale JPEG with torchvision's libjpeg-turbo (transforms.jpeg_pixels):
     # every prepared picture must be the one PIL alone makes, resized or not, in every filter.
     noisy = Image.fromarray(np.random.default_rng(4).integers(0, 256, (517, 333, 3), dtype=np.uint8))
     sources = [_jpeg(noisy, quality=q, **kw) for q, kw in ((75, {}), (95, {"subsampling": 0}), (85, {"subsampling": 1}),
                                                            (80, {"progressive": True}))]
     sources += [_jpeg(_smooth((1000, 640)), quality=90), _jpeg(_smooth((120, 90), "L"), quality=75)]
-    sources += [_jpeg(_smooth((300, 200)), exif=_oriented_exif(6))] + _real_files(12)
+    sources += [_jpeg(_smooth((300, 200)), exif=_oriented_exif(6))] + [f.read_bytes() for f in real_sample[:12]]
     used = []
     monkeypatch.setattr(transforms, "tv_decode_jpeg", _recording(transforms.tv_decode_jpeg, used))
     for source in sources:
@@ -267,13 +264,13 @@ def test_the_torch_jpeg_decoder_gives_the_pixels_pils_gives(monkeypatch):
         transforms._decoders_agree.cache_clear()
 
 
-def test_the_torch_jpeg_encoder_writes_the_bytes_pils_writes(monkeypatch):
+def test_the_torch_jpeg_encoder_writes_the_bytes_pils_writes(real_sample, monkeypatch):
     # encode_image hands prepared pixels to torchvision's libjpeg-turbo: its bytes must be PIL's, or a
     # shard would depend on which encoder wrote it. Prepared pixels are HWC memory; a CHW-memory view
     # is checked too.
     noisy = torch.from_numpy(np.random.default_rng(4).integers(0, 256, (333, 517, 3), dtype=np.uint8))
     pictures = [noisy, noisy.permute(2, 0, 1).contiguous().permute(1, 2, 0), torch.zeros((1, 1, 3), dtype=torch.uint8)]
-    pictures += [prepare_image(source, side, MAX_PIXELS) for source in _real_files(8) for side in (448, 150)]
+    pictures += [prepare_image(source, side, MAX_PIXELS) for source in (f.read_bytes() for f in real_sample[:8]) for side in (448, 150)]
     assert any(not p.is_contiguous() for p in pictures) and image._encoders_agree()
     used = []
     monkeypatch.setattr(image, "tv_encode_jpeg", _recording(image.tv_encode_jpeg, used))

@@ -288,8 +288,6 @@ def decode_image(data: bytes, augment: str, data_cfg: DataConfig, rng: np.random
     return apply_geometry(img, geom, data_cfg.image_size)
 
 
-
-
 class DeviceTransform:
     """Batch images -> normalized float32 on the training device (decoding there for data.decode=gpu).
 
