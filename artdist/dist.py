@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import fcntl
 import os
+import re
 import socket
 import struct
 from typing import Any
@@ -90,6 +91,21 @@ def route_interface(host: str) -> str | None:
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+# What gloo's collectives raise when another rank's process is gone (NCCL reports it in its own words).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_gone(exc: BaseException) -> str | None:
+    """The gist of `exc` ("Read error [10.0.0.2]:41234: Connection reset by peer") when a collective failed
+    because another rank's process is gone (crashed, killed, its node lost); None for any other error."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    line = next((line for line in str(exc).splitlines() if any(m in line for m in PEER_GONE)), None)
+    if line is None:
+        return None
+    return re.sub(r"^\[[^\]]*:\d+\] ", "", line).split(". ")[0]  # without gloo's "[pair.cc:561] " and advice
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

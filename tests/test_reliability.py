@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +30,7 @@ from artdist.data import verify
 from artdist.data.loader import BAD_ID, TrainLoader, make_eval_loader
 from artdist.data.manifest import Manifest, read_manifest
 from artdist.data.shard import shard_dataset
+from artdist.dist import free_port, peer_gone
 from artdist.errors import ConfigError, UserError
 from artdist.metrics import confusion_matrix, format_confusion, format_table, report_from_confusion, topk_correct
 from artdist.model import build_model
@@ -352,6 +354,42 @@ def test_sigterm_is_a_stop_notice(tmp_path):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_a_stop_notice_after_the_last_step_lets_the_run_finish_and_says_so(small, tmp_path, capfd):
+    run = tmp_path / "run"
+    # The notice lands during the test evaluation's aftermath (as SLURM's USR2 may): nothing is left to stop.
+    touch_stop_file = lambda *args: RunDir(run).stop_file.touch()  # noqa: E731
+    assert trainer.main(tiny_config(small, run, "train.epochs=1"), after_test=touch_stop_file) == "done"
+    assert RunDir(run).finished.is_file()
+    assert "came after the last training step: the run finished instead of stopping" in capfd.readouterr().out
+
+
+PEER_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+from artdist.dist import all_reduce_sum, peer_gone
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=int(sys.argv[1]), world_size=2)
+all_reduce_sum(torch.ones(4))
+if sys.argv[1] == "1":
+    os._exit(9)  # as if killed after the first collective
+try:
+    all_reduce_sum(torch.ones(4))
+except RuntimeError as exc:
+    print("gist:", peer_gone(exc))
+"""
+
+
+def test_a_collective_whose_peer_died_is_recognised_by_its_gist(tmp_path):
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, "-c", PEER_SCRIPT, str(rank), port], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, cwd=tmp_path) for rank in range(2)]
+    out = [proc.communicate(timeout=120)[0] for proc in ranks]
+    assert ranks[1].returncode == 9
+    gists = [line for line in out[0].splitlines() if line.startswith("gist:")]
+    assert len(gists) == 1 and re.fullmatch(r"gist: (Connection closed by peer \[127\.0\.0\.1\]:\d+|"
+                                                r"Read error \[127\.0\.0\.1\]:\d+: Connection reset by peer)", gists[0]), out[0]
+    assert peer_gone(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert peer_gone(OSError("Connection reset by peer")) is None  # not a collective's error
 
 
 class _SigtermHandler(IterableDataset):

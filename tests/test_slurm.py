@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -110,8 +112,10 @@ def assert_two_node_run(text: str, run_dir: Path) -> set[tuple[str, str]]:
     return writers
 
 
-def rank_pid(job_id: str, rank: int) -> tuple[int, str]:
-    """(PID, node) of global rank `rank`'s training process in SLURM job `job_id` (the nodes share this PID space)."""
+def training_pids(job_id: str) -> dict[int, tuple[int, str]]:
+    """Global rank -> (PID, node) of SLURM job `job_id`'s training processes (the nodes share this PID
+    space): torchrun's workers under launch.sh (RANK in their environment), submitit's tasks (SLURM_PROCID)."""
+    found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -120,10 +124,51 @@ def rank_pid(job_id: str, rank: int) -> tuple[int, str]:
             cmd = (proc / "cmdline").read_text().split("\0")
         except OSError:
             continue
-        if (env.get("SLURM_JOB_ID") == job_id and env.get("RANK") == str(rank) and "LOCAL_RANK" in env
-                and "artdist" in cmd and "train" in cmd):
-            return int(proc.name), env.get("SLURMD_NODENAME", "")
-    pytest.fail(f"no training process of rank {rank} in job {job_id}")
+        if env.get("SLURM_JOB_ID") != job_id:
+            continue
+        if "LOCAL_RANK" in env and "artdist" in cmd and "train" in cmd:
+            found[int(env["RANK"])] = (int(proc.name), env.get("SLURMD_NODENAME", ""))
+        elif "submitit.core._submit" in cmd:
+            found[int(env["SLURM_PROCID"])] = (int(proc.name), env.get("SLURMD_NODENAME", ""))
+    return found
+
+
+def rank_pid(job_id: str, rank: int) -> tuple[int, str]:
+    """(PID, node) of global rank `rank`'s training process in SLURM job `job_id`."""
+    found = training_pids(job_id)
+    if rank not in found:
+        pytest.fail(f"no training process of rank {rank} in job {job_id} (found ranks {sorted(found)})")
+    return found[rank]
+
+
+@contextmanager
+def paused(job_id: str, ranks: int = 2) -> Iterator[list[int]]:
+    """The job's training processes stopped (SIGSTOP) for the block, then continued: a notice sent in the
+    block reaches training mid-epoch however slow the machine, instead of racing the last steps."""
+    pids = [rank_pid(job_id, rank)[0] for rank in range(ranks)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            with suppress(ProcessLookupError):  # a rank the block killed
+                os.kill(pid, signal.SIGCONT)
+
+
+def wait_until(done: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def signal_pending(pid: int, sig: signal.Signals) -> bool:
+    """Whether `sig` waits, undelivered, for process `pid` (a stopped process keeps it until SIGCONT)."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    pending = int(status["ShdPnd"], 16) | int(status["SigPnd"], 16)
+    return bool(pending >> (sig - 1) & 1)
 
 
 # --------------------------------------------------------------------------- sbatch launch.sh
@@ -188,7 +233,9 @@ def test_sbatch_launch_preempted_requeues_resumes_and_matches_uninterrupted(sbat
     wait_for_text(log, r"epoch 1/2 step 4/", job_id)
     # What SLURM sends 120 s before the time limit (--signal=B:USR2@120): to the batch shell only; the
     # ranks on both nodes learn of it through the stop file and agree on the step to stop after.
-    subprocess.run(["scancel", "--signal=USR2", "--batch", job_id], check=True)
+    with paused(job_id):
+        subprocess.run(["scancel", "--signal=USR2", "--batch", job_id], check=True)
+        wait_until((run_dir / "PREEMPT").exists, "launch.sh touching the stop file after USR2")
     state = wait_for_job(job_id, log)
     text = log.read_text()
     assert state == "COMPLETED", f"job {job_id} ended {state}; log {log}"
@@ -203,14 +250,19 @@ def test_sbatch_launch_preempted_requeues_resumes_and_matches_uninterrupted(sbat
 def test_killed_rank_on_node_2_ends_the_job_with_its_node_and_rank(tmp_path, demo_shards, synth_corpus):
     job_id, run_dir, log = sbatch_launch(tmp_path, demo_shards, synth_corpus / "planted_noise.csv")
     wait_for_text(log, r"epoch 1/2 step 2/", job_id)
-    pid, node = rank_pid(job_id, 1)
-    assert node == NODES[1]
-    os.kill(pid, signal.SIGKILL)
+    assert rank_pid(job_id, 1)[1] == NODES[1]
+    with paused(job_id) as pids:  # killed mid-epoch, however slow the machine
+        os.kill(pids[1], signal.SIGKILL)
     # Bounded: the survivors learn of it from the closed connections, not from a collective timeout
     # (30 min); a hang would end TIMEOUT or trip wait_for_job's deadline.
     assert wait_for_job(job_id, log) == "FAILED"
     text = log.read_text()
     assert f"launch.sh: error: {NODES[1]}: rank 1 (local_rank: 0) failed (Signal 9 (SIGKILL)" in text, text
+    # The survivor on node 1 says so in one line, without a traceback (if srun --kill-on-bad-exit lets it).
+    assert "[rank0]: Traceback" not in text, text
+    said = [line for line in text.splitlines() if "another rank is gone" in line]
+    assert all(re.match(r"artdist train: error: rank 0: another rank is gone \((Connection closed by peer |Read error )"
+                        r"\[10\.213\.0\.12\]", line) for line in said), said
     assert "not requeued" in text
     # Submitted with sbatch options instead of the config's slurm: section (1 node, 1 GPU, 8 CPUs): said.
     assert ("launch.sh: note: this job differs from the config's slurm: section: 2 node(s) (config: 1), "
@@ -222,8 +274,8 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint_and_matches_uninterru
     job_id, run_dir, log = sbatch_launch(tmp_path, demo_shards, synth_corpus / "planted_noise.csv",
                                          ARTDIST_MAX_RESTARTS="1")
     wait_for_text(log, r"epoch 1/2 step 5/", job_id)  # train.checkpoint_every=3: model_last.pt is at step 3
-    pid, _ = rank_pid(job_id, 1)
-    os.kill(pid, signal.SIGKILL)
+    with paused(job_id) as pids:  # killed before the epoch's end, however slow the machine
+        os.kill(pids[1], signal.SIGKILL)
     state = wait_for_job(job_id, log)
     text = log.read_text()
     assert state == "COMPLETED", f"job {job_id} ended {state}; log {log}"
@@ -272,7 +324,9 @@ def test_submit_two_nodes_preempted_requeues_and_matches_uninterrupted(tmp_path,
     job_id, log = submit(tmp_path / "run", demo_shards, planted)
     wait_for_text(log, r"epoch 1/2 step 4/", job_id)
     # USR2 to every task, as SLURM does signal_delay_s before the time limit of a submitit job.
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    with paused(job_id) as pids:
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        wait_until(lambda: all(signal_pending(pid, signal.SIGUSR2) for pid in pids), "USR2 reaching both tasks")
     for jid, jlog, run_dir in ((ref_id, ref_log, tmp_path / "ref"), (job_id, log, tmp_path / "run")):
         assert wait_for_job(jid, jlog) == "COMPLETED", f"job {jid}: log {jlog}"
         assert submitit.SlurmJob(run_dir / "slurm" / "%j", jid, tasks=(0, 1)).results() == ["done", "done"]

@@ -49,10 +49,14 @@ class PreemptionWatch:
 
     def should_stop(self) -> bool:
         """True on every rank as soon as any rank saw the signal or the stop file (a collective)."""
-        local = self.notified or self.stop_file.exists()
+        local = self.noticed()
         flags = all_reduce_sum(torch.tensor([float(local), float(self.notified)], device=self.device)).tolist()
         self.signalled = flags[1] > 0
         return flags[0] > 0
+
+    def noticed(self) -> bool:
+        """This rank saw a signal or the stop file, checked or not (one that came after the last step)."""
+        return self.notified or self.stop_file.exists()
 
 
 def requeue_slurm_job(job_id: str | None = None) -> None:

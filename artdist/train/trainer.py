@@ -38,7 +38,7 @@ from artdist.data.loader import TrainLoader
 from artdist.data.manifest import Manifest, read_manifest
 from artdist.data.transforms import DeviceTransform
 from artdist.dist import (all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup, gather_objects,
-                          get_rank, get_world_size, init_distributed, is_dist, is_main_process)
+                          get_rank, get_world_size, init_distributed, is_dist, is_main_process, peer_gone)
 from artdist.errors import ConfigError, NonFiniteLossError, UserError
 from artdist.model import CNNLSTM, build_model, check_weights
 from artdist import rundir
@@ -94,9 +94,8 @@ def main(cfg: JobConfig, after_test: AfterTest | None = None, policy: Policy = "
         cleanup()
 
 
-
 def _train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None, policy: Policy) -> str:
-    """train(), with a failed torch.compile said as one UserError."""
+    """train(), with a failed torch.compile or a lost rank said as one UserError."""
     try:
         return train(cfg, device, after_test, policy)
     except torch._dynamo.exc.TorchDynamoException as exc:
@@ -106,6 +105,15 @@ def _train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None, p
         detail = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:300]
         raise UserError(f"train.compile: torch.compile of the backbone failed ({detail}); set "
                         f"train.compile=false, or fix the compiler toolchain it names") from exc
+    except RuntimeError as exc:
+        # The survivors of a crashed rank: one line each; the crashed rank's own error says why.
+        if (gist := peer_gone(exc)) is None:
+            raise
+        last = RunDir(cfg.run_dir).last
+        again = f"resume from {last}" if last.exists() else "start again (no checkpoint was saved yet)"
+        raise UserError(f"rank {get_rank()}: another rank is gone ({gist}): it crashed or was killed, and its "
+                        f"own error says why; run the same command to {again}") from exc
+
 
 def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = None, policy: Policy = "check") -> str:
     rank, world, master = get_rank(), get_world_size(), is_main_process()
@@ -279,6 +287,9 @@ def train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None = N
         log_final(writer, cfg, world, test, position["global_step"])
         writer.close()
         mark_finished(run_dir, tcfg.epochs, position["global_step"])
+        if watch.noticed():  # a scheduler's notice that came too late to stop anything: say why it did not
+            print("a stop notice (signal or RUN_DIR/PREEMPT) came after the last training step: "
+                  "the run finished instead of stopping", flush=True)
         print(f"done; watch it with: tensorboard --logdir {run_dir.tensorboard}", flush=True)
     return "done"
 
