@@ -107,7 +107,7 @@ def _train(cfg: JobConfig, device: torch.device, after_test: AfterTest | None, p
                         f"train.compile=false, or fix the compiler toolchain it names") from exc
     except RuntimeError as exc:
         # The survivors of a crashed rank: one line each; the crashed rank's own error says why.
-        if (gist := peer_gone(exc)) is None:
+        if not is_dist() or (gist := peer_gone(exc)) is None:
             raise
         last = RunDir(cfg.run_dir).last
         again = f"resume from {last}" if last.exists() else "start again (no checkpoint was saved yet)"
