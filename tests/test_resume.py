@@ -75,8 +75,15 @@ def test_a_change_of_what_is_trained_is_refused_with_a_one_line_diff_and_nothing
 
 def test_resume_with_changes_records_them_then_a_finished_run_does_nothing(run_copy, capsys):
     event_dir = run_copy / "tb" / run_copy.name
+    earlier = set(event_dir.glob("*"))
     with SummaryWriter(str(event_dir)) as stray:  # what a killed process logged after its last checkpoint
         stray.add_scalar("train/loss", 99.0, STEPS + 5)
+    # ...a second ago: TensorBoard reads a folder's files in name order (events.out.tfevents.TIME.HOST.PID.COUNT),
+    # and in the same second this process's next file, "….10", would sort before the stray one, "….9".
+    (stray_file,) = set(event_dir.iterdir()) - earlier
+    name = stray_file.name.split(".")
+    name[3] = f"{int(name[3]) - 1:010d}"
+    stray_file.rename(event_dir / ".".join(name))
     assert _train(run_copy, "--resume-with-changes", "--set", "train.label_smoothing=0.2") == 0
     out = capsys.readouterr().out
     assert "--resume-with-changes: train.label_smoothing 0.1 -> 0.2" in out
