@@ -15,8 +15,9 @@ from artdist import cli
 from artdist.config import save_config
 from artdist.data.manifest import read_manifest
 from artdist.rundir import RunDir
-from artdist.train import trainer
+from artdist.train import resume, trainer
 from artdist.train.checkpoint import Checkpointer
+from artdist.train.resume import set_aside
 from test_train import tiny_config
 
 STEPS = 16  # the global step the crafted run stopped at
@@ -128,6 +129,17 @@ def test_fresh_keeps_the_old_run_aside_and_a_failed_start_leaves_no_run_dir(run_
     kept = [p for p in tmp_path.iterdir() if p.name.startswith("tiny.replaced-")]
     assert len(kept) == 1 and (kept[0] / "model_last.pt").is_file() and f"kept as {kept[0]}" in captured.out
     assert not run_copy.exists()  # the failed start removed the run dir it had created
+
+
+def test_fresh_twice_in_one_second_keeps_both_old_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(resume.time, "strftime", lambda *args: "20261205-120000")
+    run_dir = RunDir(tmp_path / "run")
+    for version in ("1", "2"):
+        run_dir.path.mkdir()
+        (run_dir.path / "model_last.pt").write_text(version)
+        assert set_aside(run_dir) == tmp_path / ("run.replaced-20261205-120000" + ("" if version == "1" else "-2"))
+    assert [(tmp_path / name / "model_last.pt").read_text() for name in
+            ("run.replaced-20261205-120000", "run.replaced-20261205-120000-2")] == ["1", "2"]
 
 
 def test_imagenet_weights_are_checked_before_any_loader_and_leave_no_run_dir(demo_shards, tmp_path, monkeypatch,

@@ -99,7 +99,7 @@ def mark_finished(run_dir: RunDir, epochs: int, global_step: int) -> None:
 
 
 def set_aside(run_dir: RunDir) -> Path | None:
-    """--fresh, rank 0: rename an existing run dir to <dir>.replaced-<UTC time> (nothing is deleted).
+    """--fresh, rank 0: rename an existing run dir to <dir>.replaced-<UTC time>[-N] (nothing is deleted).
 
     Not on a requeued SLURM job (SLURM_RESTART_COUNT > 0): its first start already set the old run
     aside, and the run dir now holds the new run's own progress. A UserError when another process
@@ -107,7 +107,11 @@ def set_aside(run_dir: RunDir) -> Path | None:
     """
     if not run_dir.path.exists() or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
         return None
-    target = run_dir.path.with_name(f"{run_dir.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    stamp = f"{run_dir.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    target, n = run_dir.path.with_name(stamp), 1
+    while target.exists():  # set aside twice in one second: the first one is kept too
+        n += 1
+        target = run_dir.path.with_name(f"{stamp}-{n}")
     lock = RunDirLock(run_dir, "training --fresh").acquire()  # a run dir that a live process uses is not moved
     try:
         run_dir.path.rename(target)
