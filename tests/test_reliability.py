@@ -358,7 +358,7 @@ def test_sigterm_is_a_stop_notice(tmp_path):
 
 def test_a_stop_notice_after_the_last_step_lets_the_run_finish_and_says_so(small, tmp_path, capfd):
     run = tmp_path / "run"
-    # The notice lands during the test evaluation's aftermath (as SLURM's USR2 may): nothing is left to stop.
+    # The notice lands after the test evaluation (as SLURM's USR2 may): nothing is left to stop.
     touch_stop_file = lambda *args: RunDir(run).stop_file.touch()  # noqa: E731
     assert trainer.main(tiny_config(small, run, "train.epochs=1"), after_test=touch_stop_file) == "done"
     assert RunDir(run).finished.is_file()
@@ -386,8 +386,10 @@ def test_a_collective_whose_peer_died_is_recognised_by_its_gist(tmp_path):
     out = [proc.communicate(timeout=120)[0] for proc in ranks]
     assert ranks[1].returncode == 9
     gists = [line for line in out[0].splitlines() if line.startswith("gist:")]
-    assert len(gists) == 1 and re.fullmatch(r"gist: (Connection closed by peer \[127\.0\.0\.1\]:\d+|"
-                                                r"Read error \[127\.0\.0\.1\]:\d+: Connection reset by peer)", gists[0]), out[0]
+    # gloo says it one of two ways, depending on where the dead peer's socket was
+    gist = (r"gist: (Connection closed by peer \[127\.0\.0\.1\]:\d+"
+            r"|Read error \[127\.0\.0\.1\]:\d+: Connection reset by peer)")
+    assert len(gists) == 1 and re.fullmatch(gist, gists[0]), out[0]
     assert peer_gone(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
     assert peer_gone(OSError("Connection reset by peer")) is None  # not a collective's error
 
